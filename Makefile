@@ -1,0 +1,57 @@
+# MuseTalk warm server. Every target installs what it needs on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ARGS ?=
+
+.PHONY: setup test lint typecheck unit serve demo weights weights-check bench clean help
+
+help:
+	@echo "make setup    create .venv and install pinned requirements (idempotent)"
+	@echo "make serve    run the server + web page on http://$(HOST):$(PORT)"
+	@echo "make demo     prepare the demo avatar, speak two sentences, print the session video"
+	@echo "make test     ruff + mypy + pytest (what CI runs)"
+	@echo "make weights  fetch the real MuseTalk weights into models/ (needs internet)"
+	@echo "make bench    CPU benchmarks (GPU numbers: see docs/BENCHMARKS.md)"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt scripts/setup_system.sh
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else f"Python 3.10-3.12 needed, {sys.version.split()[0]} found: set PYTHON=python3.X")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	PIP_CONSTRAINT=constraints.txt $(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	bash scripts/setup_system.sh
+	@touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check .
+
+typecheck: setup
+	$(PY) -m mypy
+
+unit: setup
+	$(PY) -m pytest -m "not gpu"
+
+test: lint typecheck unit
+
+weights: setup
+	$(PY) -m scripts.download_weights $(ARGS)
+
+weights-check: setup
+	$(PY) -m scripts.download_weights --check $(ARGS)
+
+serve: setup
+	@echo "make serve: the server is not built yet (issue: server_fast)"; exit 1
+
+demo: setup
+	@echo "make demo: not built yet (issue: out of the box)"; exit 1
+
+bench: setup
+	@echo "make bench: not built yet (issue: warm_api benchmarks)"; exit 1
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

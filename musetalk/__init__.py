@@ -1,0 +1,1 @@
+"""MuseTalk warm server library: config, models, avatar prep, generation, sessions, HTTP server."""

@@ -1,0 +1,214 @@
+"""Typed, frozen configuration loaded from YAML with `--set a.b=c` overrides.
+
+Relative paths in a config are relative to the project folder (the one holding `configs/`),
+so entry points behave the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from musetalk.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "inference" / "realtime_live.yaml"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+
+def project_path(path: Path | str) -> Path:
+    """Resolve a config path: absolute stays, relative is taken from the project folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def is_valid_id(value: str) -> bool:
+    """True if `value` is safe to use as an avatar or session id (and as a path part)."""
+    return bool(_ID_RE.fullmatch(value))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelsConfig(_Section):
+    """Where the weights live; `version` picks the UNet checkpoint (facts §1)."""
+
+    version: Literal["v15", "v1"] = "v15"
+    dir: Path = Path("models")
+    # Optional explicit UNet files; default: <dir>/musetalkV15/{musetalk.json,unet.pth} for v15,
+    # <dir>/musetalk/{musetalk.json,pytorch_model.bin} for v1.
+    unet_config: Path | None = None
+    unet_weights: Path | None = None
+    vae: str = "sd-vae"
+    whisper: str = "whisper"
+    face_parser: str = "face-parse-bisent/79999_iter.pth"
+    face_alignment: str = "face-alignment"
+    gfpgan: str = "gfpgan/GFPGANv1.4.pth"
+
+    def root(self) -> Path:
+        """The weights folder, resolved."""
+        return project_path(self.dir)
+
+    def unet_files(self) -> tuple[Path, Path]:
+        """(musetalk.json, weights) for the configured UNet version."""
+        sub, weights = ("musetalkV15", "unet.pth") if self.version == "v15" else ("musetalk", "pytorch_model.bin")
+        cfg = project_path(self.unet_config) if self.unet_config else self.root() / sub / "musetalk.json"
+        wts = project_path(self.unet_weights) if self.unet_weights else self.root() / sub / weights
+        return cfg, wts
+
+
+class RuntimeConfig(_Section):
+    """Device and precision; `auto` = CUDA + float16 when a GPU is present, else CPU + float32."""
+
+    device: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    compile: bool = False  # torch.compile the UNet/VAE decoder on CUDA (slow first start; cached)
+    threads: int = Field(default=0, ge=0)  # CPU intra-op threads; 0 = torch default
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+class OneEuroConfig(_Section):
+    """One-Euro filter parameters (Casiez et al. 2012) for face-box corners, in Hz."""
+
+    min_cutoff: float = Field(default=0.3, gt=0)
+    beta: float = Field(default=0.02, ge=0)
+    d_cutoff: float = Field(default=1.0, gt=0)
+
+
+class StabilizeConfig(_Section):
+    """Seed warm-API stabilisation toggles, applied once at prep time."""
+
+    one_euro_enabled: bool = True
+    one_euro: OneEuroConfig = OneEuroConfig()
+    scale_lock_enabled: bool = True
+    scale_lock_frames: int = Field(default=50, ge=1)
+    lk_enabled: bool = True
+
+
+class PrepConfig(_Section):
+    """Avatar preparation (facts §6-§7)."""
+
+    extra_margin: int = Field(default=10, ge=0, le=80)
+    parsing_mode: Literal["jaw", "raw"] = "jaw"
+    left_cheek_width: int = Field(default=90, ge=0, le=256)
+    right_cheek_width: int = Field(default=90, ge=0, le=256)
+    expand: float = Field(default=1.5, ge=1.0, le=3.0)
+    detector: Literal["auto", "face_alignment", "dlib", "dwpose"] = "auto"
+    parser: Literal["auto", "bisenet", "landmarks"] = "auto"
+    max_side_px: int = Field(default=0, ge=0)  # downscale huge sources before prep; 0 = keep
+
+
+class BlendConfig(_Section):
+    """How generated faces are pasted back."""
+
+    blend_mode: Literal["feather", "poisson"] = "feather"
+    subpixel_enabled: bool = True
+    feather_ratio: float = Field(default=0.05, gt=0, le=0.5)  # blur kernel / crop width (upstream 0.05-0.1)
+    color_match: bool = False
+
+
+class AppConfig(_Section):
+    """The whole configuration; seed keys stay at the top level."""
+
+    avatar_id: str = "demo"
+    video_path: Path = Path("data/video/demo.mp4")
+    bbox_shift: int = Field(default=0, ge=-100, le=100)
+    batch_size: int = Field(default=16, ge=1, le=256)
+    preparation: bool = True  # prepare the avatar when its cache is missing
+    fps: int = Field(default=25, ge=1, le=60)
+    models: ModelsConfig = ModelsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    stabilize: StabilizeConfig = StabilizeConfig()
+    prep: PrepConfig = PrepConfig()
+    blend: BlendConfig = BlendConfig()
+
+    @field_validator("avatar_id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not is_valid_id(v):
+            raise ValueError(f"must match {ID_PATTERN}")
+        return v
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split 'a.b=c' into (['a', 'b'], value) with the value parsed as YAML (so 3 → int, true → bool)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. blend.blend_mode=poisson")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        lines.append(f"{source}: {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> AppConfig:
+    """Validate a plain mapping into an AppConfig; errors name the dotted key."""
+    try:
+        return AppConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(source, exc)) from None
+
+
+def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -> AppConfig:
+    """Read a YAML config (default: realtime_live.yaml), apply `a.b=c` overrides, validate."""
+    cfg_path = project_path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {cfg_path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path}: top level must be a mapping of keys")
+    for item in overrides:
+        parts, value = parse_override(item)
+        _apply_override(data, parts, value)
+    return config_from_dict(data, source=str(cfg_path))
+
+
+def with_overrides(cfg: AppConfig, overrides: Iterable[str]) -> AppConfig:
+    """Return a copy of `cfg` with `a.b=c` overrides applied and validated again."""
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        parts, value = parse_override(item)
+        _apply_override(data, parts, value)
+    return config_from_dict(data, source="<overrides>")

@@ -1,0 +1,5 @@
+"""Model loading: UNet, VAE, Whisper encoder, positional encoding, BiSeNet face parser."""
+
+from musetalk.models.bundle import ModelBundle, load_models, missing_files, weights_present
+
+__all__ = ["ModelBundle", "load_models", "missing_files", "weights_present"]

@@ -1,0 +1,54 @@
+"""Whisper encoder + feature extractor from a transformers folder (openai/whisper-tiny layout).
+
+Only the encoder is used (facts §4.3), so only its weights are loaded; decoder keys are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from musetalk.errors import WeightsInvalid
+from musetalk.models.checkpoint import StateDict, build_on_meta, load_strict, read_state_dict
+
+WHISPER_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+WHISPER_FILES = ("config.json", "preprocessor_config.json")
+
+
+def whisper_weights_file(whisper_dir: Path) -> Path | None:
+    """The weights file present in a Whisper folder (safetensors preferred), or None."""
+    for name in WHISPER_WEIGHT_NAMES:
+        if (whisper_dir / name).is_file():
+            return whisper_dir / name
+    return None
+
+
+def encoder_state(state: StateDict) -> StateDict:
+    """Keep the encoder's entries, whatever the wrapper: 'model.encoder.x', 'encoder.x' → 'x'."""
+    out: StateDict = {}
+    for key, value in state.items():
+        name = key.removeprefix("model.")
+        if name.startswith("encoder."):
+            out[name.removeprefix("encoder.")] = value
+    return out
+
+
+def load_whisper_encoder(
+    whisper_dir: Path, dtype: torch.dtype = torch.float32
+) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
+    """Load the encoder strictly (on CPU) and the log-mel feature extractor."""
+    weights = whisper_weights_file(whisper_dir)
+    if weights is None:
+        raise WeightsInvalid(f"{whisper_dir}: no {' or '.join(WHISPER_WEIGHT_NAMES)}")
+    config = WhisperConfig.from_pretrained(str(whisper_dir), local_files_only=True)
+    config._attn_implementation = "sdpa"
+    encoder = build_on_meta(lambda: WhisperEncoder(config))
+    state = encoder_state(read_state_dict(weights))
+    if not state:
+        raise WeightsInvalid(f"{weights}: no encoder weights ('model.encoder.*' or 'encoder.*') found")
+    load_strict(encoder, state, weights, dtype)
+    extractor = WhisperFeatureExtractor.from_pretrained(str(whisper_dir), local_files_only=True)
+    return encoder.eval().requires_grad_(False), extractor

@@ -1,0 +1,175 @@
+"""Write model folders in the exact on-disk formats of the real checkpoints, with random weights.
+
+`write_models(root, "tiny")` gives a layout that `load_models` reads unchanged and that runs the
+whole pipeline on a CPU in seconds; `"full"` writes full-size random weights (same FLOPs as the real
+models) for GPU benchmarks. Layout (facts §1):
+
+    <root>/musetalkV15/{musetalk.json,unet.pth}        v1.5 UNet: plain state dict, diffusers names
+    <root>/musetalk/{musetalk.json,pytorch_model.bin}  v1.0 UNet: same format
+    <root>/sd-vae/{config.json,diffusion_pytorch_model.bin}   pre-0.14 attention key names
+    <root>/whisper/{config.json,pytorch_model.bin,preprocessor_config.json}   'model.' prefixed
+    <root>/face-parse-bisent/79999_iter.pth            legacy (non-zip) pickle, upstream names
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+from musetalk.models.bisenet import BiSeNet
+
+Size = Literal["tiny", "full"]
+
+# musetalk.json as published for v1.0 and v1.5 (facts §2.1).
+REAL_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0.dev0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 384,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 8,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+# stabilityai/sd-vae-ft-mse config.json (facts §3).
+REAL_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.4.2",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 256,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+TINY_AUDIO_DIM = 32
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **REAL_UNET_CONFIG,
+    "attention_head_dim": 2,
+    "block_out_channels": [32, 64],
+    "cross_attention_dim": TINY_AUDIO_DIM,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
+
+# Four blocks keep the real 8× downsampling: 256 px faces ↔ 32×32 latents.
+TINY_VAE_CONFIG: dict[str, Any] = {
+    **REAL_VAE_CONFIG,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+
+
+def whisper_config(size: Size) -> WhisperConfig:
+    """whisper-tiny's config (transformers defaults), or a narrow one with the same 4+1 hidden states."""
+    if size == "full":
+        return WhisperConfig()
+    # 4 encoder layers → 5 hidden states → 50 audio tokens per frame, as in the real model.
+    # 1500 source positions: the encoder insists on full 30 s (3000 mel frame) windows.
+    return WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=80,
+        d_model=TINY_AUDIO_DIM,
+        encoder_layers=4,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        decoder_start_token_id=2,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+
+
+def _old_vae_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename current attention keys back to the pre-0.14 names the real sd-vae file uses."""
+    back = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    out = {}
+    for key, value in state.items():
+        for cur, old in back.items():
+            if ".attentions." in key:
+                key = key.replace(cur, old)
+        out[key] = value
+    return out
+
+
+def _write_unet(folder: Path, weights_name: str, config: dict[str, Any], seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    (folder / "musetalk.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    torch.save(unet.state_dict(), folder / weights_name)
+
+
+def write_models(root: Path, size: Size = "tiny", seed: int = 0, versions: tuple[str, ...] = ("v15", "v1")) -> Path:
+    """Write every model folder under `root` in the real on-disk formats; returns `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    unet_cfg = copy.deepcopy(REAL_UNET_CONFIG if size == "full" else TINY_UNET_CONFIG)
+    if "v15" in versions:
+        _write_unet(root / "musetalkV15", "unet.pth", unet_cfg, seed)
+    if "v1" in versions:
+        _write_unet(root / "musetalk", "pytorch_model.bin", unet_cfg, seed + 1)
+
+    vae_cfg = copy.deepcopy(REAL_VAE_CONFIG if size == "full" else TINY_VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL.from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")})
+    vae_dir = root / "sd-vae"
+    vae_dir.mkdir(exist_ok=True)
+    (vae_dir / "config.json").write_text(json.dumps(vae_cfg, indent=2), encoding="utf-8")
+    torch.save(_old_vae_names(vae.state_dict()), vae_dir / "diffusion_pytorch_model.bin")
+
+    torch.manual_seed(seed + 3)
+    wcfg = whisper_config(size)
+    whisper = WhisperForConditionalGeneration(wcfg)
+    wdir = root / "whisper"
+    wdir.mkdir(exist_ok=True)
+    wcfg.save_pretrained(str(wdir))
+    # torch.save, not save_pretrained: the real repo ships pytorch_model.bin and transformers now
+    # writes safetensors whatever it is asked (facts §16).
+    torch.save(whisper.state_dict(), wdir / "pytorch_model.bin")
+    WhisperFeatureExtractor(feature_size=wcfg.num_mel_bins).save_pretrained(str(wdir))
+
+    write_bisenet(root / "face-parse-bisent" / "79999_iter.pth", seed + 4)
+    return root
+
+
+def write_bisenet(path: Path, seed: int = 0) -> Path:
+    """Random BiSeNet weights with upstream names, saved as a legacy (non-zip) pickle like the 2019 file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(BiSeNet().state_dict(), path, _use_new_zipfile_serialization=False)
+    return path
