@@ -120,6 +120,28 @@ class BlendConfig(_Section):
     color_match: bool = False
 
 
+class AudioConfig(_Section):
+    """Audio features (facts §4.4) and silence handling."""
+
+    pad_left: int = Field(default=2, ge=0, le=8)  # audio_padding_length_left
+    pad_right: int = Field(default=2, ge=0, le=8)  # audio_padding_length_right
+    silence_enabled: bool = True  # show the original (closed-mouth) frame where the audio is silent
+    silence_threshold_db: float = Field(default=-45.0, le=0)  # frame RMS below this (dBFS) is silence
+    silence_min_frames: int = Field(default=4, ge=1)  # shorter silent runs keep generating
+    crossfade_frames: int = Field(default=3, ge=0, le=25)  # ramp between generated and original frames
+
+
+class EncodeConfig(_Section):
+    """Fixed codec parameters: every clip must stream-copy onto the session video (-c copy)."""
+
+    crf: int = Field(default=18, ge=0, le=51)
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
+    gop_frames: int = Field(default=50, ge=1)  # keyframe interval; every clip also starts on one
+    audio_rate: int = Field(default=48000, ge=8000)  # AAC sample rate; 48 kHz: 1920 samples per 25 fps frame
+    audio_bitrate_kbps: int = Field(default=128, ge=32, le=512)
+    threads: int = Field(default=0, ge=0)  # x264 threads; 0 = auto
+
+
 class AppConfig(_Section):
     """The whole configuration; seed keys stay at the top level."""
 
@@ -134,6 +156,8 @@ class AppConfig(_Section):
     stabilize: StabilizeConfig = StabilizeConfig()
     prep: PrepConfig = PrepConfig()
     blend: BlendConfig = BlendConfig()
+    audio: AudioConfig = AudioConfig()
+    encode: EncodeConfig = EncodeConfig()
 
     @field_validator("avatar_id")
     @classmethod

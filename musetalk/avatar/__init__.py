@@ -1,0 +1,1 @@
+"""Avatar preparation (force_prep) and the on-disk avatar cache."""

@@ -1,0 +1,1 @@
+"""Per-request generation: audio features, UNet/VAE, blending, encoding."""

@@ -1,0 +1,122 @@
+"""Clip encoder: frames go straight into libx264 (PyAV, no PNG round trip), audio into AAC.
+
+Every clip uses the same codec parameters (fps, time base, GOP, no B-frames, audio rate), starts on a
+keyframe, and has its audio trimmed or padded to exactly n_frames / fps, so that any sequence of clips
+concatenates with `-c copy` and appended clips can never drift. A PCM WAV of the same audio is written
+next to the mp4 for drift-free session stitching (AAC priming, deps §7).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterable
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+from numpy.typing import NDArray
+
+from musetalk.config import EncodeConfig
+from musetalk.errors import FfmpegFailed, InputError
+from musetalk.types import Audio, Clip
+
+
+def fit_audio(audio: Audio, n_frames: int, fps: int, rate: int) -> NDArray[np.float32]:
+    """Resample to `rate` and trim/zero-pad to exactly n_frames / fps seconds → (n,) float32."""
+    samples = audio.samples.astype(np.float32, copy=False)
+    if audio.sample_rate != rate and len(samples):
+        samples = soxr.resample(samples, audio.sample_rate, rate).astype(np.float32)
+    n_target = n_frames * rate // fps
+    if n_frames * rate % fps:
+        raise InputError(f"audio rate {rate} Hz is not a whole number of samples per frame at {fps} fps")
+    out = np.zeros(n_target, dtype=np.float32)
+    n = min(n_target, len(samples))
+    out[:n] = samples[:n]
+    return np.clip(out, -1.0, 1.0)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_clip(
+    frames: Iterable[NDArray[np.uint8]],
+    audio: Audio,
+    path: Path,
+    n_frames: int,
+    fps: int,
+    cfg: EncodeConfig,
+) -> Clip:
+    """Encode `n_frames` BGR frames (H, W, 3 uint8; H and W even) + audio to `path` (and `path`.wav).
+
+    Frames are consumed as they arrive, so encoding overlaps whatever produces them. Files are written
+    to temp names and renamed into place when complete.
+    """
+    import av
+
+    t0 = time.perf_counter()
+    pcm = fit_audio(audio, n_frames, fps, cfg.audio_rate)  # (n_frames * rate / fps,)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, wav_path = _tmp_path(path), path.with_suffix(".wav")
+    wav_tmp = _tmp_path(wav_path)
+    count = 0
+    frame_iter = iter(frames)
+    try:
+        first = next(frame_iter, None)
+        if first is None:
+            raise InputError(f"expected {n_frames} frames, got 0")
+        height, width = first.shape[:2]
+        if height % 2 or width % 2:
+            raise InputError(f"frame size {width}x{height} must be even for yuv420p")
+        with av.open(str(tmp), mode="w", options={"movflags": "+faststart"}) as container:
+            # All streams must exist before the first packet is muxed (the header is written then).
+            vstream = container.add_stream(
+                "libx264",
+                rate=fps,
+                options={
+                    "crf": str(cfg.crf),
+                    "preset": cfg.preset,
+                    "bf": "0",  # no B-frames: no edit lists, clean joins with -c copy
+                    "x264-params": f"keyint={cfg.gop_frames}:min-keyint={cfg.gop_frames}:scenecut=0",
+                },
+            )
+            vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+            vstream.codec_context.time_base = Fraction(1, fps)
+            vstream.thread_count = cfg.threads
+            astream = container.add_stream("aac", rate=cfg.audio_rate, layout="mono")
+            astream.bit_rate = cfg.audio_bitrate_kbps * 1000
+
+            af = av.AudioFrame.from_ndarray(pcm[np.newaxis, :], format="fltp", layout="mono")
+            af.sample_rate, af.pts = cfg.audio_rate, 0
+            for packet in [*astream.encode(af), *astream.encode(None)]:
+                container.mux(packet)
+
+            for frame in itertools.chain([first], frame_iter):
+                if count >= n_frames:
+                    raise InputError(f"more than the expected {n_frames} frames")
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")
+                vf.pts = count
+                container.mux(vstream.encode(vf))
+                count += 1
+            if count != n_frames:
+                raise InputError(f"expected {n_frames} frames, got {count}")
+            container.mux(vstream.encode(None))
+        sf.write(str(wav_tmp), pcm, cfg.audio_rate, subtype="PCM_16", format="WAV")
+        os.replace(wav_tmp, wav_path)
+        os.replace(tmp, path)
+    except av.FFmpegError as exc:
+        raise FfmpegFailed(f"encoding {path.name} failed: {exc}") from exc
+    finally:
+        for leftover in (tmp, wav_tmp):
+            leftover.unlink(missing_ok=True)
+    return Clip(
+        path=path,
+        n_frames=n_frames,
+        fps=fps,
+        audio_path=wav_path,
+        timings_ms={"encode_total": (time.perf_counter() - t0) * 1000},
+    )

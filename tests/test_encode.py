@@ -1,0 +1,75 @@
+"""Clip encoder: exact frame count, audio length matched to video, stream-copy concatenation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musetalk.config import EncodeConfig
+from musetalk.errors import InputError
+from musetalk.pipeline.encode import fit_audio, write_clip
+from musetalk.types import Audio
+from musetalk.utils.ffmpeg import probe, run_ffmpeg
+
+FPS = 25
+
+
+def _frames(n: int, h: int = 64, w: int = 96) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _tone(seconds: float, rate: int = 16000) -> Audio:
+    t = np.arange(int(seconds * rate)) / rate
+    return Audio((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+
+
+def _decoded_audio_samples(path: Path) -> int:
+    with av.open(str(path)) as c:
+        return sum(f.samples for f in c.decode(audio=0))
+
+
+def test_fit_audio_trims_and_pads() -> None:
+    assert len(fit_audio(_tone(1.0), 10, FPS, 48000)) == 10 * 1920
+    assert len(fit_audio(_tone(0.1), 10, FPS, 48000)) == 10 * 1920
+    with pytest.raises(InputError):
+        fit_audio(_tone(0.1), 10, FPS, 44100 + 1)
+
+
+@pytest.mark.parametrize("audio_s", [0.5, 1.3])
+def test_clip_has_exact_frames_and_matching_audio(tmp_path: Path, audio_s: float) -> None:
+    n = 25
+    clip = write_clip(iter(_frames(n)), _tone(audio_s), tmp_path / "c.mp4", n, FPS, EncodeConfig())
+    info = probe(clip.path)
+    assert info.n_video_frames == n and info.width == 96 and info.height == 64
+    # Decode, don't trust counters: AAC output within one 1024-sample frame of n / fps seconds.
+    decoded = _decoded_audio_samples(clip.path)
+    assert abs(decoded - n * 48000 // FPS) <= 1024
+    assert clip.audio_path is not None
+    pcm, rate = sf.read(str(clip.audio_path))
+    assert rate == 48000 and len(pcm) == n * 1920
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_wrong_frame_count_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="expected 10 frames"):
+        write_clip(iter(_frames(7)), _tone(0.4), tmp_path / "c.mp4", 10, FPS, EncodeConfig())
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="even"):
+        write_clip(iter(_frames(3, 63, 96)), _tone(0.4), tmp_path / "c.mp4", 3, FPS, EncodeConfig())
+
+
+def test_clips_concatenate_with_stream_copy(tmp_path: Path) -> None:
+    cfg = EncodeConfig()
+    clips = [write_clip(iter(_frames(n)), _tone(1.0), tmp_path / f"c{n}.mp4", n, FPS, cfg) for n in (20, 33)]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"file '{c.path}'\n" for c in clips))
+    out = tmp_path / "joined.mp4"
+    run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(out)])
+    info = probe(out)
+    assert info.n_video_frames == 53
+    assert info.video_duration_s == pytest.approx(53 / FPS, abs=1 / FPS)
