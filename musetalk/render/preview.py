@@ -1,0 +1,105 @@
+"""Weight-free preview mouth: opens the avatar's own mouth in time with the audio loudness.
+
+No model is involved: below the line where the lips meet, the lower lip, lower teeth and jaw of the
+upright 256×256 face crop move down (a landmark-anchored displacement field applied with cv2.remap),
+and the gap that opens between the lips is filled with a soft, dark inner mouth. The amount of opening
+per video frame comes from the audio's RMS envelope. The result goes through the same blending and
+encoding path as MuseTalk's generated faces.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from musetalk.types import Audio
+
+# iBUG 68-point indices
+_MOUTH_OUTER = slice(48, 60)
+_LOWER_LIP = [54, 55, 56, 57, 58, 59, 48]
+_CHIN = 8
+
+# Loudness → opening: below FLOOR_DB the mouth is closed, at CEIL_DB fully open.
+FLOOR_DB = -42.0
+CEIL_DB = -14.0
+MAX_OPEN_RATIO = 0.28  # full opening = this × mouth width (px)
+
+
+def frame_rms_db(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:
+    """RMS level per video frame in dBFS → (n_frames,) float32 (digital silence → -120)."""
+    hop = audio.sample_rate / fps
+    out = np.full(n_frames, -120.0, dtype=np.float32)
+    for i in range(n_frames):
+        seg = audio.samples[int(i * hop) : int((i + 1) * hop)]
+        if len(seg):
+            rms = float(np.sqrt(np.mean(np.square(seg, dtype=np.float64))))
+            out[i] = 20.0 * np.log10(max(rms, 1e-6))
+    return out
+
+
+def mouth_openings(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:
+    """Opening in [0, 1] per video frame: loudness mapped to a range, fast attack, short release."""
+    level = np.clip((frame_rms_db(audio, n_frames, fps) - FLOOR_DB) / (CEIL_DB - FLOOR_DB), 0.0, 1.0)
+    level = np.sqrt(level)  # perceptual: moderate speech already opens the mouth visibly
+    out = np.zeros(n_frames, dtype=np.float32)
+    prev = 0.0
+    for i, target in enumerate(level):
+        # Jaws open quickly and close a little slower; a closed mouth must reach exactly 0.
+        prev = float(target) if target >= prev else max(float(target), prev * 0.45 - 0.02)
+        out[i] = prev
+    return out
+
+
+def open_mouth(face: NDArray[np.uint8], landmarks: NDArray[np.float32], opening: float) -> NDArray[np.uint8]:
+    """Warp one upright face crop (S, S, 3) BGR with its 68 landmarks (crop px) to `opening` in [0, 1]."""
+    if opening <= 0.0:
+        return face.copy()
+    size_y, size_x = face.shape[:2]
+    lips = landmarks[_MOUTH_OUTER]
+    mouth_w = float(np.ptp(lips[:, 0]))
+    cx = float(lips[:, 0].mean())
+    # Where the lips meet: corners 60/64 and the midpoints of facing inner-lip points → (5, 2)
+    seam = np.stack(
+        [
+            landmarks[60],
+            (landmarks[61] + landmarks[67]) / 2,
+            (landmarks[62] + landmarks[66]) / 2,
+            (landmarks[63] + landmarks[65]) / 2,
+            landmarks[64],
+        ]
+    ).astype(np.float32)
+    lip_line = float(seam[1:4, 1].mean())
+    lower_lip_y = float(landmarks[_LOWER_LIP, 1].max())
+    chin_y = float(landmarks[_CHIN, 1])
+    drop_px = opening * MAX_OPEN_RATIO * mouth_w
+    half_w = max(0.5 * float(seam[-1, 0] - seam[0, 0]), 1.0)
+
+    ys, xs = np.mgrid[0:size_y, 0:size_x].astype(np.float32)  # (S, S) each
+    cols = xs[0]
+    seam_y = np.interp(cols, seam[:, 0], seam[:, 1]).astype(np.float32)[None, :]  # (1, S)
+    # Opening profile across the mouth: 1 in the middle, 0 at the corners (a lens, not a box).
+    profile = (np.clip(1.0 - ((cols - cx) / half_w) ** 2, 0.0, 1.0) ** 0.6)[None, :]  # (1, S)
+    fx = np.exp(-0.5 * ((xs - cx) / (0.75 * mouth_w)) ** 4)  # jaw drop: full under the mouth, fading outside
+    below = (ys > seam_y).astype(np.float32)
+    ramp = np.clip((ys - lip_line) / max(lower_lip_y - lip_line, 1.0), 0.0, 1.0)
+    fade = np.clip(1.0 - (ys - chin_y) / max(0.6 * (chin_y - lip_line), 1.0), 0.0, 1.0)
+    # Across the seam the shift jumps by profile × drop (the gap we fill); elsewhere it is continuous,
+    # so cheeks and chin stretch smoothly instead of tearing.
+    shift = drop_px * fade * (profile * below + (1.0 - profile) * ramp * fx)
+    warped = cv2.remap(face, xs, ys - shift, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    # The inner mouth: between the seam and the seam moved down by the gap.
+    xs_poly = np.linspace(float(seam[0, 0]), float(seam[-1, 0]), 24, dtype=np.float32)
+    top = np.interp(xs_poly, seam[:, 0], seam[:, 1])
+    gap = drop_px * np.clip(1.0 - ((xs_poly - cx) / half_w) ** 2, 0.0, 1.0) ** 0.6
+    poly = np.concatenate([np.stack([xs_poly, top], 1), np.stack([xs_poly, top + gap], 1)[::-1]])
+    mask = np.zeros((size_y, size_x), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(poly * 4).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=2)
+    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(0.7, 0.015 * mouth_w))
+    alpha = (mask.astype(np.float32) / 255.0)[..., None]
+    # Darker towards the middle of the gap (the throat), lighter near the lips.
+    depth = np.clip(1.0 - np.abs(ys - (seam_y + 0.5 * drop_px)) / max(0.6 * drop_px, 1.0), 0.0, 1.0)[..., None]
+    inner = np.array([40.0, 34.0, 78.0], np.float32) * (1.0 - 0.55 * depth)  # red-brown, BGR
+    out = warped.astype(np.float32) * (1.0 - alpha) + inner * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
