@@ -96,8 +96,8 @@ def open_mouth(face: NDArray[np.uint8], landmarks: NDArray[np.float32], opening:
     poly = np.concatenate([np.stack([xs_poly, top], 1), np.stack([xs_poly, top + gap], 1)[::-1]])
     mask = np.zeros((size_y, size_x), dtype=np.uint8)
     cv2.fillPoly(mask, [np.round(poly * 4).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=2)
-    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(0.7, 0.015 * mouth_w))
-    alpha = (mask.astype(np.float32) / 255.0)[..., None]
+    soft = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(0.7, 0.015 * mouth_w))
+    alpha = (soft.astype(np.float32) / 255.0)[..., None]
     # Darker towards the middle of the gap (the throat), lighter near the lips.
     depth = np.clip(1.0 - np.abs(ys - (seam_y + 0.5 * drop_px)) / max(0.6 * drop_px, 1.0), 0.0, 1.0)[..., None]
     inner = np.array([40.0, 34.0, 78.0], np.float32) * (1.0 - 0.55 * depth)  # red-brown, BGR
