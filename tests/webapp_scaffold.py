@@ -81,14 +81,17 @@ class ScaffoldSpeaker:
         fps: int = 25,
         fail_on: str | None = None,
         gate: threading.Semaphore | None = None,
+        min_call_s: float = 0.0,
     ) -> None:
         """Sessions live in root/<session_id>/; text containing `fail_on` raises TTSFailed; each call takes a
-        permit from `gate` first (tests release permits to let sentences through one by one)."""
+        permit from `gate` first (tests release permits to let sentences through one by one); `min_call_s`
+        pads each call like a real render would, so the page's progress display has something to show."""
         self.root = root
         self.size_px = size_px
         self.fps = fps
         self.fail_on = fail_on
         self.gate = gate
+        self.min_call_s = min_call_s
         self.encode = EncodeConfig(preset="ultrafast")
         self.calls: list[tuple[str, str]] = []  # (session_id, text) in call order
         self._lock = threading.Lock()
@@ -108,16 +111,19 @@ class ScaffoldSpeaker:
             raise TTSFailed("scaffold gate was never opened")
         if self.fail_on is not None and self.fail_on in text:
             raise TTSFailed(f"scaffold TTS refuses text containing {self.fail_on!r}")
+        t0 = time.monotonic()
         with self._lock:  # one append at a time, like the server's session stitcher
             self.calls.append((session_id, text))
-            return self._append(text, session_id)
+            outcome = self._append(text, session_id)
+        time.sleep(max(0.0, self.min_call_s - (time.monotonic() - t0)))
+        return outcome
 
     def _append(self, text: str, session_id: str) -> SpeakOutcome:
         sdir = self.root / session_id
         clips = sdir / "clips"
         clips.mkdir(parents=True, exist_ok=True)
         index = len(list(clips.glob("clip_*.mp4")))
-        n_frames = max(10, min(int(self.fps * 3), round(0.05 * len(text) * self.fps)))
+        n_frames = max(10, min(int(self.fps * 2.4), round(0.045 * len(text) * self.fps)))
         audio, envelope = _voice(n_frames / self.fps, seed=index)
         per_frame = SAMPLE_RATE // self.fps
         frames = (
@@ -156,7 +162,12 @@ def create_scaffold_app(
     """A FastAPI app: the chat router + stand-ins for the server's session video and reset routes."""
     app = FastAPI(title="webapp test scaffold")
     app.include_router(
-        create_chat_router(speaker, llm or BuiltinResponder(), jobs or JobStore(), settings=settings)
+        create_chat_router(
+            speaker,
+            llm if llm is not None else BuiltinResponder(),
+            jobs if jobs is not None else JobStore(),
+            settings=settings,
+        )
     )
 
     @app.get("/sessions/{session_id}/video")
