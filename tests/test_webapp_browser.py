@@ -133,6 +133,15 @@ def test_send_message_and_video_plays_the_reply(make_page: Any) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webapp-chat.png"))
     assert (ARTIFACTS / "webapp-chat.png").stat().st_size > 10_000
+
+    # A reload (same tab) brings back the conversation and the session video.
+    page.reload()
+    page.locator("#messages .msg-bot[data-status=done]").nth(1).wait_for()
+    assert page.locator("#messages .msg-user").all_inner_texts() == ["Hello! Who are you?", "Tell me a joke."]
+    page.wait_for_function(
+        "(v) => { const e = document.getElementById('avatar'); return e.dataset.version === v && e.readyState >= 2; }",
+        arg=second["version"],
+    )
     assert ui.errors == []
 
 

@@ -176,7 +176,11 @@ class ChatService:
                     return
                 job_id, messages = pending.popleft()
             with self._slots:
-                self._run(job_id, session_id, messages)
+                try:
+                    self._run(job_id, session_id, messages)
+                except BaseException:  # _run reports its own failures; this keeps the session's queue alive
+                    log.exception("chat job %s: runner crashed", job_id)
+                    self._fail(job_id, "Internal error: the job runner crashed")
 
     def _run(self, job_id: str, session_id: str, messages: list[ChatMessage]) -> None:
         """One job: never raises (every failure becomes the job's error)."""

@@ -20,6 +20,12 @@
   const HISTORY_MESSAGES = 16; // earlier messages sent back for context (the server trims further)
   const MAX_POLL_FAILURES = 20; // consecutive network failures before a job is given up
 
+  const ICON_MUTED = '<svg aria-hidden="true" viewBox="0 0 24 24" width="20" height="20"><path fill="currentColor" '
+    + 'd="M3 9v6h4l5 5V4L7 9H3z"/><path d="M16 9l5 6M21 9l-5 6" stroke="currentColor" stroke-width="2" '
+    + 'stroke-linecap="round"/></svg>';
+  const ICON_PLAY = '<svg aria-hidden="true" viewBox="0 0 24 24" width="20" height="20">'
+    + '<path fill="currentColor" d="M7 4v16l13-8z"/></svg>';
+
   let pollMs = 500;
   let engineNote = "";
 
@@ -63,7 +69,11 @@
     state.sessionId = (saved && /^[A-Za-z0-9_-]{1,64}$/.test(saved.sessionId)) ? saved.sessionId : newSessionId();
     if (!saved) return;
     state.turns = Array.isArray(saved.turns) ? saved.turns : [];
-    for (const entry of Array.isArray(saved.log) ? saved.log : []) addEntry(entry.kind, entry.text, false);
+    for (const entry of Array.isArray(saved.log) ? saved.log : []) {
+      if (!entry || !entry.text) continue; // a reply that was still pending when the page was left
+      const li = addEntry(entry.kind, entry.text);
+      if (entry.kind === "bot") li.dataset.status = "done";
+    }
     if (saved.video && saved.video.src) {
       player.saved = saved.video;
       load({ src: saved.video.src, version: saved.video.version, jobId: saved.video.jobId, count: saved.video.count },
@@ -73,7 +83,7 @@
 
   // ---------------------------------------------------------------- chat log
 
-  function addEntry(kind, text, remember = true) {
+  function addEntry(kind, text) {
     const li = document.createElement("li");
     li.className = `msg msg-${kind}`;
     if (kind === "bot") {
@@ -90,10 +100,8 @@
     if (kind === "error") li.setAttribute("role", "alert");
     list.append(li);
     list.scrollTop = list.scrollHeight;
-    if (remember) {
-      state.log.push({ kind, text });
-      li.dataset.logIndex = String(state.log.length - 1);
-    }
+    state.log.push({ kind, text });
+    li.dataset.logIndex = String(state.log.length - 1);
     return li;
   }
 
@@ -147,9 +155,10 @@
 
   function showOverlay(mode) {
     overlay.dataset.mode = mode;
+    // Inline SVG icons: emoji fonts are not everywhere (and nothing is fetched from the internet).
     overlay.innerHTML = mode === "unmute"
-      ? '<span aria-hidden="true">🔇</span> Tap to unmute'
-      : '<span aria-hidden="true">▶</span> Tap to play';
+      ? `${ICON_MUTED} Tap to unmute`
+      : `${ICON_PLAY} Tap to play`;
     overlay.setAttribute("aria-label", mode === "unmute" ? "Tap to unmute the avatar" : "Tap to play the avatar");
     overlay.hidden = false;
   }
@@ -188,6 +197,7 @@
     player.version = next.version;
     player.pending = null;
     player.saved = { src: next.src, version: next.version, jobId: next.jobId, count: next.count, startS: seekS };
+    save();
     placeholder.hidden = true;
     video.dataset.version = next.version;
     video.dataset.seek = String(seekS);
