@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import random
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +157,23 @@ def test_first_sentence_is_released_before_the_stream_ends() -> None:
 
 def test_clean_for_speech_removes_markdown() -> None:
     assert clean_for_speech("## **Big** `code` _x_ [site](https://a.b)\n  more") == "Big code x site more"
+
+
+def test_webapp_uses_only_the_bottom_layers_and_the_library_never_imports_it() -> None:
+    root = Path(__file__).resolve().parent.parent
+    allowed = {"musetalk.config", "musetalk.errors", "musetalk.types", "musetalk.utils"}
+
+    def imports(path: Path) -> set[str]:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        return found
+
+    for path in (root / "webapp").rglob("*.py"):
+        bad = {m for m in imports(path) if m.startswith("musetalk") and not any(m.startswith(a) for a in allowed)}
+        assert not bad, f"{path}: {bad}"
+    for path in (root / "musetalk").rglob("*.py"):
+        assert not any(m.startswith("webapp") for m in imports(path)), path

@@ -79,8 +79,9 @@ class _SentenceFeed:
         return True
 
     def _pump(self) -> None:
-        stream = self._llm.stream(self._messages)
+        stream: Iterator[str] | None = None
         try:
+            stream = iter(self._llm.stream(self._messages))
             splitter = SentenceSplitter(self._max_chars)
             for chunk in stream:
                 if self._stop.is_set():
