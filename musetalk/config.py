@@ -142,6 +142,33 @@ class EncodeConfig(_Section):
     threads: int = Field(default=0, ge=0)  # x264 threads; 0 = auto
 
 
+class LLMConfig(_Section):
+    """Where the web app's chat replies come from; the OpenAI-compatible engine reads its URL/model/key from env."""
+
+    engine: Literal["builtin", "openai"] = "builtin"  # builtin: offline rule-based responder, no network
+    timeout_s: float = Field(default=30.0, gt=0)  # whole request, connect to last token
+    max_tokens: int = Field(default=200, ge=16, le=4096)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    history_turns: int = Field(default=8, ge=0, le=50)  # earlier messages sent along for context
+    system_prompt: str = (
+        "You are a friendly talking avatar. Your words are spoken aloud, so answer in one to three short, "
+        "plain sentences: no lists, markdown, emoji or code."
+    )
+
+
+class WebappConfig(_Section):
+    """The chat web page's job runner (POST /chat, GET /status/{job_id})."""
+
+    llm: LLMConfig = LLMConfig()
+    max_reply_sentences: int = Field(default=6, ge=1, le=50)  # longer replies are cut after this many
+    max_sentence_chars: int = Field(default=240, ge=20, le=2000)  # longer sentences are split at commas/spaces
+    max_message_chars: int = Field(default=2000, ge=1, le=20000)
+    max_jobs: int = Field(default=256, ge=1)  # job store capacity (finished jobs are evicted first)
+    job_ttl_s: float = Field(default=900.0, gt=0)  # finished jobs are forgotten this long after they end
+    workers: int = Field(default=2, ge=1, le=64)  # sessions served at once; each session runs its jobs in order
+    poll_interval_ms: int = Field(default=500, ge=100, le=10000)  # how often the page polls /status
+
+
 class AppConfig(_Section):
     """The whole configuration; seed keys stay at the top level."""
 
@@ -158,6 +185,7 @@ class AppConfig(_Section):
     blend: BlendConfig = BlendConfig()
     audio: AudioConfig = AudioConfig()
     encode: EncodeConfig = EncodeConfig()
+    webapp: WebappConfig = WebappConfig()
 
     @field_validator("avatar_id")
     @classmethod

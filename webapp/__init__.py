@@ -1,0 +1,1 @@
+"""The chat web page: `frontend/` (static files, no build step) and `backend/` (its routes)."""

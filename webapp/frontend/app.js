@@ -1,0 +1,447 @@
+// MuseTalk chat page: send a message, poll the reply job, play the avatar saying it.
+// Plain browser JavaScript, no build step and no external resources.
+(() => {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const video = $("avatar");
+  const placeholder = $("placeholder");
+  const overlay = $("unmute");
+  const statusText = $("status");
+  const progress = $("progress");
+  const list = $("messages");
+  const form = $("composer");
+  const input = $("message");
+  const sendBtn = $("send");
+  const resetBtn = $("reset");
+  const engine = $("engine");
+
+  const STORE_KEY = "musetalk.chat.v1";
+  const HISTORY_MESSAGES = 16; // earlier messages sent back for context (the server trims further)
+  const MAX_POLL_FAILURES = 20; // consecutive network failures before a job is given up
+
+  const ICON_MUTED = '<svg aria-hidden="true" viewBox="0 0 24 24" width="20" height="20"><path fill="currentColor" '
+    + 'd="M3 9v6h4l5 5V4L7 9H3z"/><path d="M16 9l5 6M21 9l-5 6" stroke="currentColor" stroke-width="2" '
+    + 'stroke-linecap="round"/></svg>';
+  const ICON_PLAY = '<svg aria-hidden="true" viewBox="0 0 24 24" width="20" height="20">'
+    + '<path fill="currentColor" d="M7 4v16l13-8z"/></svg>';
+
+  let pollMs = 500;
+  let engineNote = "";
+
+  const state = {
+    sessionId: "",
+    turns: [], // [{role: "user"|"assistant", content}] of finished exchanges, for the LLM's context
+    log: [], // [{kind: "user"|"bot"|"error", text}] what the chat shows, restored on reload
+    busy: false,
+    jobId: null,
+  };
+
+  // What the <video> holds: the session file after `count` clips of reply `jobId`.
+  const player = { jobId: null, count: 0, version: null, pending: null, loadToken: 0, saved: null };
+
+  // ---------------------------------------------------------------- storage
+
+  function newSessionId() {
+    const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
+    const bytes = new Uint8Array(10);
+    crypto.getRandomValues(bytes);
+    return "web-" + Array.from(bytes, (b) => alphabet[b % alphabet.length]).join("");
+  }
+
+  function save() {
+    try {
+      sessionStorage.setItem(STORE_KEY, JSON.stringify({
+        sessionId: state.sessionId, turns: state.turns, log: state.log, video: player.saved,
+      }));
+    } catch (_) {
+      // Storage full or disabled: the page still works, it just forgets on reload.
+    }
+  }
+
+  function restore() {
+    let saved = null;
+    try {
+      saved = JSON.parse(sessionStorage.getItem(STORE_KEY) || "null");
+    } catch (_) {
+      saved = null;
+    }
+    state.sessionId = (saved && /^[A-Za-z0-9_-]{1,64}$/.test(saved.sessionId)) ? saved.sessionId : newSessionId();
+    if (!saved) return;
+    state.turns = Array.isArray(saved.turns) ? saved.turns : [];
+    for (const entry of Array.isArray(saved.log) ? saved.log : []) {
+      if (!entry || !entry.text) continue; // a reply that was still pending when the page was left
+      const li = addEntry(entry.kind, entry.text);
+      if (entry.kind === "bot") li.dataset.status = "done";
+    }
+    if (saved.video && saved.video.src) {
+      player.saved = saved.video;
+      load({ src: saved.video.src, version: saved.video.version, jobId: saved.video.jobId, count: saved.video.count },
+        saved.video.startS || 0, false);
+    }
+  }
+
+  // ---------------------------------------------------------------- chat log
+
+  function addEntry(kind, text) {
+    const li = document.createElement("li");
+    li.className = `msg msg-${kind}`;
+    if (kind === "bot") {
+      const who = document.createElement("span");
+      who.className = "who";
+      who.textContent = "Avatar";
+      const body = document.createElement("span");
+      body.className = "text";
+      body.textContent = text;
+      li.append(who, body);
+    } else {
+      li.textContent = text;
+    }
+    if (kind === "error") li.setAttribute("role", "alert");
+    list.append(li);
+    list.scrollTop = list.scrollHeight;
+    state.log.push({ kind, text });
+    li.dataset.logIndex = String(state.log.length - 1);
+    return li;
+  }
+
+  function setBotText(li, text) {
+    li.querySelector(".text").textContent = text;
+    list.scrollTop = list.scrollHeight;
+  }
+
+  function showError(bubble, message) {
+    const spoken = bubble && bubble.querySelector(".text").textContent.trim();
+    if (bubble && !spoken) {
+      const index = Number(bubble.dataset.logIndex);
+      bubble.remove();
+      if (!Number.isNaN(index)) state.log.splice(index, 1);
+    } else if (bubble) {
+      bubble.dataset.status = "error";
+    }
+    addEntry("error", message);
+    setStatus(message, null);
+    save();
+  }
+
+  // ---------------------------------------------------------------- status line
+
+  function setStatus(text, percent) {
+    statusText.textContent = text;
+    if (percent === null || percent === undefined) {
+      progress.hidden = true;
+    } else {
+      progress.hidden = false;
+      progress.value = Math.max(0, Math.min(100, percent));
+    }
+  }
+
+  function setBusy(busy) {
+    state.busy = busy;
+    document.body.dataset.state = busy ? "busy" : "idle";
+    sendBtn.disabled = busy;
+    resetBtn.disabled = busy;
+    list.setAttribute("aria-busy", String(busy));
+  }
+
+  // ---------------------------------------------------------------- video
+
+  function withVersion(url, version) {
+    // Cache-buster: each append replaces the session file under the same URL.
+    const u = new URL(url, location.href);
+    u.searchParams.set("v", version);
+    return u.href;
+  }
+
+  function showOverlay(mode) {
+    overlay.dataset.mode = mode;
+    // Inline SVG icons: emoji fonts are not everywhere (and nothing is fetched from the internet).
+    overlay.innerHTML = mode === "unmute"
+      ? `${ICON_MUTED} Tap to unmute`
+      : `${ICON_PLAY} Tap to play`;
+    overlay.setAttribute("aria-label", mode === "unmute" ? "Tap to unmute the avatar" : "Tap to play the avatar");
+    overlay.hidden = false;
+  }
+
+  function hideOverlay() {
+    overlay.hidden = true;
+    delete overlay.dataset.mode;
+  }
+
+  async function startPlayback() {
+    try {
+      await video.play();
+      if (!video.muted && overlay.dataset.mode === "unmute") hideOverlay();
+      if (overlay.dataset.mode === "play") hideOverlay();
+    } catch (err) {
+      if (err && err.name === "AbortError") return; // a newer source replaced this one
+      if (err && err.name === "NotAllowedError" && !video.muted) {
+        // Autoplay policy: sound needs a user gesture first. Play muted and offer to unmute.
+        video.muted = true;
+        try {
+          await video.play();
+          showOverlay("unmute");
+          return;
+        } catch (err2) {
+          if (err2 && err2.name === "AbortError") return;
+        }
+      }
+      showOverlay("play");
+    }
+  }
+
+  function load(next, seekS, autoplay) {
+    const token = ++player.loadToken;
+    player.jobId = next.jobId;
+    player.count = next.count;
+    player.version = next.version;
+    player.pending = null;
+    player.saved = { src: next.src, version: next.version, jobId: next.jobId, count: next.count, startS: seekS };
+    save();
+    placeholder.hidden = true;
+    video.dataset.version = next.version;
+    video.dataset.seek = String(seekS);
+    video.addEventListener("loadedmetadata", () => {
+      if (token !== player.loadToken) return;
+      const end = Number.isFinite(video.duration) ? video.duration : seekS;
+      video.currentTime = Math.max(0, Math.min(seekS, end - 0.04));
+      if (autoplay) startPlayback();
+    }, { once: true });
+    video.src = next.src;
+  }
+
+  // A status carries the sentences spoken so far; each made a newer session file. Play from the reply's first
+  // clip, and let a playing clip finish before switching to the newer file (switching reloads the video).
+  function offer(job) {
+    const sentences = job.sentences || [];
+    if (!sentences.length) return;
+    const count = sentences.length;
+    const latest = sentences[count - 1];
+    const version = `${job.job_id}.${count}`;
+    const next = { src: withVersion(latest.video_url, version), version, jobId: job.job_id, count };
+    if (player.jobId !== job.job_id) {
+      load(next, sentences[0].clip_start_s, true);
+      return;
+    }
+    if (count <= player.count || (player.pending && player.pending.count >= count)) return;
+    const resumeS = sentences[player.count].clip_start_s; // first clip the loaded file lacks
+    if (!video.paused && !video.ended) {
+      player.pending = { ...next, resumeS };
+    } else if (video.ended) {
+      load(next, resumeS, true);
+    } else {
+      load(next, video.currentTime, false); // paused by the user: keep their place
+    }
+  }
+
+  video.addEventListener("ended", () => {
+    const next = player.pending;
+    if (next) load(next, next.resumeS, true);
+  });
+  video.addEventListener("volumechange", () => {
+    if (!video.muted && overlay.dataset.mode === "unmute") hideOverlay();
+  });
+  video.addEventListener("play", () => {
+    if (overlay.dataset.mode === "play") hideOverlay();
+  });
+  video.addEventListener("error", () => {
+    if (!video.getAttribute("src")) return;
+    const detail = video.error && video.error.message ? ` (${video.error.message})` : "";
+    setStatus(`The video could not be loaded${detail}.`, null);
+  });
+  overlay.addEventListener("click", () => {
+    video.muted = false;
+    hideOverlay();
+    if (video.paused) startPlayback();
+  });
+
+  // ---------------------------------------------------------------- jobs
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  function describeError(status, body) {
+    const detail = body && body.detail;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) return detail.map((d) => d.msg || JSON.stringify(d)).join("; ");
+    return `the server answered HTTP ${status}`;
+  }
+
+  class Fatal extends Error {}
+
+  async function fetchStatus(jobId) {
+    let response;
+    try {
+      response = await fetch(`status/${encodeURIComponent(jobId)}`, { cache: "no-store" });
+    } catch (_) {
+      return null; // network hiccup: try again
+    }
+    if (response.status === 404) {
+      throw new Fatal("The server no longer knows this reply (it expired or the server restarted).");
+    }
+    if (!response.ok) return null;
+    return response.json();
+  }
+
+  function describeProgress(job) {
+    if (job.status === "queued") return "Waiting for the previous reply to finish…";
+    if (job.stage === "thinking") return "Thinking…";
+    if (job.stage === "speaking") return `${job.detail} — rendering the avatar…`;
+    return job.detail || job.status;
+  }
+
+  async function poll(jobId, bubble, userText) {
+    let failures = 0;
+    while (state.jobId === jobId) {
+      let job;
+      try {
+        job = await fetchStatus(jobId);
+      } catch (err) {
+        showError(bubble, err.message);
+        return;
+      }
+      if (job === null) {
+        failures += 1;
+        if (failures > MAX_POLL_FAILURES) {
+          showError(bubble, "Lost the connection to the server while waiting for the reply.");
+          return;
+        }
+        setStatus("Connection problem, retrying…", null);
+        await sleep(pollMs);
+        continue;
+      }
+      failures = 0;
+      const text = job.reply || job.reply_so_far || "";
+      if (text) setBotText(bubble, text);
+      offer(job);
+      if (job.status === "done") {
+        bubble.dataset.status = "done";
+        bubble.dataset.version = `${job.job_id}.${job.sentences.length}`;
+        state.log[Number(bubble.dataset.logIndex)].text = job.reply;
+        state.turns.push({ role: "user", content: userText }, { role: "assistant", content: job.reply });
+        setStatus(`Reply ready (${job.sentences.length} sentence${job.sentences.length === 1 ? "" : "s"}).`, null);
+        save();
+        return;
+      }
+      if (job.status === "error") {
+        showError(bubble, `Sorry, that failed: ${job.error}`);
+        return;
+      }
+      setStatus(describeProgress(job), Math.round((job.progress || 0) * 100));
+      await sleep(pollMs);
+    }
+  }
+
+  async function send(text) {
+    if (state.busy) return;
+    setBusy(true);
+    addEntry("user", text);
+    input.value = "";
+    autosize();
+    const bubble = addEntry("bot", "");
+    bubble.dataset.status = "pending";
+    setStatus("Sending…", 2);
+    try {
+      const response = await fetch("chat", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({
+          message: text, session_id: state.sessionId, history: state.turns.slice(-HISTORY_MESSAGES),
+        }),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        showError(bubble, `Could not send: ${describeError(response.status, body)}`);
+        return;
+      }
+      state.jobId = body.job_id;
+      bubble.dataset.jobId = body.job_id;
+      await poll(body.job_id, bubble, text);
+    } catch (err) {
+      showError(bubble, `Could not reach the server: ${err.message}`);
+    } finally {
+      state.jobId = null;
+      setBusy(false);
+    }
+  }
+
+  async function reset() {
+    if (state.busy) return;
+    resetBtn.disabled = true;
+    try {
+      const response = await fetch(`reset?session_id=${encodeURIComponent(state.sessionId)}`, { method: "POST" });
+      if (!response.ok) {
+        const body = await response.json().catch(() => ({}));
+        setStatus(`Reset failed: ${describeError(response.status, body)}`, null);
+        return;
+      }
+    } catch (err) {
+      setStatus(`Reset failed: ${err.message}`, null);
+      return;
+    } finally {
+      resetBtn.disabled = state.busy;
+    }
+    state.turns = [];
+    state.log = [];
+    list.replaceChildren();
+    player.loadToken += 1;
+    Object.assign(player, { jobId: null, count: 0, version: null, pending: null, saved: null });
+    video.pause();
+    video.removeAttribute("src");
+    delete video.dataset.version;
+    video.load();
+    hideOverlay();
+    placeholder.hidden = false;
+    save();
+    setStatus(`Conversation cleared. ${engineNote}`.trim(), null);
+    input.focus();
+  }
+
+  // ---------------------------------------------------------------- input
+
+  function autosize() {
+    input.style.height = "auto";
+    input.style.height = `${Math.min(input.scrollHeight, 160)}px`;
+  }
+
+  input.addEventListener("input", autosize);
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = input.value.trim();
+    if (!text || state.busy) return;
+    send(text);
+  });
+  resetBtn.addEventListener("click", reset);
+
+  // ---------------------------------------------------------------- start
+
+  async function loadInfo() {
+    try {
+      const response = await fetch("chat/info", { cache: "no-store" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const info = await response.json();
+      pollMs = info.poll_interval_ms || pollMs;
+      if (info.max_message_chars) input.maxLength = info.max_message_chars;
+      const builtin = Boolean(info.llm && info.llm.builtin);
+      engine.dataset.builtin = String(builtin);
+      engine.textContent = builtin ? "Built-in responder (offline)" : `LLM: ${info.llm.label}`;
+      engine.title = builtin
+        ? "Replies come from the simple built-in responder, which needs no network. Configure an "
+          + "OpenAI-compatible LLM (webapp.llm.engine: openai) for real conversation."
+        : `Replies come from ${info.llm.label}.`;
+      engineNote = builtin ? "Replies come from the built-in responder (offline, simple answers)." : "";
+    } catch (err) {
+      engine.textContent = "LLM: unknown";
+      engineNote = "";
+    }
+    if (!state.busy) setStatus(`Ready. ${engineNote}`.trim(), null);
+  }
+
+  restore();
+  loadInfo();
+})();
