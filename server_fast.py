@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from musetalk.cli import add_config_args, config_from_args
@@ -77,13 +78,22 @@ def main(argv: list[str] | None = None) -> int:
             access_log=False,  # our AccessLog middleware logs each request with its id and duration
         )
     )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with the handler that
+    # was installed before it started; make that handler end the process quietly with status 0.
+    signal.signal(signal.SIGTERM, _stop_quietly)
     try:
         server.run()
+    except KeyboardInterrupt:
+        return 0
     except SystemExit as exc:  # uvicorn exits with its own status when the lifespan fails
         if app.state.startup_error is None:
             raise
         return EXIT_CANNOT_START if exc.code else 0
     return EXIT_CANNOT_START if app.state.startup_error is not None else 0
+
+
+def _stop_quietly(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

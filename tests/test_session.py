@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from pathlib import Path
 
 import av
@@ -144,3 +146,34 @@ def test_foreign_video_is_not_overwritten(store: SessionStore, tmp_path: Path) -
     with pytest.raises(SessionConflict):
         store.append("default", _clip(store, "default", 5), cursor=0, avatar_id="demo")
     assert video.read_bytes() == other.path.read_bytes()
+
+
+def test_a_new_version_reuses_the_committed_bytes(store: SessionStore) -> None:
+    """Appends add fragments after the committed bytes of the last version; only the init's durations change."""
+    video = store.paths("default").video
+    store.append("default", _clip(store, "default", 12), cursor=0, avatar_id="demo")
+    first = video.read_bytes()
+    layout = store.state("default").layout
+    assert layout is not None
+    store.append("default", _clip(store, "default", 9, seed=1), cursor=0, avatar_id="demo")
+    second = video.read_bytes()
+    masked = bytearray(second[: layout.committed_bytes])
+    for offset in layout.duration_offsets:  # the 64-bit duration fields are patched per version
+        masked[offset : offset + 8] = first[offset : offset + 8]
+    assert bytes(masked) == first[: layout.committed_bytes]
+    assert len(second) > len(first)
+
+
+def test_plain_copy_when_the_kernel_cannot_copy(store: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_copy_file_range(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
+    lengths = [11, 6, 17]
+    for i, n in enumerate(lengths):
+        store.append("default", _clip(store, "default", n, seed=i), cursor=0, avatar_id="demo")
+    video = store.paths("default").video
+    assert probe(video).n_video_frames == sum(lengths)
+    onsets = _click_onsets(_decoded_audio(video))
+    starts = np.cumsum([0, *lengths[:-1]]) * RATE // FPS + int(CLICK_AT_S * RATE)
+    assert np.abs(np.array(onsets) - starts).max() < 0.002 * RATE

@@ -1,19 +1,23 @@
-"""Append clips to one continuous session video, atomically, with no audio drift and bounded encode work.
+"""Append clips to one continuous session video: atomic, drift-free, and with bounded work per append.
 
 The seed joined clips with the ffmpeg concat demuxer and `-c copy`. That keeps the video exact, but
 every AAC clip starts with 1024 priming samples, so audio decoded in order drifts ~21-27 ms per join
-(deps.md §7). Here the video packets are still stream-copied (no re-encode), but the session's audio
-is one continuous AAC stream encoded from the clips' PCM: on each append only the last few AAC
-frames of the old audio plus the new clip are encoded again, starting WARMUP_S earlier on the real
-signal so the encoder's MDCT overlap and rate control continue as if it had never stopped, and the
-new packets replace the old ones from a frame boundary on. Decoded in order, the audio has one
-priming at the very start (removed by the mp4 edit list) and stays sample-aligned with the video
-after any number of appends.
+(deps.md §7), and every append re-reads the whole session. Here:
 
-Each append writes a new file next to the session video and renames it into place, so readers see
-either the old or the new session, both complete and playable. The session's own bookkeeping
-(clip list, frame cursor, avatar) is stored inside that file's metadata, so the file is the single
-source of truth and a crash can never leave the two out of step.
+* Video packets are stream-copied from the clip (never re-encoded).
+* The session's audio is one continuous AAC stream encoded from the clips' PCM. On each append the
+  audio from the last committed AAC frame boundary on is encoded again, starting WARMUP_S earlier on
+  the real signal so the encoder's MDCT overlap and rate control continue as if it had never stopped;
+  decoded in order, it has one priming (hidden by the edit list) and stays on the video clock forever.
+* The file is a fragmented MP4 (session/fmp4.py): each append adds `moof`+`mdat` fragments at the end.
+  Audio after the last boundary that a later append will re-encode sits in a provisional fragment
+  after the committed ones. A new version = the committed bytes of the previous version (a kernel
+  copy, `copy_file_range`, which copy-on-write filesystems turn into a clone) + the new fragments +
+  the state; Python touches only the new clip's packets, whatever the session's length.
+* Each version is written to a temp file and renamed into place, so readers see the old or the new
+  session, both complete and playable; a crash in between leaves the old one intact.
+* The session's bookkeeping (clips, frame cursor, avatar, layout) is stored in the file itself, in a
+  trailing `free` box that players skip, so the file is the single source of truth.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -33,20 +37,23 @@ from numpy.typing import NDArray
 
 from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError, SessionConflict
+from musetalk.session import fmp4
 from musetalk.types import Clip
 
-SESSION_FORMAT = "musetalk-session/1"
+SESSION_FORMAT = "musetalk-session/2"
+STATE_MAGIC = b"musetalk-session-state\n"  # start of the trailing `free` box's payload
 VIDEO_NAME = "full_session.mp4"
 CONCAT_LIST_NAME = "concat_list.txt"
 CLIPS_DIR_NAME = "clips"
 AAC_FRAME_SAMPLES = 1024
-# AAC frames before the old end that are encoded again: their MDCT windows and the encoder's look-ahead
-# saw the zero padding after the old end, not the next clip (3 frames covers window + look-ahead).
+# AAC frames before the session's end that the next append encodes again: their MDCT windows and the
+# encoder's look-ahead saw the zero padding after the end, not the next clip (window + look-ahead).
 SPLICE_MARGIN_FRAMES = 3
 # Audio re-fed to the encoder before the splice point. The native AAC encoder's rate control needs about
 # a second to settle: with 1 s the spliced region decodes as cleanly as an uninterrupted encode
 # (measured: SNR within 1 dB of a one-pass encode; with 40 ms it was ~4 dB worse for the next second).
 WARMUP_S = 1.0
+VIDEO_TICKS_PER_FRAME = 1000  # video track timescale = fps x 1000: whole ticks per frame at any fps
 # Test-only fault injection: when this env var equals the clip count being written, the process
 # SIGKILLs itself after the temp file is complete and before the rename (tests/test_server_process.py).
 KILL_BEFORE_RENAME_ENV = "MUSETALK_TEST_KILL_BEFORE_RENAME"
@@ -61,8 +68,20 @@ class ClipEntry:
 
 
 @dataclass(frozen=True)
+class FileLayout:
+    """Where things are in the session file, so an append can reuse the committed bytes."""
+
+    committed_bytes: int  # file prefix that later appends keep: init + committed fragments
+    audio_committed: int  # audio samples (from the session start) held by committed fragments
+    next_fragment: int  # sequence number of the next fragment
+    priming: int  # AAC encoder delay: audio media time = session sample + priming
+    duration_offsets: tuple[int, ...]  # 64-bit duration fields in the init segment
+    video_signature: str  # codec, size and decoder config every appended clip must match
+
+
+@dataclass(frozen=True)
 class SessionState:
-    """What a session video holds; stored as JSON in the video's metadata."""
+    """What a session video holds; stored as JSON at the end of the video itself."""
 
     fps: int
     audio_rate: int
@@ -70,6 +89,7 @@ class SessionState:
     cursor: int = 0  # renderer frame cursor after the last clip
     clips: tuple[ClipEntry, ...] = ()
     next_seq: int = 1  # number of the next clip file (never reused within a session)
+    layout: FileLayout | None = None  # None until the first clip
 
     @property
     def total_frames(self) -> int:
@@ -87,7 +107,8 @@ class SessionState:
         return self.total_frames * self.audio_rate // self.fps
 
     def to_json(self) -> str:
-        """Serialise for the video's metadata."""
+        """Serialise for the session file."""
+        layout = self.layout
         return json.dumps(
             {
                 "format": SESSION_FORMAT,
@@ -97,6 +118,16 @@ class SessionState:
                 "cursor": self.cursor,
                 "next_seq": self.next_seq,
                 "clips": [[c.name, c.n_frames] for c in self.clips],
+                "layout": None
+                if layout is None
+                else {
+                    "committed_bytes": layout.committed_bytes,
+                    "audio_committed": layout.audio_committed,
+                    "next_fragment": layout.next_fragment,
+                    "priming": layout.priming,
+                    "duration_offsets": list(layout.duration_offsets),
+                    "video_signature": layout.video_signature,
+                },
             },
             separators=(",", ":"),
         )
@@ -107,6 +138,7 @@ class SessionState:
         data: dict[str, Any] = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
             raise ValueError("not a session record")
+        lay = data.get("layout")
         return cls(
             fps=int(data["fps"]),
             audio_rate=int(data["audio_rate"]),
@@ -114,6 +146,16 @@ class SessionState:
             cursor=int(data["cursor"]),
             next_seq=int(data["next_seq"]),
             clips=tuple(ClipEntry(str(n), int(f)) for n, f in data["clips"]),
+            layout=None
+            if lay is None
+            else FileLayout(
+                committed_bytes=int(lay["committed_bytes"]),
+                audio_committed=int(lay["audio_committed"]),
+                next_fragment=int(lay["next_fragment"]),
+                priming=int(lay["priming"]),
+                duration_offsets=tuple(int(o) for o in lay["duration_offsets"]),
+                video_signature=str(lay["video_signature"]),
+            ),
         )
 
 
@@ -151,19 +193,24 @@ class AppendResult:
 
 def read_state(video: Path) -> SessionState | None:
     """The state stored in a session video; None if there is no video; SessionConflict if foreign."""
-    import av
-
     if not video.is_file():
         return None
     try:
-        with av.open(str(video)) as container:
-            record = container.metadata.get("comment", "")
-    except (av.FFmpegError, OSError) as exc:
-        raise SessionConflict(f"{video} is not readable ({exc}); reset the session to start over") from exc
-    try:
-        return SessionState.from_json(record)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SessionConflict(f"{video} was not written by this server; reset the session to start over") from exc
+        with video.open("rb") as f:
+            boxes = fmp4.top_level_boxes(f)
+            kind, offset, size = boxes[-1]
+            f.seek(offset + 8)
+            payload = f.read(size - 8) if kind == b"free" else b""
+        if not payload.startswith(STATE_MAGIC):
+            raise ValueError("no session record at the end of the file")
+        state = SessionState.from_json(payload[len(STATE_MAGIC) :].decode("utf-8"))
+        if state.layout is None or state.layout.committed_bytes > offset:
+            raise ValueError("session record does not match the file")
+        return state
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise SessionConflict(
+            f"{video} was not written by this server or is damaged ({exc}); reset the session to start over"
+        ) from exc
 
 
 def clip_pcm(clip: Clip, rate: int) -> NDArray[np.float32]:
@@ -201,106 +248,71 @@ def _tail_pcm(paths: SessionPaths, state: SessionState, n_samples: int) -> NDArr
     return np.concatenate(parts[::-1]) if parts else np.zeros(0, np.float32)  # (n_samples,) float32
 
 
-def _encode_audio(stream: Any, pcm: NDArray[np.float32], rate: int) -> list[Any]:
-    """AAC-encode `pcm` (n,) float32 through an output stream's encoder → packets, pts from -priming."""
+@dataclass(frozen=True)
+class _AacPacket:
+    pts: int  # in samples from the session start; the priming packet has pts -priming
+    data: bytes
+    duration: int
+
+
+def _encode_aac(pcm: NDArray[np.float32], start: int, rate: int, cfg: EncodeConfig) -> tuple[list[_AacPacket], bytes]:
+    """AAC-encode `pcm` (n,) float32 that begins `start` samples into the session → (packets, config)."""
     import av
 
+    encoder = av.CodecContext.create("aac", "w")
+    encoder.sample_rate, encoder.layout, encoder.format = rate, "mono", "fltp"
+    encoder.bit_rate = cfg.audio_bitrate_kbps * 1000
+    encoder.time_base = Fraction(1, rate)
     frame = av.AudioFrame.from_ndarray(pcm[np.newaxis, :], format="fltp", layout="mono")
     frame.sample_rate, frame.pts = rate, 0
-    return [*stream.encode(frame), *stream.encode(None)]
+    packets = []
+    for packet in [*encoder.encode(frame), *encoder.encode(None)]:
+        pts = start + _ticks(packet.pts, packet.time_base, rate)
+        packets.append(_AacPacket(pts=pts, data=bytes(packet), duration=int(packet.duration or AAC_FRAME_SAMPLES)))
+    return packets, bytes(encoder.extradata or b"")
 
 
-def _check_compatible(old_stream: Any, clip_stream: Any, clip: Clip) -> None:
-    """Stream copy needs identical codec parameters; a session cannot change size or codec mid-way."""
-    old_cc, new_cc = old_stream.codec_context, clip_stream.codec_context
-    old_sig = (old_cc.name, old_cc.width, old_cc.height, old_cc.pix_fmt, bytes(old_cc.extradata or b""))
-    new_sig = (new_cc.name, new_cc.width, new_cc.height, new_cc.pix_fmt, bytes(new_cc.extradata or b""))
-    if old_sig != new_sig:
-        raise SessionConflict(
-            f"clip {clip.path.name} ({new_cc.width}x{new_cc.height} {new_cc.name}) cannot be stream-copied onto "
-            f"the session ({old_cc.width}x{old_cc.height} {old_cc.name}); reset the session or use another one"
-        )
+@dataclass(frozen=True)
+class _ClipVideo:
+    samples: list[fmp4.Sample]
+    width: int
+    height: int
+    avcc: bytes
+
+    @property
+    def signature(self) -> str:
+        return f"h264 {self.width}x{self.height} {self.avcc.hex()}"
 
 
-def _write_session(
-    out_path: Path,
-    old_video: Path | None,
-    old_state: SessionState,
-    clip: Clip,
-    audio_src: NDArray[np.float32],
-    audio_src_start: int,
-    splice_at: int,
-    new_state: SessionState,
-    cfg: EncodeConfig,
-) -> None:
-    """Write old video packets + the clip's video packets, and the old audio up to `splice_at` + new audio."""
+def _read_clip_video(clip: Clip, fps: int) -> _ClipVideo:
+    """The clip's H.264 packets as fragment samples (timing in video ticks)."""
     import av
 
-    rate, fps = new_state.audio_rate, new_state.fps
-    old_frames, new_total = old_state.total_frames, new_state.total_samples
-    with av.open(str(clip.path)) as clip_in:
-        if not clip_in.streams.video:
+    with av.open(str(clip.path)) as container:
+        if not container.streams.video:
             raise InputError(f"clip {clip.path.name} has no video stream")
-        clip_v = clip_in.streams.video[0]
-        old_in = av.open(str(old_video)) if old_video is not None else None
-        try:
-            template = clip_v
-            if old_in is not None:
-                template = old_in.streams.video[0]
-                _check_compatible(template, clip_v, clip)
-            with av.open(str(out_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
-                out.metadata["comment"] = new_state.to_json()
-                out_v = out.add_stream_from_template(template)
-                out_a = out.add_stream("aac", rate=rate, layout="mono")
-                out_a.bit_rate = cfg.audio_bitrate_kbps * 1000
-                # splice_at == 0: the old audio (if any) is too short to keep; all of it is encoded again,
-                # priming packet included.
-                keep_old_audio = splice_at > 0
-                sample_tb = Fraction(1, rate)
-                new_audio = []
-                for packet in _encode_audio(out_a, audio_src, rate):
-                    pts = audio_src_start + _ticks(packet.pts, packet.time_base, rate)
-                    packet.pts = packet.dts = pts  # audio: decode order is presentation order
-                    packet.time_base = sample_tb
-                    if (pts >= splice_at or not keep_old_audio) and pts < new_total:
-                        new_audio.append((pts, packet))
-                if new_audio and new_audio[-1][0] + AAC_FRAME_SAMPLES > new_total:
-                    new_audio[-1][1].duration = new_total - new_audio[-1][0]  # end the track with the video
-                if old_in is not None:
-                    for packet in old_in.demux():
-                        if packet.dts is None or packet.pts is None:
-                            continue  # demuxer flush packet
-                        if packet.stream.type == "audio":
-                            if not keep_old_audio or _ticks(packet.pts, packet.time_base, rate) >= splice_at:
-                                continue
-                            packet.stream = out_a
-                        elif packet.stream.type == "video":
-                            packet.stream = out_v
-                        else:
-                            continue
-                        out.mux(packet)
-                # Interleave the clip's video with the new audio by time (the muxer expects ~ascending dts).
-                frame_tb = Fraction(1, fps)
-                new_video = []
-                for packet in clip_in.demux(clip_v):
-                    if packet.dts is None or packet.pts is None:
-                        continue
-                    dts = old_frames + _ticks(packet.dts, packet.time_base, fps)
-                    packet.pts = old_frames + _ticks(packet.pts, packet.time_base, fps)
-                    packet.dts = dts
-                    packet.duration = 1
-                    packet.time_base = frame_tb
-                    packet.stream = out_v
-                    new_video.append((dts, packet))
-                if len(new_video) != clip.n_frames:
-                    raise InputError(f"clip {clip.path.name}: {len(new_video)} video frames, expected {clip.n_frames}")
-                merged = [(Fraction(d, fps), 1, i, p) for i, (d, p) in enumerate(new_video)]
-                merged += [(Fraction(d, rate), 0, i, p) for i, (d, p) in enumerate(new_audio)]
-                for _, _, _, packet in sorted(merged, key=lambda m: m[:3]):
-                    out.mux(packet)
-        finally:
-            if old_in is not None:
-                old_in.close()
+        stream = container.streams.video[0]
+        cc = stream.codec_context
+        if cc.name != "h264" or not cc.extradata:
+            raise SessionConflict(f"clip {clip.path.name} is {cc.name}; sessions hold H.264 from write_clip")
+        timed = []
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.dts is None:
+                continue  # demuxer flush packet
+            dts = _ticks(packet.dts, packet.time_base, fps)
+            pts = _ticks(packet.pts, packet.time_base, fps)
+            timed.append((dts, pts, bool(packet.is_keyframe), bytes(packet)))
+        width, height, avcc = int(cc.width), int(cc.height), bytes(cc.extradata)
+    timed.sort(key=lambda t: t[0])
+    if len(timed) != clip.n_frames:
+        raise InputError(f"clip {clip.path.name}: {len(timed)} video frames, expected {clip.n_frames}")
+    if not timed[0][2]:
+        raise InputError(f"clip {clip.path.name} does not start with a key frame")
+    samples = [
+        fmp4.Sample(data, VIDEO_TICKS_PER_FRAME, is_key, (pts - dts) * VIDEO_TICKS_PER_FRAME)
+        for dts, pts, is_key, data in timed
+    ]
+    return _ClipVideo(samples=samples, width=width, height=height, avcc=avcc)
 
 
 def _ticks(timestamp: int | None, time_base: Fraction | None, units_per_s: int) -> int:
@@ -310,12 +322,88 @@ def _ticks(timestamp: int | None, time_base: Fraction | None, units_per_s: int) 
     return round(timestamp * time_base * units_per_s)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _copy_prefix(src: Path, dst: BinaryIO, n_bytes: int) -> None:
+    """Copy the first `n_bytes` of `src` to `dst` in the kernel (a clone on copy-on-write filesystems)."""
+    with src.open("rb") as f:
+        copied = 0
+        try:
+            while copied < n_bytes:
+                n = os.copy_file_range(f.fileno(), dst.fileno(), n_bytes - copied, copied, copied)
+                if n == 0:
+                    raise SessionConflict(f"{src} is shorter than its session record says; reset the session")
+                copied += n
+        except (AttributeError, OSError):  # no copy_file_range here (or across filesystems): plain copy
+            f.seek(copied)
+            dst.seek(copied)
+            remaining = n_bytes - copied
+            while remaining > 0:
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:
+                    raise SessionConflict(f"{src} is shorter than its session record says; reset the session") from None
+                dst.write(chunk)
+                remaining -= len(chunk)
+    dst.seek(n_bytes)
+
+
+def _aac_samples(packets: list[_AacPacket], end: int) -> list[fmp4.Sample]:
+    """Fragment samples for AAC packets; the last one is cut to end at `end` (the video's end)."""
+    samples = []
+    for i, p in enumerate(packets):
+        duration = p.duration if i + 1 < len(packets) else min(p.duration, end - p.pts)
+        samples.append(fmp4.Sample(p.data, max(duration, 1)))
+    return samples
+
+
+def _write_version(
+    f: BinaryIO,
+    paths: SessionPaths,
+    state: SessionState,
+    new_state: SessionState,
+    video: _ClipVideo,
+    audio: list[_AacPacket],
+    audio_config: bytes,
+    cfg: EncodeConfig,
+) -> FileLayout:
+    """Write the new session version into `f` (empty, at offset 0); returns its layout."""
+    rate, fps = state.audio_rate, state.fps
+    old = state.layout
+    if old is None:
+        init = fmp4.init_segment(
+            fmp4.VideoTrack(video.width, video.height, fps * VIDEO_TICKS_PER_FRAME, video.avcc),
+            fmp4.AudioTrack(rate, 1, audio_config, priming=-audio[0].pts, bitrate=cfg.audio_bitrate_kbps * 1000),
+        )
+        f.write(init.data)
+        duration_offsets, seq, priming = init.duration_offsets, 1, -audio[0].pts
+    else:
+        _copy_prefix(paths.video, f, old.committed_bytes)
+        duration_offsets, seq, priming = old.duration_offsets, old.next_fragment, old.priming
+    new_total = new_state.total_samples
+    # Commit audio up to an AAC frame boundary that the next append will not need to encode again.
+    commit_to = (new_total // AAC_FRAME_SAMPLES - SPLICE_MARGIN_FRAMES) * AAC_FRAME_SAMPLES
+    commit_to = max(commit_to, old.audio_committed if old else 0)
+    samples = _aac_samples(audio, new_total)
+    n_committed = sum(1 for p in audio if p.pts < commit_to)
+    f.write(fmp4.fragment(seq, fmp4.VIDEO_TRACK_ID, state.total_frames * VIDEO_TICKS_PER_FRAME, video.samples))
+    seq += 1
+    if n_committed:
+        f.write(fmp4.fragment(seq, fmp4.AUDIO_TRACK_ID, audio[0].pts + priming, samples[:n_committed]))
+        seq += 1
+    committed_bytes = f.tell()
+    if n_committed < len(audio):
+        tail_start = audio[n_committed].pts + priming
+        f.write(fmp4.fragment(seq, fmp4.AUDIO_TRACK_ID, tail_start, samples[n_committed:]))
+    layout = FileLayout(
+        committed_bytes=committed_bytes,
+        audio_committed=commit_to,
+        next_fragment=seq,
+        priming=priming,
+        duration_offsets=duration_offsets,
+        video_signature=video.signature,
+    )
+    record = replace(new_state, layout=layout)
+    f.write(fmp4.box(b"free", STATE_MAGIC + record.to_json().encode("utf-8")))
+    fmp4.patch_durations(f, duration_offsets, round(new_state.total_frames * fmp4.MOVIE_TIMESCALE / fps))
+    return layout
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -356,16 +444,35 @@ def append_clip(
         raise SessionConflict(
             f"session uses avatar {state.avatar_id!r}, not {avatar_id!r}; reset it or use another session_id"
         )
+    import av
+
     rate = state.audio_rate
+    try:
+        video = _read_clip_video(clip, state.fps)
+    except av.FFmpegError as exc:
+        raise FfmpegFailed(f"reading clip {clip.path.name} failed", str(exc)) from exc
+    if state.layout is not None and video.signature != state.layout.video_signature:
+        raise SessionConflict(
+            f"clip {clip.path.name} ({video.width}x{video.height}) cannot be stream-copied onto this session "
+            "(other size or encoder settings); reset the session or use another one"
+        )
     new_pcm = clip_pcm(clip, rate)  # (n_frames * rate / fps,) float32
     old_total = state.total_samples
-    # Splice on an AAC frame boundary far enough before the old end that the kept packets never saw it.
-    splice_at = max(0, (old_total // AAC_FRAME_SAMPLES - SPLICE_MARGIN_FRAMES) * AAC_FRAME_SAMPLES)
+    splice_at = state.layout.audio_committed if state.layout else 0
     warmup = int(WARMUP_S * rate) // AAC_FRAME_SAMPLES * AAC_FRAME_SAMPLES
-    audio_src_start = max(0, splice_at - warmup)  # also a multiple of AAC_FRAME_SAMPLES
-    tail = _tail_pcm(paths, state, old_total - audio_src_start)
-    audio_src = np.concatenate([tail, new_pcm])  # (n,) float32, from audio_src_start to the new end
+    source_start = max(0, splice_at - warmup)  # a multiple of AAC_FRAME_SAMPLES, like splice_at
+    source = np.concatenate([_tail_pcm(paths, state, old_total - source_start), new_pcm])  # (n,) float32
     t_read = time.perf_counter()
+    try:
+        packets, audio_config = _encode_aac(source, source_start, rate, cfg)
+    except av.FFmpegError as exc:
+        raise FfmpegFailed("encoding the session audio failed", str(exc)) from exc
+    new_total = old_total + len(new_pcm)
+    if state.layout is None:
+        audio = [p for p in packets if p.pts < new_total]  # a new session keeps the priming packet
+    else:
+        audio = [p for p in packets if splice_at <= p.pts < new_total]
+    t_encode = time.perf_counter()
 
     new_state = replace(
         state,
@@ -375,19 +482,20 @@ def append_clip(
         next_seq=max(state.next_seq, _clip_seq(clip.path.name) + 1),
     )
     tmp = paths.temp_video()
-    old_video = paths.video if state.clips else None
     try:
-        _write_session(tmp, old_video, state, clip, audio_src, audio_src_start, splice_at, new_state, cfg)
-        _fsync(tmp)
+        with tmp.open("wb") as f:
+            layout = _write_version(f, paths, state, new_state, video, audio, audio_config, cfg)
+            f.flush()
+            os.fsync(f.fileno())
         t_write = time.perf_counter()
         if os.environ.get(KILL_BEFORE_RENAME_ENV) == str(len(new_state.clips)):
             os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, paths.video)
-    except Exception as exc:
+        os.replace(tmp, paths.video)  # frees the previous version's blocks (if no reader holds it)
+        t_rename = time.perf_counter()
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if _is_ffmpeg_error(exc):
-            raise FfmpegFailed(f"appending {clip.path.name} to {paths.video.name} failed", str(exc)) from exc
         raise
+    new_state = replace(new_state, layout=layout)
     _write_text_atomic(paths.concat_list, concat_list_text(paths, new_state))
     t_end = time.perf_counter()
     return AppendResult(
@@ -396,16 +504,12 @@ def append_clip(
         clip_start_s=state.duration_s,
         timings_ms={
             "append_read": (t_read - t0) * 1000,
-            "append_write": (t_write - t_read) * 1000,
+            "append_encode": (t_encode - t_read) * 1000,
+            "append_write": (t_write - t_encode) * 1000,
+            "append_rename": (t_rename - t_write) * 1000,
             "append_total": (t_end - t0) * 1000,
         },
     )
-
-
-def _is_ffmpeg_error(exc: BaseException) -> bool:
-    import av
-
-    return isinstance(exc, av.FFmpegError)
 
 
 def _clip_seq(name: str) -> int:

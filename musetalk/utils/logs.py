@@ -16,7 +16,7 @@ def kv(**fields: object) -> str:
     """Format fields as `key=value` pairs (values with spaces are quoted) for greppable log lines."""
     parts = []
     for key, value in fields.items():
-        text = f"{value:.1f}" if isinstance(value, float) else str(value)
+        text = f"{value:g}" if isinstance(value, float) else str(value)
         if not text or any(c.isspace() or c in "\"=" for c in text):
             text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
         parts.append(f"{key}={text}")
