@@ -42,7 +42,9 @@ class Clip:
 class Renderer(Protocol):
     """The engine seam of the server: audio in, one clip of an avatar out (MuseTalk, or a test double).
 
-    Calls come from one worker thread, one at a time; an implementation may keep GPU state.
+    The factory, warm_up and render run on the server's one GPU worker thread, one call at a time, so an
+    implementation may keep CUDA state. describe and check_avatar are called from the event loop and
+    must be cheap and thread-safe.
     """
 
     @property

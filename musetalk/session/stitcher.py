@@ -281,6 +281,7 @@ class _ClipVideo:
 
     @property
     def signature(self) -> str:
+        """What must match for stream copy: codec, size and the decoder configuration (SPS/PPS)."""
         return f"h264 {self.width}x{self.height} {self.avcc.hex()}"
 
 
@@ -375,6 +376,8 @@ def _write_version(
         f.write(init.data)
         duration_offsets, seq, priming = init.duration_offsets, 1, -audio[0].pts
     else:
+        if not paths.video.is_file():
+            raise SessionConflict(f"{paths.video} disappeared while the session was in use; reset the session")
         _copy_prefix(paths.video, f, old.committed_bytes)
         duration_offsets, seq, priming = old.duration_offsets, old.next_fragment, old.priming
     new_total = new_state.total_samples
