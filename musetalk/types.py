@@ -63,6 +63,8 @@ class Renderer(Protocol):
     def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
         """Render `audio` as a clip at `out_path` (+ its PCM .wav) starting at frame cursor `cursor`.
 
-        Returns the clip and the next cursor, so that the next clip of the session continues the head
-        motion where this one stopped.
+        `audio` is mono float32 at the voice's or upload's own rate (espeak-ng: 22050 Hz): resample to
+        what the model needs (Whisper: 16 kHz). The clip must be H.264 + AAC with a PCM .wav beside it,
+        as musetalk/pipeline/encode.py write_clip writes them. Returns the clip and the next cursor, so
+        that the next clip of the session continues the head motion where this one stopped.
         """

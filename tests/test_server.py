@@ -169,6 +169,8 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(tmp_path: Path) 
             assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
             body = r.json()
             assert body["error"] and body["detail"], name
+        chunked = (part for part in [b'{"text": "', b"x" * 3000, b"y" * 3000, b'"}'])  # no Content-Length
+        assert client.post("/speak", content=chunked, headers={"content-type": "application/json"}).status_code == 413
         assert client.get("/reset", params={"session_id": "../x"}).status_code == 422
         assert client.get("/sessions/..%2Fetc/video").status_code in (404, 422)
         assert client.get("/sessions/bad.id/video").status_code == 422

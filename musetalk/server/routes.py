@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from musetalk.config import ID_PATTERN
-from musetalk.errors import PayloadTooLarge
+from musetalk.errors import PayloadTooLarge, SessionNotFound
 from musetalk.server.deps import Services, ServicesDep, SpeakServiceDep
 from musetalk.server.schemas import HealthResponse, ResetResponse, SpeakRequest, SpeakResponse
 from musetalk.server.service import SpeakResult
@@ -93,9 +93,11 @@ def _snapshot(serving_dir: FsPath, video: FsPath) -> FsPath | None:
     """A hard link to the current session video, so that an append renaming a new file into place while
     the response streams cannot change the bytes under the Content-Length already sent."""
     link = serving_dir / f"{uuid.uuid4().hex}.mp4"
+    serving_dir.mkdir(parents=True, exist_ok=True)
     try:
-        serving_dir.mkdir(parents=True, exist_ok=True)
         os.link(video, link)
+    except FileNotFoundError as exc:  # reset between the lookup and the link
+        raise SessionNotFound(f"session video {video.name} was just removed") from exc
     except OSError:
         return None  # no hard links on this filesystem: serve the path itself
     return link

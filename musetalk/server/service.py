@@ -248,7 +248,7 @@ class SpeakService:
         )
         try:
             appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid)
-        except BaseException:
+        except Exception:  # the session did not take the clip: its files are orphans
             _remove_clip_files(clip)
             raise
         t_end = time.perf_counter()

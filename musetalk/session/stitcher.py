@@ -23,6 +23,7 @@ every AAC clip starts with 1024 priming samples, so audio decoded in order drift
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -39,6 +40,8 @@ from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError, SessionConflict
 from musetalk.session import fmp4
 from musetalk.types import Clip
+
+log = logging.getLogger(__name__)
 
 SESSION_FORMAT = "musetalk-session/2"
 STATE_MAGIC = b"musetalk-session-state\n"  # start of the trailing `free` box's payload
@@ -499,7 +502,10 @@ def append_clip(
         tmp.unlink(missing_ok=True)
         raise
     new_state = replace(new_state, layout=layout)
-    _write_text_atomic(paths.concat_list, concat_list_text(paths, new_state))
+    try:
+        _write_text_atomic(paths.concat_list, concat_list_text(paths, new_state))
+    except OSError as exc:  # the session (video + its record) is committed; the list is a convenience copy
+        log.warning("could not write %s: %s", paths.concat_list, exc)
     t_end = time.perf_counter()
     return AppendResult(
         state=new_state,
