@@ -45,7 +45,7 @@ weights-check: setup
 	$(PY) -m scripts.download_weights --check $(ARGS)
 
 serve: setup
-	@echo "make serve: the server is not built yet (issue: server_fast)"; exit 1
+	$(PY) server_fast.py --host $(HOST) --port $(PORT) $(ARGS)
 
 demo: setup
 	@echo "make demo: not built yet (issue: out of the box)"; exit 1

@@ -68,6 +68,8 @@ def main() -> None:
     print(f"write {write_s:.1f} s, load_models {load_s:.2f} s, dtype {bundle.dtype}, {torch.cuda.get_device_name()}")
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "load_s": load_s, "rows": []}
     t = torch.zeros(1, device="cuda", dtype=bundle.dtype)
+    unet: Any = bundle.unet
+    pe: Any = bundle.pe
     n_tok = 10 * bundle.audio_layers
     with torch.inference_mode():
         for b in [int(x) for x in args.batches.split(",")]:
@@ -78,7 +80,7 @@ def main() -> None:
             torch.cuda.synchronize()
             eager_ms = _time_cuda(lambda lat=lat, tok=tok: _step_fn(bundle, lat, tok, t), 10)
             unet_ms = _time_cuda(
-                lambda lat=lat, tok=tok: bundle.unet(lat, t, encoder_hidden_states=bundle.pe(tok)).sample, 10
+                lambda lat=lat, tok=tok: unet(lat, t, encoder_hidden_states=pe(tok)).sample, 10
             )
             row: dict[str, Any] = {"batch": b, "eager_ms": eager_ms, "eager_fps": b / eager_ms * 1000,
                                    "unet_ms": unet_ms}
@@ -106,15 +108,16 @@ def main() -> None:
             torch.cuda.empty_cache()
         if args.compile:
             t0 = time.perf_counter()
-            unet_c = torch.compile(bundle.unet, mode="default")
-            dec_c = torch.compile(bundle.vae.decoder, mode="default")
+            unet_c: Any = torch.compile(bundle.unet, mode="default")
+            vae: Any = bundle.vae
+            dec_c: Any = torch.compile(vae.decoder, mode="default")
             b = 16
             lat = torch.randn(b, 8, 32, 32, device="cuda", dtype=bundle.dtype)
             tok = torch.randn(b, n_tok, bundle.audio_dim, device="cuda", dtype=bundle.dtype)
 
             def step_c() -> torch.Tensor:
-                pred = unet_c(lat, t, encoder_hidden_states=bundle.pe(tok)).sample
-                return dec_c(bundle.vae.post_quant_conv(pred / bundle.vae_scale))
+                pred = unet_c(lat, t, encoder_hidden_states=pe(tok)).sample
+                return dec_c(vae.post_quant_conv(pred / bundle.vae_scale))
 
             for _ in range(3):
                 step_c()

@@ -20,6 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "inference" / "realtime_live.yaml"
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
+VOICE_PATTERN = r"^[A-Za-z0-9_.+-]{1,64}$"  # espeak "en-us", "en+f3"; edge "en-US-AriaNeural"; piper names
 
 
 def project_path(path: Path | str) -> Path:
@@ -169,6 +170,60 @@ class WebappConfig(_Section):
     poll_interval_ms: int = Field(default=500, ge=100, le=10000)  # how often the page polls /status
 
 
+class ServerConfig(_Section):
+    """The warm HTTP server (server_fast): address, limits, sessions, logging, auth."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # "musetalk" = the real engine (server/renderer.py build_renderer); or "package.module:factory",
+    # a callable taking the AppConfig and returning a Renderer (musetalk.types.Renderer).
+    renderer: str = "musetalk"
+    avatars: tuple[str, ...] = ()  # avatars loaded at start besides `avatar_id`
+    results_dir: Path = Path("results")  # default session → <results_dir>/full_session.mp4
+    default_session: str = "default"
+    max_text_chars: int = Field(default=1000, ge=1, le=100_000)
+    max_body_bytes: int = Field(default=65_536, ge=1024)  # JSON request bodies
+    max_upload_bytes: int = Field(default=20_000_000, ge=1024)  # /speak_audio file
+    max_audio_s: float = Field(default=120.0, gt=0)  # longest accepted utterance (TTS or upload)
+    queue_size: int = Field(default=16, ge=1)  # speak requests admitted at once (waiting or running)
+    retry_after_s: int = Field(default=2, ge=1)  # Retry-After of a 503
+    cors_origins: tuple[str, ...] = ()  # e.g. ["http://localhost:3000"]; empty = no CORS headers
+    auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
+    log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("avatars")
+    @classmethod
+    def _check_ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in v if not is_valid_id(a)]
+        if bad:
+            raise ValueError(f"ids {bad} must match {ID_PATTERN}")
+        return v
+
+    @field_validator("default_session")
+    @classmethod
+    def _check_session(cls, v: str) -> str:
+        if not is_valid_id(v):
+            raise ValueError(f"must match {ID_PATTERN}")
+        return v
+
+
+class TTSConfig(_Section):
+    """Text-to-speech plugin: espeak (offline, default), tone (test), edge (network), piper (local voice)."""
+
+    engine: Literal["espeak", "tone", "edge", "piper"] = "espeak"
+    voice: str | None = None  # engine default when empty: espeak "en-us", edge "en-US-AriaNeural"
+    rate: float = Field(default=1.0, ge=0.25, le=4.0)  # speed multiplier (1.0 = the engine's normal pace)
+    piper_voice_path: Path | None = None  # a piper .onnx voice (with .onnx.json) or a folder of them
+
+    @field_validator("voice")
+    @classmethod
+    def _check_voice(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(VOICE_PATTERN, v):
+            raise ValueError(f"must match {VOICE_PATTERN}")
+        return v
+
+
 class AppConfig(_Section):
     """The whole configuration; seed keys stay at the top level."""
 
@@ -186,6 +241,8 @@ class AppConfig(_Section):
     audio: AudioConfig = AudioConfig()
     encode: EncodeConfig = EncodeConfig()
     webapp: WebappConfig = WebappConfig()
+    server: ServerConfig = ServerConfig()
+    tts: TTSConfig = TTSConfig()
 
     @field_validator("avatar_id")
     @classmethod

@@ -72,3 +72,19 @@ class Busy(MuseTalkError):
 
 class GpuOutOfMemory(Busy):
     """The GPU ran out of memory for this request; the server keeps serving."""
+
+
+class EngineUnavailable(MuseTalkError):
+    """The renderer (MuseTalk engine) cannot be built here; the message says what is missing."""
+
+
+class PayloadTooLarge(InputError):
+    """A request body or upload exceeds its configured size limit."""
+
+
+class SessionNotFound(MuseTalkError):
+    """The session has no video yet (nothing spoken since the last reset)."""
+
+
+class SessionConflict(MuseTalkError):
+    """The request cannot apply to this session as it is (other avatar, other format); reset it first."""

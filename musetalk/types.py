@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,3 +37,34 @@ class Clip:
     def duration_s(self) -> float:
         """Video duration in seconds (n_frames / fps); the audio is trimmed/padded to match."""
         return self.n_frames / self.fps
+
+
+class Renderer(Protocol):
+    """The engine seam of the server: audio in, one clip of an avatar out (MuseTalk, or a test double).
+
+    The factory, warm_up and render run on the server's one GPU worker thread, one call at a time, so an
+    implementation may keep CUDA state. describe and check_avatar are called from the event loop and
+    must be cheap and thread-safe.
+    """
+
+    @property
+    def ready(self) -> bool:
+        """True once models and avatars are loaded and warmed up."""
+
+    def describe(self) -> dict[str, Any]:
+        """What /health reports: at least "name", "device", "dtype" and "avatars" (list of ids)."""
+
+    def warm_up(self) -> None:
+        """Run one small render so that the first request pays no compile/allocation cost."""
+
+    def check_avatar(self, avatar_id: str) -> None:
+        """Raise AvatarNotFound (unknown id) or AvatarNotPrepared (no usable cache) unless it can render it."""
+
+    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+        """Render `audio` as a clip at `out_path` (+ its PCM .wav) starting at frame cursor `cursor`.
+
+        `audio` is mono float32 at the voice's or upload's own rate (espeak-ng: 22050 Hz): resample to
+        what the model needs (Whisper: 16 kHz). The clip must be H.264 + AAC with a PCM .wav beside it,
+        as musetalk/pipeline/encode.py write_clip writes them. Returns the clip and the next cursor, so
+        that the next clip of the session continues the head motion where this one stopped.
+        """

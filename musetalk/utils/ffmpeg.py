@@ -44,7 +44,7 @@ class MediaInfo:
 
 
 def probe(path: Path) -> MediaInfo:
-    """Stream durations, frame count and sizes of a media file (no decoding)."""
+    """Stream durations, frame count and sizes of a media file (no decoding; fragmented files are scanned)."""
     import av
 
     try:
@@ -60,11 +60,15 @@ def probe(path: Path) -> MediaInfo:
                 return None
             return float(stream.duration * stream.time_base)
 
+        n_frames = int(v.frames) if v is not None and v.frames else None
+        if v is not None and n_frames is None:
+            # Fragmented MP4 (session videos) has no global sample table: count the packets instead.
+            n_frames = sum(1 for packet in container.demux(v) if packet.size) or None
         return MediaInfo(
             duration_s=float(container.duration or 0) / 1_000_000,
             video_duration_s=_dur(v),
             audio_duration_s=_dur(a),
-            n_video_frames=int(v.frames) if v is not None and v.frames else None,
+            n_video_frames=n_frames,
             fps=float(v.average_rate) if v is not None and v.average_rate else None,
             width=v.codec_context.width if v is not None else None,
             height=v.codec_context.height if v is not None else None,

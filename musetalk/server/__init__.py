@@ -1,0 +1,1 @@
+"""The warm HTTP server: app factory, routes, GPU worker, sessions service, error mapping."""

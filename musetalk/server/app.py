@@ -1,0 +1,131 @@
+"""`create_app(cfg, ...)`: the FastAPI app. Its lifespan builds everything once, warms up, then serves.
+
+Components can be injected (renderer factory, voice engine) so tests and other front ends run the
+same app with tiny or fake parts; by default they come from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from musetalk.config import AppConfig, project_path
+from musetalk.errors import MuseTalkError
+from musetalk.server.deps import Services
+from musetalk.server.errors import install_error_handlers
+from musetalk.server.middleware import AccessLog, BearerAuth, BodySizeLimit
+from musetalk.server.renderer import RendererFactory, renderer_factory
+from musetalk.server.routes import SERVING_DIR_NAME, router
+from musetalk.server.service import SpeakService
+from musetalk.server.worker import GpuWorker
+from musetalk.session.store import SessionStore
+from musetalk.tts.base import VoiceEngine, create_voice_engine
+from musetalk.utils.logs import kv
+
+log = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD_BYTES = 65_536  # form fields and boundaries around an uploaded file
+
+
+def configured_avatars(cfg: AppConfig) -> list[str]:
+    """cfg.avatar_id first, then server.avatars, without repeats."""
+    return list(dict.fromkeys([cfg.avatar_id, *cfg.server.avatars]))
+
+
+async def start_services(
+    cfg: AppConfig, factory: RendererFactory | None = None, voice: VoiceEngine | None = None
+) -> Services:
+    """Build the voice engine, the renderer (on the GPU thread), check the avatars, warm up."""
+    worker = GpuWorker(max_pending=cfg.server.queue_size, retry_after_s=cfg.server.retry_after_s)
+    worker.start()
+    try:
+        voice = voice or create_voice_engine(cfg.tts)
+        build = factory or renderer_factory(cfg)
+        renderer, _, load_ms = await worker.run(build, cfg)
+        for avatar_id in configured_avatars(cfg):
+            renderer.check_avatar(avatar_id)
+        _, _, warm_ms = await worker.run(renderer.warm_up)
+        results_dir = project_path(cfg.server.results_dir)
+        shutil.rmtree(results_dir / SERVING_DIR_NAME, ignore_errors=True)  # links left by a previous run
+        store = SessionStore(results_dir, cfg.server.default_session, cfg.fps, cfg.encode)
+        speaker = SpeakService(cfg, renderer, voice, store, worker)
+    except BaseException:
+        worker.stop()
+        raise
+    info = renderer.describe()
+    log.info(
+        "ready %s",
+        kv(
+            renderer=info.get("name"),
+            device=info.get("device"),
+            dtype=info.get("dtype"),
+            avatars=",".join(configured_avatars(cfg)),
+            tts=voice.name,
+            load_ms=round(load_ms, 1),
+            warmup_ms=round(warm_ms, 1),
+            results=results_dir,
+        ),
+    )
+    return Services(cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, ready=True)
+
+
+def create_app(
+    cfg: AppConfig,
+    *,
+    renderer: RendererFactory | None = None,
+    voice: VoiceEngine | None = None,
+    routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """The server app. `renderer` (a factory taking the config) and `voice` override the configured ones;
+    `routers` are mounted beside the API (the web app's pages and chat routes)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.startup_error = None
+        try:
+            services = await start_services(cfg, renderer, voice)
+        except MuseTalkError as exc:
+            app.state.startup_error = exc
+            log.error("cannot start: %s", exc)
+            raise
+        app.state.services = services
+        try:
+            yield
+        finally:
+            services.ready = False
+            services.worker.stop()
+            log.info("stopped")
+
+    app = FastAPI(title="MuseTalk warm server", lifespan=lifespan)
+    app.state.services = None
+    app.state.startup_error = None
+    install_error_handlers(app)
+    app.include_router(router)
+    for extra in routers:
+        app.include_router(extra)
+    # Each add wraps the previous ones, so the order below is inside → out: body limits, auth, CORS (so
+    # preflights and 401s carry CORS headers), and outermost the access log, which sees every response.
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=cfg.server.max_body_bytes,
+        path_limits={"/speak_audio": cfg.server.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+    )
+    token = os.environ.get(cfg.server.auth_token_env, "")
+    if token:
+        app.add_middleware(BearerAuth, token=token)
+    if cfg.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.server.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Range"],
+            expose_headers=["Content-Range", "Accept-Ranges", "Retry-After", "X-Request-ID"],
+        )
+    app.add_middleware(AccessLog)
+    return app

@@ -1,0 +1,136 @@
+"""HTTP routes of design.md §4: /speak, /speak_audio, /reset, /sessions/{id}/video, /health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path as FsPath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from musetalk.config import ID_PATTERN
+from musetalk.errors import PayloadTooLarge, SessionNotFound
+from musetalk.server.deps import Services, ServicesDep, SpeakServiceDep
+from musetalk.server.schemas import HealthResponse, ResetResponse, SpeakRequest, SpeakResponse
+from musetalk.server.service import SpeakResult
+from musetalk.utils.audio_io import decode_audio_bytes
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+SERVING_DIR_NAME = ".serving"  # per-request hard links of session videos (see session_video)
+SessionIdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]
+
+
+def _response(result: SpeakResult) -> SpeakResponse:
+    return SpeakResponse(
+        session_id=result.session_id,
+        avatar_id=result.avatar_id,
+        clip_index=result.clip_index,
+        clip_start_s=result.clip_start_s,
+        clip_duration_s=result.clip_duration_s,
+        session_duration_s=result.session_duration_s,
+        n_clips=result.n_clips,
+        video_path=str(result.video_path),
+        video_url=result.video_url,
+        timings_ms={k: round(v, 1) for k, v in result.timings_ms.items()},
+    )
+
+
+@router.post("/speak", response_model=SpeakResponse)
+async def speak(body: SpeakRequest, speaker: SpeakServiceDep) -> SpeakResponse:
+    """TTS the text, render it on the avatar and append the clip to the session video."""
+    result = await speaker.speak_text(body.text, body.session_id, body.avatar_id, body.voice, body.rate)
+    return _response(result)
+
+
+@router.post("/speak_audio", response_model=SpeakResponse)
+async def speak_audio(
+    services: ServicesDep,
+    file: Annotated[UploadFile, File(description="wav, mp3, ogg, flac or webm")],
+    session_id: Annotated[str | None, Form(pattern=ID_PATTERN)] = None,
+    avatar_id: Annotated[str | None, Form(pattern=ID_PATTERN)] = None,
+) -> SpeakResponse:
+    """Same as /speak with the caller's own audio instead of TTS."""
+    limit = services.cfg.server.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"audio file larger than {limit} bytes (server.max_upload_bytes)")
+    audio = await asyncio.to_thread(decode_audio_bytes, data, services.cfg.server.max_audio_s)
+    result = await services.speaker.speak_audio(audio, session_id, avatar_id)
+    return _response(result)
+
+
+@router.api_route("/reset", methods=["GET", "POST"], response_model=ResetResponse)
+async def reset(speaker: SpeakServiceDep, session_id: SessionIdQuery = None) -> ResetResponse:
+    """Delete the session's video, clips and concat list; the next /speak starts a fresh video."""
+    sid = session_id or speaker.cfg.server.default_session
+    removed = await speaker.reset(sid)
+    return ResetResponse(session_id=sid, removed=removed)
+
+
+class _SnapshotResponse(FileResponse):
+    """Serves a per-request hard link of the session video and removes the link when done (or aborted)."""
+
+    def __init__(self, link: FsPath, **kwargs: Any) -> None:
+        super().__init__(link, **kwargs)
+        self._link = link
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._link.unlink(missing_ok=True)
+
+
+def _snapshot(serving_dir: FsPath, video: FsPath) -> FsPath | None:
+    """A hard link to the current session video, so that an append renaming a new file into place while
+    the response streams cannot change the bytes under the Content-Length already sent."""
+    link = serving_dir / f"{uuid.uuid4().hex}.mp4"
+    serving_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(video, link)
+    except FileNotFoundError as exc:  # reset between the lookup and the link
+        raise SessionNotFound(f"session video {video.name} was just removed") from exc
+    except OSError:
+        return None  # no hard links on this filesystem: serve the path itself
+    return link
+
+
+@router.get("/sessions/{session_id}/video")
+async def session_video(
+    services: ServicesDep, session_id: Annotated[str, Path(pattern=ID_PATTERN)]
+) -> FileResponse:
+    """The session video (HTTP Range supported, for seeking in a browser)."""
+    video = services.store.video_path(session_id)
+    serving_dir = services.store.results_dir / SERVING_DIR_NAME
+    link = await asyncio.to_thread(_snapshot, serving_dir, video)
+    headers = {"Cache-Control": "no-cache"}
+    if link is None:
+        return FileResponse(video, media_type="video/mp4", headers=headers)
+    return _SnapshotResponse(link, media_type="video/mp4", headers=headers)
+
+
+@router.get("/health", response_model=HealthResponse)
+async def health(request: Request) -> JSONResponse | HealthResponse:
+    """Ready, renderer, device, dtype, avatars loaded, TTS engine, load."""
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is None or not services.ready:
+        return JSONResponse(HealthResponse(ready=False).model_dump(), status_code=503)
+    info = services.renderer.describe()
+    return HealthResponse(
+        ready=services.renderer.ready,
+        renderer=info,
+        device=str(info.get("device")) if info.get("device") is not None else None,
+        dtype=str(info.get("dtype")) if info.get("dtype") is not None else None,
+        avatars=[str(a) for a in info.get("avatars", [])],
+        tts=services.voice.name,
+        in_flight=services.speaker.in_flight,
+        queue_size=services.cfg.server.queue_size,
+    )

@@ -1,0 +1,73 @@
+"""Request and response bodies of the HTTP API (design.md §4). Unknown fields and wrong types are 422."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+
+from musetalk.config import ID_PATTERN, VOICE_PATTERN
+
+# Hard ceiling on text before the configured server.max_text_chars check (which gives the precise message).
+TEXT_HARD_LIMIT = 100_000
+
+
+class SpeakRequest(BaseModel):
+    """POST /speak body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr = Field(max_length=TEXT_HARD_LIMIT)
+    session_id: StrictStr | None = Field(default=None, pattern=ID_PATTERN)
+    avatar_id: StrictStr | None = Field(default=None, pattern=ID_PATTERN)
+    voice: StrictStr | None = Field(default=None, pattern=VOICE_PATTERN)
+    rate: StrictFloat | StrictInt | None = Field(default=None, ge=0.25, le=4.0)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text is empty or only whitespace")
+        return v
+
+
+class SpeakResponse(BaseModel):
+    """What /speak and /speak_audio return."""
+
+    session_id: str
+    avatar_id: str
+    clip_index: int
+    clip_start_s: float
+    clip_duration_s: float
+    session_duration_s: float
+    n_clips: int
+    video_path: str
+    video_url: str
+    timings_ms: dict[str, float]
+
+
+class ResetResponse(BaseModel):
+    """What /reset returns."""
+
+    session_id: str
+    removed: bool
+
+
+class HealthResponse(BaseModel):
+    """What /health returns."""
+
+    ready: bool
+    renderer: dict[str, Any] = Field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
+    avatars: list[str] = Field(default_factory=list)
+    tts: str | None = None
+    in_flight: int = 0
+    queue_size: int = 0
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: a short machine-readable name and a human message."""
+
+    error: str
+    detail: str

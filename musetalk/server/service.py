@@ -1,0 +1,291 @@
+"""Speak on a session: TTS → render (GPU worker) → append. Used by /speak, /speak_audio and the web app.
+
+Ordering: each request takes a ticket from its session's turnstile when it arrives. TTS runs at once
+(so sentence 2 is synthesised while sentence 1 renders), but render + append wait for the ticket's turn,
+so clips land in arrival order and each render starts at the cursor the previous clip left. Different
+sessions never wait for each other except for the GPU worker's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from musetalk.config import AppConfig, is_valid_id
+from musetalk.errors import Busy, InputError, MuseTalkError, SessionConflict, TTSFailed
+from musetalk.server.worker import GpuWorker
+from musetalk.session.store import SessionStore
+from musetalk.tts.base import VoiceEngine
+from musetalk.types import Audio, Clip, Renderer
+from musetalk.utils.logs import kv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeakResult:
+    """What one speak did: where the session video is, where the new clip starts, and stage timings."""
+
+    session_id: str
+    avatar_id: str
+    clip_index: int  # position of the new clip in the session (0-based)
+    clip_start_s: float  # where it starts within the session video
+    clip_duration_s: float
+    session_duration_s: float
+    n_clips: int
+    video_path: Path
+    video_url: str  # changes with every append (?v=n_clips) so players reload
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Turnstile:
+    """Tickets in arrival order; `wait(t)` returns when every earlier ticket has been released."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._serving = 0
+        self._released: set[int] = set()
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+
+    @property
+    def idle(self) -> bool:
+        """No ticket outstanding."""
+        return self._serving == self._next
+
+    def take(self) -> int:
+        """A new ticket, after all tickets taken so far."""
+        ticket = self._next
+        self._next += 1
+        return ticket
+
+    async def wait(self, ticket: int) -> None:
+        """Return once it is `ticket`'s turn."""
+        if ticket == self._serving:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = future
+        try:
+            await future
+        finally:
+            self._waiters.pop(ticket, None)
+
+    def release(self, ticket: int) -> None:
+        """Mark `ticket` done (whether or not its turn came) and wake the next one whose turn it now is."""
+        self._released.add(ticket)
+        while self._serving in self._released:
+            self._released.discard(self._serving)
+            self._serving += 1
+        waiter = self._waiters.get(self._serving)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class SpeakService:
+    """The one code path from text or audio to an appended clip; safe to call concurrently."""
+
+    def __init__(
+        self,
+        cfg: AppConfig,
+        renderer: Renderer,
+        voice: VoiceEngine,
+        store: SessionStore,
+        worker: GpuWorker,
+    ) -> None:
+        self.cfg = cfg
+        self.renderer = renderer
+        self.voice = voice
+        self.store = store
+        self.worker = worker
+        self._turnstiles: dict[str, Turnstile] = {}
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Speak requests admitted and not finished (waiting for TTS, their turn, the GPU, or appending)."""
+        return self._in_flight
+
+    def _session_id(self, session_id: str | None) -> str:
+        sid = session_id or self.cfg.server.default_session
+        if not is_valid_id(sid):
+            raise InputError("session_id must match ^[A-Za-z0-9_-]{1,64}$")
+        return sid
+
+    def _avatar_id(self, avatar_id: str | None) -> str:
+        aid = avatar_id or self.cfg.avatar_id
+        if not is_valid_id(aid):
+            raise InputError("avatar_id must match ^[A-Za-z0-9_-]{1,64}$")
+        self.renderer.check_avatar(aid)  # 404 unknown / 409 not prepared, before any work
+        return aid
+
+    def _admit(self) -> None:
+        if self._in_flight >= self.cfg.server.queue_size:
+            raise Busy(
+                f"{self._in_flight} speak requests in progress (server.queue_size); retry later",
+                self.cfg.server.retry_after_s,
+            )
+        self._in_flight += 1
+
+    def _turnstile(self, session_id: str) -> Turnstile:
+        return self._turnstiles.setdefault(session_id, Turnstile())
+
+    def _done(self, session_id: str, turnstile: Turnstile, ticket: int) -> None:
+        turnstile.release(ticket)
+        if turnstile.idle and self._turnstiles.get(session_id) is turnstile:
+            del self._turnstiles[session_id]  # keep the table as small as the set of busy sessions
+
+    def video_url(self, session_id: str, n_clips: int) -> str:
+        """URL of the session video, versioned by clip count so a player notices the change."""
+        return f"/sessions/{session_id}/video?v={n_clips}"
+
+    async def speak_text(
+        self,
+        text: str,
+        session_id: str | None = None,
+        avatar_id: str | None = None,
+        voice: str | None = None,
+        rate: float | None = None,
+    ) -> SpeakResult:
+        """TTS `text` and append the rendered clip to the session (the /speak and chat path)."""
+        t0 = time.perf_counter()
+        text = text.strip()
+        if not text:
+            raise InputError("text is empty")
+        if len(text) > self.cfg.server.max_text_chars:
+            raise InputError(f"text has {len(text)} characters; the limit is {self.cfg.server.max_text_chars}")
+        sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
+        self._admit()
+        turnstile = self._turnstile(sid)
+        ticket = turnstile.take()
+        try:
+            audio = await self._synthesize(text, voice, rate)
+            tts_ms = (time.perf_counter() - t0) * 1000
+            return await self._in_turn(sid, aid, audio, turnstile, ticket, t0, {"tts": tts_ms})
+        finally:
+            self._in_flight -= 1
+            self._done(sid, turnstile, ticket)
+
+    async def speak_audio(
+        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None
+    ) -> SpeakResult:
+        """Append a clip speaking the caller's own audio (the /speak_audio path)."""
+        t0 = time.perf_counter()
+        self._check_audio(audio)
+        sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
+        self._admit()
+        turnstile = self._turnstile(sid)
+        ticket = turnstile.take()
+        try:
+            return await self._in_turn(sid, aid, audio, turnstile, ticket, t0, {})
+        finally:
+            self._in_flight -= 1
+            self._done(sid, turnstile, ticket)
+
+    async def reset(self, session_id: str | None = None) -> bool:
+        """Delete the session's video, clips and list, after the requests that arrived before it."""
+        sid = self._session_id(session_id)
+        turnstile = self._turnstile(sid)
+        ticket = turnstile.take()
+        try:
+            await turnstile.wait(ticket)
+            removed = await asyncio.to_thread(self.store.reset, sid)
+        finally:
+            self._done(sid, turnstile, ticket)
+        log.info("reset %s", kv(session=sid, removed=removed))
+        return removed
+
+    def _check_audio(self, audio: Audio) -> None:
+        if audio.duration_s > self.cfg.server.max_audio_s:
+            raise InputError(f"audio is {audio.duration_s:.1f} s; the limit is {self.cfg.server.max_audio_s:g} s")
+        if len(audio.samples) == 0:
+            raise InputError("audio is empty")
+
+    async def _synthesize(self, text: str, voice: str | None, rate: float | None) -> Audio:
+        try:
+            audio = await asyncio.to_thread(self.voice.synthesize, text, voice, rate)
+        except MuseTalkError:
+            raise
+        except Exception as exc:  # an engine bug or library error is still a TTS failure for the caller
+            raise TTSFailed(f"{self.voice.name} failed: {type(exc).__name__}: {exc}") from exc
+        self._check_audio(audio)
+        return audio
+
+    async def _in_turn(
+        self,
+        sid: str,
+        aid: str,
+        audio: Audio,
+        turnstile: Turnstile,
+        ticket: int,
+        t0: float,
+        timings: dict[str, float],
+    ) -> SpeakResult:
+        """Wait for the ticket's turn, then render + append; a cancelled caller still lets the step finish,
+        so the next request of the session never overlaps it."""
+        t_wait = time.perf_counter()
+        await turnstile.wait(ticket)
+        timings["wait_turn"] = (time.perf_counter() - t_wait) * 1000
+        step = asyncio.ensure_future(self._render_and_append(sid, aid, audio, t0, timings))
+        try:
+            return await asyncio.shield(step)
+        except asyncio.CancelledError:
+            await asyncio.wait({step})
+            raise
+
+    async def _render_and_append(
+        self, sid: str, aid: str, audio: Audio, t0: float, timings: dict[str, float]
+    ) -> SpeakResult:
+        state = await asyncio.to_thread(self.store.state, sid)
+        if state.clips and state.avatar_id != aid:
+            raise SessionConflict(
+                f"session {sid!r} uses avatar {state.avatar_id!r}, not {aid!r}; reset it or use another session_id"
+            )
+        out_path = await asyncio.to_thread(self.store.new_clip_path, sid)
+        (clip, cursor), queued_ms, render_ms = await self.worker.run(
+            self.renderer.render, audio, out_path, aid, state.cursor
+        )
+        try:
+            appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid)
+        except Exception:  # the session did not take the clip: its files are orphans
+            _remove_clip_files(clip)
+            raise
+        t_end = time.perf_counter()
+        new = appended.state
+        timings.update(
+            gpu_queue=queued_ms,
+            render=render_ms,
+            append=appended.timings_ms["append_total"],
+            total=(t_end - t0) * 1000,
+        )
+        result = SpeakResult(
+            session_id=sid,
+            avatar_id=aid,
+            clip_index=appended.clip_index,
+            clip_start_s=appended.clip_start_s,
+            clip_duration_s=clip.duration_s,
+            session_duration_s=new.duration_s,
+            n_clips=len(new.clips),
+            video_path=self.store.paths(sid).video,
+            video_url=self.video_url(sid, len(new.clips)),
+            timings_ms=timings,
+        )
+        log.info(
+            "speak %s",
+            kv(
+                session=sid,
+                avatar=aid,
+                clip=result.clip_index,
+                clip_s=round(result.clip_duration_s, 3),
+                session_s=round(result.session_duration_s, 3),
+                **{f"{k}_ms": round(v, 1) for k, v in timings.items()},
+            ),
+        )
+        return result
+
+
+def _remove_clip_files(clip: Clip) -> None:
+    clip.path.unlink(missing_ok=True)
+    if clip.audio_path is not None:
+        clip.audio_path.unlink(missing_ok=True)

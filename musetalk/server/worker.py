@@ -1,0 +1,84 @@
+"""One thread owns the GPU: every render (and the renderer's construction and warm-up) runs on it, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from musetalk.errors import Busy, GpuOutOfMemory
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error from torch."""
+    torch = sys.modules.get("torch")  # only loaded if the renderer uses it
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _release_gpu_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class GpuWorker:
+    """A single worker thread with a bounded number of pending jobs (queued or running)."""
+
+    def __init__(self, max_pending: int, retry_after_s: int) -> None:
+        self.max_pending = max_pending
+        self.retry_after_s = retry_after_s
+        self._pending = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not finished."""
+        return self._pending
+
+    def start(self) -> None:
+        """Start the thread (idempotent)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
+
+    def stop(self) -> None:
+        """Finish the running job and stop; queued jobs are cancelled."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...], submitted: float) -> tuple[T, float, float]:
+        started = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                _release_gpu_memory()
+                log.error("GPU out of memory in %s: %s", getattr(fn, "__name__", fn), exc)
+                raise GpuOutOfMemory(
+                    "the GPU ran out of memory for this request; retry shortly", self.retry_after_s
+                ) from exc
+            raise
+        return result, (started - submitted) * 1000, (time.perf_counter() - started) * 1000
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+        """Run fn(*args) on the worker thread → (result, queued_ms, run_ms); Busy when the queue is full."""
+        if self._executor is None:
+            raise Busy("the GPU worker is not running", self.retry_after_s)
+        if self._pending >= self.max_pending:
+            raise Busy(f"{self._pending} renders pending; retry later", self.retry_after_s)
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._call, fn, args, time.perf_counter())
+        finally:
+            self._pending -= 1

@@ -1,0 +1,1 @@
+"""Text-to-speech plugins (VoiceEngine): chosen by name in config, imported lazily."""
