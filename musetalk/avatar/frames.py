@@ -82,6 +82,8 @@ class NpyFrames:
 
     def __init__(self, path: Path, mmap: bool = False) -> None:
         self.path = path
+        self._fd: int | None = None
+        self._map: NDArray[np.uint8] | None = None
         shape, dtype, self._offset = read_npy_header(path)
         if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
             raise ValueError(f"{path}: expected (N, H, W, 3) uint8 frames, got {shape} {dtype}")
@@ -90,8 +92,10 @@ class NpyFrames:
         expected = self._offset + shape[0] * self._frame_bytes
         if path.stat().st_size < expected:
             raise ValueError(f"{path}: truncated ({path.stat().st_size} bytes, expected {expected})")
-        self._map: NDArray[np.uint8] | None = np.load(path, mmap_mode="r") if mmap else None
-        self._fd: int | None = None if mmap else os.open(path, os.O_RDONLY)
+        if mmap:
+            self._map = np.load(path, mmap_mode="r")
+        else:
+            self._fd = os.open(path, os.O_RDONLY)
 
     def __len__(self) -> int:
         """Number of frames N."""

@@ -19,6 +19,8 @@ from numpy.typing import NDArray
 
 from musetalk.errors import InputError
 
+# FFmpeg demuxers that "decode" any text as pictures (tty renders ANSI art): not an avatar source.
+_NOT_VIDEO_FORMATS = frozenset({"tty"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 
@@ -85,6 +87,9 @@ def _timed_frames(path: Path) -> tuple[Iterator[tuple[float, NDArray[np.uint8]]]
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable video or image ({type(exc).__name__})") from None
+    if container.format.name in _NOT_VIDEO_FORMATS:
+        container.close()
+        raise InputError(f"{path}: not a readable video or image (looks like a {container.format.name} file)")
     if not container.streams.video:
         container.close()
         raise InputError(f"{path}: no video stream")

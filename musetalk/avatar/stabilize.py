@@ -109,7 +109,8 @@ def smooth_track(
 
     if zero_phase:
         n_pad = max(2, int(round(freq_hz)))  # one second of run-in on each side
-        padded = _linear_pad(data, n_pad, n_fit=max(2, int(round(freq_hz / 2))))
+        # the end lines are fitted over 0.6 s: long enough to average jitter, short enough for curvature
+        padded = _linear_pad(data, n_pad, n_fit=max(2, int(round(0.6 * freq_hz))))
         forward = _run(padded, make)
         out = _run(forward[::-1], make)[::-1][n_pad : n_pad + len(data)]
     else:

@@ -110,7 +110,7 @@ def write_face_video(
     size_hw: tuple[int, int] = (320, 320),
     amplitude_px: tuple[float, float] = (12.0, 6.0),
     freq_hz: tuple[float, float] = (0.3, 0.2),
-    jitter_px: float = 1.5,
+    jitter_px: float = 1.0,
     roll_deg: ArrayLike | None = None,
     scale: float = 1.0,
     seed: int = 0,
