@@ -54,7 +54,9 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
 
 
 def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -90,7 +92,9 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         overrides.append(f"runtime.dtype={args.dtype}")
     cfg = load_config(overrides=overrides)
     result = prepare_avatar(cfg, "bench", video, force=True, progress=not args.quiet)
-    stages = {s: {"seconds": result.seconds[s], "frames_per_s": result.frames_per_s(s)} for s in STAGES if s in result.seconds}
+    stages = {
+        s: {"seconds": result.seconds[s], "frames_per_s": result.frames_per_s(s)} for s in STAGES if s in result.seconds
+    }
     total = sum(result.seconds.values())
     return {
         "frames": result.n_frames,
@@ -154,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="", help="runtime.dtype override (default auto: fp16 on CUDA)")
-    parser.add_argument("--models", default="tiny", help="tiny | full (random weights written to a temp dir) | a models/ folder")
+    parser.add_argument(
+        "--models", default="tiny", help="tiny | full (random weights written to a temp dir) | a models/ folder"
+    )
     parser.add_argument("--size", default="720p", help="360p | 720p | 1080p | WxH")
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8, help="prep.batch_size")
@@ -178,18 +184,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.memory:
             report.update(bench_memory(args, work))
-            print(f"\nframe store, {report['frames']} frames {report['size_hw'][1]}x{report['size_hw'][0]} "
-                  f"({report['file_gib']:.1f} GiB on disk), two ping-pong cycles, one copy per frame")  # fmt: skip
-            print(f"{'mode':6s} {'frames/s':>9s} {'anon MiB start':>15s} {'anon MiB peak':>14s} {'file-backed MiB peak':>21s}")
+            print(
+                f"\nframe store, {report['frames']} frames {report['size_hw'][1]}x{report['size_hw'][0]} "
+                f"({report['file_gib']:.1f} GiB on disk), two ping-pong cycles, one copy per frame"
+            )
+            print(
+                f"{'mode':6s} {'frames/s':>9s} {'anon MiB start':>15s} {'anon MiB peak':>14s} "
+                f"{'file-backed MiB peak':>21s}"
+            )
             for mode in ("pread", "mmap"):
                 r = report[mode]
-                print(f"{mode:6s} {r['frames_per_s']:9.0f} {r['rss_anon_mib_start']:15.0f} {r['rss_anon_mib_peak']:14.0f} "
-                      f"{r['rss_file_mib_peak']:21.0f}")  # fmt: skip
+                print(
+                    f"{mode:6s} {r['frames_per_s']:9.0f} {r['rss_anon_mib_start']:15.0f} "
+                    f"{r['rss_anon_mib_peak']:14.0f} {r['rss_file_mib_peak']:21.0f}"
+                )
         else:
             report.update(bench_throughput(args, work))
-            print(f"\nforce_prep, {report['frames']} frames {report['size_hw'][1]}x{report['size_hw'][0]}, "
-                  f"models {report['models']}, detector {report['detector']}, parser {report['parser']}, "
-                  f"batch {report['batch']}, on {report['device']}")  # fmt: skip
+            print(
+                f"\nforce_prep, {report['frames']} frames {report['size_hw'][1]}x{report['size_hw'][0]}, "
+                f"models {report['models']}, detector {report['detector']}, parser {report['parser']}, "
+                f"batch {report['batch']}, on {report['device']}"
+            )
             print(f"{'stage':8s} {'seconds':>8s} {'frames/s':>9s}")
             for stage, r in report["stages"].items():
                 print(f"{stage:8s} {r['seconds']:8.2f} {r['frames_per_s']:9.1f}")
