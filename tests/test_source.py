@@ -55,6 +55,24 @@ def test_video_is_resampled_to_the_configured_fps_by_nearest_timestamp(tmp_path:
     assert info.kind == "video" and info.n_src_frames == n_src
 
 
+@pytest.mark.parametrize(("rotation", "code"), [(90, cv2.ROTATE_90_COUNTERCLOCKWISE), (-90, cv2.ROTATE_90_CLOCKWISE)])
+def test_phone_video_display_rotation_is_applied(tmp_path: Path, rotation: int, code: int) -> None:
+    import av
+
+    img = np.zeros((64, 96, 3), np.uint8)
+    img[:16, :32] = 255  # a white block in the top-left corner
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(img, format="bgr24")), *stream.encode()]:
+            container.mux(packet)
+    frames, info = _read(path)
+    assert frames[0].shape == (96, 64, 3) and info.size_hw == (96, 64)
+    assert np.abs(frames[0].astype(int) - cv2.rotate(img, code)).mean() < 10  # what ffmpeg shows
+
+
 def test_photo_is_a_one_frame_avatar_with_even_size(tmp_path: Path) -> None:
     img = np.random.default_rng(0).integers(0, 255, (101, 151, 3), dtype=np.uint8)
     path = tmp_path / "p.png"

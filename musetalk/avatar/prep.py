@@ -37,7 +37,7 @@ from musetalk.avatar import stabilize as stab
 from musetalk.avatar.cache import FACE_SIZE_PX, FrameStore
 from musetalk.avatar.frames import NpyAppendWriter, NpyFrames
 from musetalk.avatar.latents import encode_crops
-from musetalk.avatar.source import SourceInfo, check_readable, file_sha256, read_source
+from musetalk.avatar.source import SourceInfo, file_sha256, probe_source, read_source
 from musetalk.avatar.store import (
     COORDS,
     FORMAT_VERSION,
@@ -157,6 +157,10 @@ def _reusable(root: Path, cfg: AppConfig, inputs: dict[str, Any]) -> tuple[dict[
     reasons = stale_reasons(manifest, cfg)
     if reasons:
         return None, "stale: " + "; ".join(reasons)
+    files = [name for name in manifest.get("files", {}).values() if name]
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        return None, f"cache files missing: {', '.join(missing)}"
     return manifest, ""
 
 
@@ -389,7 +393,7 @@ def prepare_avatar(
     root = avatar_dir(cfg, avatar_id)
     source = project_path(video if video is not None else cfg.video_path)
     shift = cfg.bbox_shift if bbox_shift is None else int(bbox_shift)
-    check_readable(source)
+    probe_source(source)  # a bad file fails here, before any model is loaded
     inputs = _input_record(source, file_sha256(source), shift)
 
     reason = "--force" if force else ""

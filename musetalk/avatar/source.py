@@ -63,6 +63,15 @@ def conform(frame: NDArray[np.uint8], size_hw: tuple[int, int]) -> NDArray[np.ui
     return np.ascontiguousarray(frame[:h, :w])
 
 
+def upright(frame: NDArray[np.uint8], rotation_deg: float) -> NDArray[np.uint8]:
+    """Apply a container's display rotation (phone videos) the way ffmpeg's autorotate does."""
+    turn = int(round(rotation_deg / 90.0)) % 4  # counterclockwise quarter turns
+    if turn == 0:
+        return frame
+    code = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}[turn]
+    return np.ascontiguousarray(cv2.rotate(frame, code))
+
+
 def check_readable(path: Path) -> None:
     """Raise InputError with one clear line for a missing, empty or unreadable path."""
     if not path.exists():
@@ -103,13 +112,30 @@ def _timed_frames(path: Path) -> tuple[Iterator[tuple[float, NDArray[np.uint8]]]
         try:
             for k, frame in enumerate(container.decode(stream)):
                 t = frame.time if frame.time is not None else k * period
-                yield float(t), np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+                yield float(t), upright(np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8), frame.rotation)
         except av.FFmpegError as exc:
             raise InputError(f"{path}: video is corrupt or truncated ({type(exc).__name__}: {exc})") from None
         finally:
             container.close()
 
     return frames(), rate, n_hint
+
+
+def probe_source(path: Path) -> str:
+    """'photo' or 'video' if `path` yields at least one frame; else InputError (one clear line)."""
+    check_readable(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if _read_photo(path) is None:
+            raise InputError(f"{path}: not a readable image")
+        return "photo"
+    frames, _, _ = _timed_frames(path)
+    try:
+        next(frames)
+    except StopIteration:
+        raise InputError(f"{path}: video has no decodable frames") from None
+    finally:
+        frames.close()
+    return "video"
 
 
 def read_source(
