@@ -258,6 +258,21 @@ def test_without_vae_weights_the_cache_is_preview_only(
         load_avatar(_cfg(tiny_models_dir, tmp_path / "cache"), "p")
 
 
+def test_changed_model_weights_make_the_cache_stale(
+    tiny_models_dir: Path, short_video: SyntheticVideo, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir / "sd-vae", models / "sd-vae")
+    cfg = _cfg(models, tmp_path / "cache")
+    prepare_avatar(cfg, "w", short_video.path)
+    assert load_avatar(cfg, "w").latents is not None
+    with (models / "sd-vae" / "diffusion_pytorch_model.bin").open("ab") as fh:
+        fh.write(b"\0")  # other weights
+    with pytest.raises(AvatarCacheStale, match="vae model files changed"):
+        load_avatar(cfg, "w")
+    assert not prepare_avatar(cfg, "w", short_video.path).reused  # force_prep rebuilds it by itself
+
+
 def test_a_photo_becomes_a_still_avatar(tiny_models_dir: Path, tmp_path: Path) -> None:
     from musetalk.avatar.synthetic import astronaut_bgr
 

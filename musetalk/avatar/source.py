@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from musetalk.errors import InputError
 
 # FFmpeg demuxers that "decode" any text as pictures (tty renders ANSI art): not an avatar source.
 _NOT_VIDEO_FORMATS = frozenset({"tty"})
+_Frames = Generator[tuple[float, NDArray[np.uint8]], None, None]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 
@@ -88,7 +89,7 @@ def _read_photo(path: Path) -> NDArray[np.uint8] | None:
     return None if img is None else np.asarray(img, dtype=np.uint8)
 
 
-def _timed_frames(path: Path) -> tuple[Iterator[tuple[float, NDArray[np.uint8]]], float | None, int | None]:
+def _timed_frames(path: Path) -> tuple[_Frames, float | None, int | None]:
     """Decoded (time_s, BGR frame) pairs of the first video stream, its average rate and frame count."""
     import av
 
@@ -107,7 +108,7 @@ def _timed_frames(path: Path) -> tuple[Iterator[tuple[float, NDArray[np.uint8]]]
     rate = float(stream.average_rate) if stream.average_rate else None
     n_hint = int(stream.frames) if stream.frames else None
 
-    def frames() -> Iterator[tuple[float, NDArray[np.uint8]]]:
+    def frames() -> _Frames:
         period = 1.0 / (rate or 25.0)
         try:
             for k, frame in enumerate(container.decode(stream)):

@@ -6,6 +6,7 @@ that reproduces upstream's `jaw` and `raw` modes exactly (facts §7.2-7.3).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,7 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@lru_cache(maxsize=1)
 def jaw_kernel() -> NDArray[np.uint8]:
     """Upstream's 33×33 dilation kernel: rows 10-20 a centred triangle (widths 1…21), rows 21-32 a 21-wide bar."""
     cone_h, tail_h = 21, 12
@@ -50,7 +52,10 @@ def cheek_mask(left_cheek_width: int, right_cheek_width: int, size_px: int = PAR
     return mask
 
 
-_CHEEK_ERODE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
+@lru_cache(maxsize=1)
+def cheek_erode_kernel() -> NDArray[np.uint8]:
+    """Upstream's "flatter" horizontal ellipse (35×3) that erodes the cheeks."""
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3)), dtype=np.uint8)
 
 
 def labels_to_mask(
@@ -65,7 +70,7 @@ def labels_to_mask(
         raise ValueError(f"unknown parsing mode {mode!r}; choose jaw or raw")
     skin = np.where(lab == SKIN, 255, 0).astype(np.uint8)
     dilated = cv2.dilate(skin, jaw_kernel(), iterations=1)
-    eroded = cv2.erode(dilated, _CHEEK_ERODE, iterations=2)
+    eroded = cv2.erode(dilated, cheek_erode_kernel(), iterations=2)
     cheeks = cheek_mask(left_cheek_width, right_cheek_width, lab.shape[0])
     region = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(dilated, cv2.bitwise_not(cheeks)))
     keep = ((region == 255) & (lab != NOSE_LABEL)) | np.isin(lab, LIP_LABELS)
