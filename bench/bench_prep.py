@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": _device_name(args.device),
         "command": "python -m bench.bench_prep " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_start": os.getloadavg()[0],  # other jobs on the machine slow the figures down
     }
     try:
         if args.memory:
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{stage:8s} {r['seconds']:8.2f} {r['frames_per_s']:9.1f}")
             print(f"{'total':8s} {report['total_seconds']:8.2f} {report['total_frames_per_s']:9.1f}")
     finally:
+        report["load_average_end"] = os.getloadavg()[0]
+        print(f"load average (1 min) {report['load_average_start']:.1f} → {report['load_average_end']:.1f}")
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
