@@ -84,8 +84,9 @@ class RuntimeConfig(_Section):
 class OneEuroConfig(_Section):
     """One-Euro filter parameters (Casiez et al. 2012) for face-box corners (px) and roll, in Hz.
 
-    Tuned on a face moving 12-16 px at 0.2-0.3 Hz with 1.5 px detection jitter: box jitter drops
-    ~10x while the box stays within 2 px of the true path (tests/test_stabilize.py).
+    Tuned (with stabilize.zero_phase) on a head swaying 12 px at 0.3 Hz with 1 px detection jitter:
+    box jitter drops 11-16x while every box corner stays within 2 px of the true path
+    (tests/test_stabilize.py, tests/test_prep.py).
     """
 
     min_cutoff: float = Field(default=1.0, gt=0)
