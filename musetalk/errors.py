@@ -30,6 +30,10 @@ class WeightsInvalid(MuseTalkError):
     """A model file exists but does not match the architecture (wrong keys or shapes)."""
 
 
+class PluginUnavailable(MuseTalkError):
+    """An optional plugin's package is not installed; the message has the install recipe."""
+
+
 class InputError(MuseTalkError):
     """Caller input (audio, video, image, text) is unusable; message says why."""
 

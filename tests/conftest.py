@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from musetalk.avatar.prep import PrepResult
+    from musetalk.avatar.synthetic import SyntheticVideo
+    from musetalk.config import AppConfig
 
 # Tests never touch a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,3 +36,34 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from musetalk.testing import write_models
 
     return write_models(tmp_path_factory.mktemp("models"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def face_video(tmp_path_factory: pytest.TempPathFactory) -> SyntheticVideo:
+    """48 frames of 320×320: the astronaut on a known smooth path + 1 px jitter (ground truth attached)."""
+    from musetalk.avatar.synthetic import write_face_video
+
+    return write_face_video(tmp_path_factory.mktemp("video") / "face.mp4")
+
+
+@pytest.fixture(scope="session")
+def prepared_avatar(
+    tiny_models_dir: Path, face_video: SyntheticVideo, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[AppConfig, PrepResult]:
+    """force_prep of `face_video` with tiny models and the landmark parser, in a session temp cache.
+
+    Read-only for tests: copy it (or prepare your own) before changing anything.
+    """
+    from musetalk.avatar import prepare_avatar
+    from musetalk.config import load_config
+
+    cfg = load_config(
+        overrides=[
+            f"models.dir={tiny_models_dir}",
+            "runtime.device=cpu",
+            f"prep.cache_dir={tmp_path_factory.mktemp('avatars')}",
+            "prep.parser=landmarks",
+            "avatar_id=synth",
+        ]
+    )
+    return cfg, prepare_avatar(cfg, video=face_video.path)

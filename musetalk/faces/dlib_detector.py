@@ -1,0 +1,85 @@
+"""dlib HOG face detector + the 68-point shape predictor shipped in `face-recognition-models`.
+
+Works on any machine with no weights folder at all: the predictor file comes with the pip package
+(deps.md §4). The package itself is never imported (it needs pkg_resources); its files are found
+with importlib. The 68-point model is trained on iBUG 300-W (non-commercial terms).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from musetalk.errors import PluginUnavailable, WeightsMissing
+from musetalk.faces.base import DetectorBase
+
+PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models==0.3.0 (both are in requirements.txt)"
+
+
+def predictor_path() -> Path | None:
+    """Path of the 68-point predictor inside the installed face_recognition_models package, or None."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / PREDICTOR_FILE
+    return path if path.is_file() else None
+
+
+def dlib_available() -> bool:
+    """True when dlib imports would succeed and the predictor file is installed."""
+    return importlib.util.find_spec("dlib") is not None and predictor_path() is not None
+
+
+class DlibDetector(DetectorBase):
+    """HOG detection on a downscaled grey copy, landmarks on the full-size grey frame."""
+
+    name = "dlib"
+
+    def __init__(self, detect_max_side_px: int = 640) -> None:
+        try:
+            import dlib
+        except ImportError:
+            raise PluginUnavailable(f"the dlib face detector needs dlib: {INSTALL_HINT}") from None
+        path = predictor_path()
+        if path is None:
+            raise WeightsMissing([Path("face_recognition_models/models") / PREDICTOR_FILE], hint=INSTALL_HINT)
+        self._dlib: Any = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(path))
+        self._path = path
+        self.detect_max_side_px = detect_max_side_px
+
+    def _rects(self, gray: NDArray[np.uint8]) -> tuple[list[Any], float]:
+        scale = min(1.0, self.detect_max_side_px / max(gray.shape))
+        small = gray if scale >= 1.0 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        rects = list(self._detector(small, 0))
+        if not rects:
+            # HOG finds faces down to ~80 px; one upsampling reaches ~40 px faces.
+            rects = list(self._detector(small, 1))
+        return rects, scale
+
+    def detect(self, frame_bgr: NDArray[np.uint8]) -> NDArray[np.float32] | None:
+        """(68, 2) landmarks of the largest face, or None."""
+        gray = np.asarray(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
+        rects, scale = self._rects(gray)
+        if not rects:
+            return None
+        best = max(rects, key=lambda r: r.width() * r.height())
+        rect = self._dlib.rectangle(
+            int(round(best.left() / scale)),
+            int(round(best.top() / scale)),
+            int(round(best.right() / scale)),
+            int(round(best.bottom() / scale)),
+        )
+        shape = self._predictor(gray, rect)
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+
+    def weight_files(self) -> list[Path]:
+        """The shape predictor file."""
+        return [self._path]
