@@ -70,6 +70,8 @@ class RuntimeConfig(_Section):
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     compile: bool = False  # torch.compile the UNet/VAE decoder on CUDA (slow first start; cached)
+    cuda_graphs: bool = True  # replay UNet + VAE decode as CUDA graphs (one pair per batch size) on CUDA
+    channels_last: bool = False  # NHWC memory format for the UNet/VAE convolutions on CUDA
     threads: int = Field(default=0, ge=0)  # CPU intra-op threads; 0 = torch default
 
     @field_validator("device")
@@ -142,6 +144,16 @@ class EncodeConfig(_Section):
     threads: int = Field(default=0, ge=0)  # x264 threads; 0 = auto
 
 
+class EngineConfig(_Section):
+    """The warm generation engine: batching shape, worker threads, queues, output folder."""
+
+    first_batch_size: int = Field(default=4, ge=1, le=256)  # small first batch: first frame sooner
+    blend_workers: int = Field(default=4, ge=1, le=64)  # CPU threads pasting faces (and converting to YUV)
+    queue_frames: int = Field(default=64, ge=1, le=4096)  # frames in flight between generation and encoding
+    mask_cache_frames: int = Field(default=2048, ge=1)  # per-frame blend alpha maps kept in memory
+    output_dir: Path = Path("results/clips")  # where run() writes clips when no path is given
+
+
 class AppConfig(_Section):
     """The whole configuration; seed keys stay at the top level."""
 
@@ -158,6 +170,7 @@ class AppConfig(_Section):
     blend: BlendConfig = BlendConfig()
     audio: AudioConfig = AudioConfig()
     encode: EncodeConfig = EncodeConfig()
+    engine: EngineConfig = EngineConfig()
 
     @field_validator("avatar_id")
     @classmethod

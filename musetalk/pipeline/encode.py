@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import soundfile as sf
@@ -50,15 +51,19 @@ def write_clip(
     n_frames: int,
     fps: int,
     cfg: EncodeConfig,
+    pix_fmt: Literal["bgr24", "yuv420p"] = "bgr24",
 ) -> Clip:
-    """Encode `n_frames` BGR frames (H, W, 3 uint8; H and W even) + audio to `path` (and `path`.wav).
+    """Encode `n_frames` frames + audio to `path` (and `path`.wav).
 
-    Frames are consumed as they arrive, so encoding overlaps whatever produces them. Files are written
-    to temp names and renamed into place when complete.
+    Frames are BGR (H, W, 3) uint8, or with pix_fmt="yuv420p" planar I420 (H·3/2, W) uint8 as made by
+    cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420) — converting in the producer's threads takes that work
+    off the encoder thread. H and W must be even. Frames are consumed as they arrive, so encoding
+    overlaps whatever produces them. Files are written to temp names and renamed into place when complete.
     """
     import av
 
     t0 = time.perf_counter()
+    wait_s = 0.0  # time spent waiting for the producer (not encoding)
     pcm = fit_audio(audio, n_frames, fps, cfg.audio_rate)  # (n_frames * rate / fps,)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, wav_path = _tmp_path(path), path.with_suffix(".wav")
@@ -67,9 +72,14 @@ def write_clip(
     frame_iter = iter(frames)
     try:
         first = next(frame_iter, None)
+        wait_s += time.perf_counter() - t0
         if first is None:
             raise InputError(f"expected {n_frames} frames, got 0")
         height, width = first.shape[:2]
+        if pix_fmt == "yuv420p":
+            if first.ndim != 2 or height % 3:
+                raise InputError(f"yuv420p frames must be (H*3/2, W) planar arrays, got {first.shape}")
+            height = height * 2 // 3
         if height % 2 or width % 2:
             raise InputError(f"frame size {width}x{height} must be even for yuv420p")
         with av.open(str(tmp), mode="w", options={"movflags": "+faststart"}) as container:
@@ -95,10 +105,16 @@ def write_clip(
             for packet in [*astream.encode(af), *astream.encode(None)]:
                 container.mux(packet)
 
-            for frame in itertools.chain([first], frame_iter):
+            frames_in = itertools.chain([first], frame_iter)
+            while True:
+                t_wait = time.perf_counter()
+                frame = next(frames_in, None)
+                wait_s += time.perf_counter() - t_wait
+                if frame is None:
+                    break
                 if count >= n_frames:
                     raise InputError(f"more than the expected {n_frames} frames")
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=pix_fmt)
                 vf.pts = count
                 container.mux(vstream.encode(vf))
                 count += 1
@@ -113,10 +129,15 @@ def write_clip(
     finally:
         for leftover in (tmp, wav_tmp):
             leftover.unlink(missing_ok=True)
+    total_ms = (time.perf_counter() - t0) * 1000
     return Clip(
         path=path,
         n_frames=n_frames,
         fps=fps,
         audio_path=wav_path,
-        timings_ms={"encode_total": (time.perf_counter() - t0) * 1000},
+        timings_ms={
+            "encode_total": total_ms,  # wall time of the whole call
+            "encode_wait_ms": wait_s * 1000,  # of which: waiting for frames from the producer
+            "encode_ms": total_ms - wait_s * 1000,  # of which: conversion, encoding, muxing, writing
+        },
     )
