@@ -185,17 +185,22 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
             batches = deque(split_batches(needed, src.first_batch_size, src.batch_size))
             in_flight: deque[tuple[NDArray[np.int64], PendingFaces]] = deque()
             faces: dict[int, NDArray[np.uint8]] = {}
+            faces_seen = False
             for i in range(plan.n_frames):
                 weight = float(plan.weights[i])
                 face = None
                 if weight > 0:
                     assert job is not None
                     while i not in faces:
-                        while batches and len(in_flight) < _BATCHES_IN_FLIGHT:
+                        # Alone until the first faces are back: launching batch 2 (slow in eager mode)
+                        # must not delay the first frame.
+                        depth = _BATCHES_IN_FLIGHT if faces_seen else 1
+                        while batches and len(in_flight) < depth:
                             ids = batches.popleft()
                             in_flight.append((ids, job.submit(ids.tolist(), plan.source_ids[ids].tolist())))
                         ids, pending = in_flight.popleft()
                         faces.update(zip(ids.tolist(), pending.wait(), strict=True))
+                        faces_seen = True
                     face = faces.pop(i)
                 if not self._put(self.engine.pool.submit(self._blend, i, face, weight)):
                     return

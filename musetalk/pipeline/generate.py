@@ -146,13 +146,23 @@ class _Graphs:
                 decode(denoise(latents, tokens))
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        # thread_local: CUDA calls of other threads (e.g. another component of the server) cannot
+        # invalidate this capture; only this thread's calls are checked.
         self.unet_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.unet_graph):
+        with torch.cuda.graph(self.unet_graph, capture_error_mode="thread_local"):
             self.pred = denoise(latents, tokens)
         self.vae_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.vae_graph, pool=self.unet_graph.pool()):
+        with torch.cuda.graph(self.vae_graph, pool=self.unet_graph.pool(), capture_error_mode="thread_local"):
             self.faces = decode(self.pred)
         torch.cuda.synchronize()
+
+
+def _device_index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Indices on the device without a stream sync (a blocking host→device copy would stall the pipeline)."""
+    index = torch.tensor(list(ids), dtype=torch.long)
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 class _Pending:
@@ -191,8 +201,8 @@ class _MuseTalkJob:
     def _submit(self, frame_ids: Sequence[int], source_ids: Sequence[int], n: int) -> PendingFaces:
         owner = self.owner
         dev = owner.device
-        lat = self.latents.index_select(0, torch.as_tensor(list(source_ids), device=dev))  # (n, 8, 32, 32)
-        tok = self.tokens.index_select(0, torch.as_tensor(list(frame_ids), device=dev))  # (n, T, C)
+        lat = self.latents.index_select(0, _device_index(source_ids, dev))  # (n, 8, 32, 32)
+        tok = self.tokens.index_select(0, _device_index(frame_ids, dev))  # (n, T, C)
         self.clock.batches += 1
         self.clock.frames += n
         try:
