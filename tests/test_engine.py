@@ -234,3 +234,16 @@ def test_warm_api_renders_clips_with_matching_audio_and_video(tmp_path: Path, ti
         assert c.audio_path is not None and sf.info(str(c.audio_path)).frames == expected
         for key in ("features_ms", "unet_ms", "vae_ms", "blend_ms", "encode_ms", "first_frame_ms", "total_ms"):
             assert c.timings_ms[key] > 0, key
+
+
+def test_warm_api_cli_reports_a_missing_avatar(
+    tmp_path: Path, tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts.warm_api import main
+
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), _tone(0.2).samples, RATE)
+    code = main(["--audio", str(wav), "--avatar-id", "nobody", "--set", f"models.dir={tiny_models_dir}",
+                 "--set", "runtime.device=cpu"])
+    assert code == 1
+    assert "nobody" in capsys.readouterr().err  # names the avatar (and, once prep lands, how to build it)

@@ -126,7 +126,13 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
     def __next__(self) -> NDArray[np.uint8]:
         if self._emitted >= self.n_frames or self._stop.is_set():
             raise StopIteration
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("frame producer stopped without finishing the clip") from None
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
