@@ -247,3 +247,20 @@ def test_warm_api_cli_reports_a_missing_avatar(
                  "--set", "runtime.device=cpu"])
     assert code == 1
     assert "nobody" in capsys.readouterr().err  # names the avatar (and, once prep lands, how to build it)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_with_graphs_renders_a_clip(tmp_path: Path, tiny_models_dir: Path) -> None:
+    cfg = load_config(overrides=[f"models.dir={tiny_models_dir}", "runtime.device=cuda", "batch_size=8"])
+    bundle = load_models(cfg)
+    cache = synthetic_avatar(n_frames=4, height=64, width=96, vae=bundle.vae, vae_scale=bundle.vae_scale)
+    rti = RealTimeInference.from_config(cfg, [cache], bundle=bundle)
+    try:
+        clip, cursor = rti.run(_tone(0.7), cache, tmp_path / "gpu.mp4")  # batches of 4, 8 and 5 (padded to 8)
+        with rti.frames(_tone(0.3), cache, cursor=cursor) as stream:
+            frames = list(stream)
+    finally:
+        rti.close()
+    assert clip.n_frames == 17 and probe(clip.path).n_video_frames == 17
+    assert clip.timings_ms["padded_frames"] > 0  # the partial batch ran at a captured size
+    assert len(frames) == 7 and stream.next_cursor == (17 + 7) % 8

@@ -271,6 +271,9 @@ class MuseTalkFaces:
         assert bundle.unet is not None and bundle.vae is not None and bundle.whisper is not None
         self.bundle = bundle
         self.device, self.dtype = bundle.device, bundle.dtype
+        if self.device.type == "cuda" and self.device.index is None:
+            # torch.cuda.set_device needs an explicit index ("cuda" alone raises).
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.spec = WindowSpec(cfg.fps, cfg.audio.pad_left, cfg.audio.pad_right)
         self.batch_size = cfg.batch_size
         self.first_batch_size = min(cfg.engine.first_batch_size, cfg.batch_size)
