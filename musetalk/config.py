@@ -142,6 +142,7 @@ class EncodeConfig(_Section):
     audio_rate: int = Field(default=48000, ge=8000)  # AAC sample rate; 48 kHz: 1920 samples per 25 fps frame
     audio_bitrate_kbps: int = Field(default=128, ge=32, le=512)
     threads: int = Field(default=0, ge=0)  # x264 threads; 0 = auto
+    segment_workers: int = Field(default=0, ge=0, le=16)  # parallel x264 instances per clip (one per GOP); 0 = auto
 
 
 class EngineConfig(_Section):
