@@ -83,7 +83,7 @@ def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: in
     rng = np.random.default_rng(5)
     base = cv2.resize(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8), (96, 64), interpolation=cv2.INTER_CUBIC)
     bgr = [np.roll(base, 2 * i, axis=1) for i in range(27)]  # 4 segments: 8 + 8 + 8 + 3
-    yuv = [cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420) for f in bgr]
+    yuv = [np.asarray(cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8) for f in bgr]
     clip = write_clip(iter(yuv), _tone(1.0), tmp_path / "c.mp4", 27, FPS, cfg, pix_fmt="yuv420p")
     with av.open(str(clip.path)) as c:
         decoded = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
