@@ -57,6 +57,7 @@ from musetalk.avatar.cache import AvatarCache, cycle_index  # noqa: E402
 from musetalk.config import AppConfig, load_config  # noqa: E402
 from musetalk.models import ModelBundle, load_models  # noqa: E402
 from musetalk.pipeline.audio import WHISPER_RATE_HZ, WindowSpec, audio_tokens, num_frames, resample  # noqa: E402
+from musetalk.pipeline.encode import segment_workers  # noqa: E402
 from musetalk.pipeline.generate import MuseTalkFaces  # noqa: E402
 from musetalk.pipeline.synthetic import synthetic_avatar  # noqa: E402
 from musetalk.types import Audio  # noqa: E402
@@ -541,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             "avatar_frames": args.avatar_frames,
             "batch_size": args.batch_size,
             "blend_workers": args.blend_workers,
+            "x264_segment_workers": segment_workers(load_config(overrides=args.set).encode),
         },
         "skipped": [],
     }

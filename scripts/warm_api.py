@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from musetalk.avatar.cache import AvatarCache
 from musetalk.cli import add_config_args, config_from_args
 from musetalk.config import AppConfig, project_path
@@ -47,6 +49,8 @@ class RealTimeInference:
         cls, cfg: AppConfig, avatars: Iterable[AvatarCache] = (), bundle: ModelBundle | None = None, warmup: bool = True
     ) -> RealTimeInference:
         """Load the models once (unless a bundle is given), build the MuseTalk engine, warm it up."""
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)  # process-wide: this is the composition root
         bundle = bundle if bundle is not None else load_models(cfg)
         source = MuseTalkFaces(bundle, cfg)
         if warmup:

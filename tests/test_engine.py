@@ -193,6 +193,17 @@ def test_errors_in_generation_reach_the_caller_and_short_audio_is_rejected(avata
         engine.close()
 
 
+def test_odd_sized_avatars_still_encode(tmp_path: Path) -> None:
+    odd = synthetic_avatar(n_frames=3, height=51, width=67)
+    engine = Engine(_cfg(), FakeFaces())
+    try:
+        clip, _ = engine.render(_tone(0.2), odd, tmp_path / "odd.mp4")
+    finally:
+        engine.close()
+    info = probe(clip.path)
+    assert (info.width, info.height, info.n_video_frames) == (66, 50, 5)
+
+
 def test_closing_a_stream_early_stops_generation(avatar: AvatarCache) -> None:
     source = FakeFaces(first=1, size=1)
     engine = Engine(_cfg("engine.queue_frames=2"), source)

@@ -176,7 +176,9 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         t0 = time.perf_counter()
         frame = self.engine.blender.blend(self.cache, int(self.plan.source_ids[index]), face, weight)
         if self._yuv:
-            frame = np.asarray(cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420))
+            h, w = frame.shape[:2]
+            # yuv420p needs even sizes: an odd last row/column is dropped rather than failing the clip.
+            frame = np.asarray(cv2.cvtColor(frame[: h - h % 2, : w - w % 2], cv2.COLOR_BGR2YUV_I420))
         self._blend_s.append(time.perf_counter() - t0)  # list.append is atomic under the GIL
         return frame
 
