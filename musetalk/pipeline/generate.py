@@ -292,8 +292,10 @@ class MuseTalkFaces:
         self.decode: nn.Module = _Decode(bundle.vae, bundle.vae_scale).eval()
         if cuda and cfg.runtime.compile:
             # One specialised graph per batch size (a handful), no dynamic shapes.
-            self.denoise = torch.compile(self.denoise, dynamic=False)  # type: ignore[assignment]
-            self.decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
+            if cfg.runtime.compile_modules in ("unet", "both"):
+                self.denoise = torch.compile(self.denoise, dynamic=False)  # type: ignore[assignment]
+            if cfg.runtime.compile_modules in ("vae", "both"):
+                self.decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
         self._graphs: dict[int, _Graphs] = {}
         self._lock = threading.Lock()
         self._device_latents: dict[int, tuple[AvatarCache, torch.Tensor]] = {}
