@@ -13,14 +13,17 @@ Steps, each timed: write random weights in the real on-disk formats (reused from
 present), load them through load_models, build a synthetic avatar cache (latents = VAE encodings of its
 crops), then
   1. generation throughput (UNet + VAE decode + copy to host) per variant and batch size:
-     eager, CUDA graphs, CUDA graphs + channels_last (and torch.compile in a child process, time allowed);
+     eager, CUDA graphs, CUDA graphs + channels_last;
   2. the engine end to end, `run()` (audio in → mp4 on disk) and `frames()` (streaming, no encoding):
      per-stage ms, frames/s, time to first blended frame, peak GPU memory;
-  3. the upstream-style baseline in the same process: eager fp16, batch 4, clip restarts at frame 0,
+  3. (CUDA, time allowed) torch.compile (`runtime.compile_modules`, default the VAE decoder) + CUDA
+     graphs, in a child process with a timeout so a slow compile cannot sink the run: 1. and 2. again;
+  4. the upstream-style baseline in the same process: eager fp16, batch 4, clip restarts at frame 0,
      one blending thread (PIL paste) writing PNGs, then `ffmpeg -f image2 … -crf 18` and a second
      ffmpeg muxing the audio (which re-encodes the video, as upstream's command does);
 and reports total-time ratios. Everything stays under --budget-s (default 450 s): optional steps are
-skipped, and said so in the JSON, when time runs short.
+skipped, and said so in the JSON, when time runs short. `--set key=value` overrides the engine config
+(e.g. `--set runtime.compile_modules=both`, `--set encode.segment_workers=1`).
 """
 
 from __future__ import annotations
