@@ -159,6 +159,7 @@ def write_clip(
             vstream.thread_count = cfg.threads
 
             def make_context() -> Any:
+                """A standalone libx264 encoder with exactly the stream's settings (same SPS/PPS)."""
                 ctx = av.CodecContext.create("libx264", "w")
                 ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
                 ctx.time_base, ctx.framerate = Fraction(1, fps), Fraction(fps, 1)

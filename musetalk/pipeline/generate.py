@@ -124,6 +124,7 @@ class _StageClock:
     padded_frames: int = 0
 
     def as_dict(self) -> dict[str, float]:
+        """Stage times (ms) and counters for the clip's timings."""
         return {
             "features_ms": self.features,
             "unet_ms": self.unet,
@@ -173,6 +174,7 @@ class _Pending:
         self._done = False
 
     def wait(self) -> NDArray[np.uint8]:
+        """Block until this batch's copy landed → (B, 256, 256, 3) BGR uint8 view of pinned memory."""
         if not self._done:
             if self._events is not None:
                 start, mid, end, copied = self._events
@@ -191,6 +193,7 @@ class _MuseTalkJob:
         self._closed = False
 
     def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> PendingFaces:
+        """Launch one batch (at most batch_size frames) without waiting for it."""
         owner = self.owner
         n = len(frame_ids)
         if n == 0 or n != len(source_ids) or n > owner.batch_size:
@@ -251,9 +254,11 @@ class _MuseTalkJob:
         return _Pending(self, host, n, events)
 
     def timings_ms(self) -> dict[str, float]:
+        """Stage times so far."""
         return self.clock.as_dict()
 
     def close(self) -> None:
+        """Release the source's lock (idempotent)."""
         if not self._closed:
             self._closed = True
             self.owner._lock.release()
