@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _BATCHES_IN_FLIGHT = 2  # the GPU works on batch k+1 while the host collects batch k
 _POLL_S = 0.1
+_ABANDONED_AFTER_S = 120.0  # a full queue nobody drains for this long means the consumer is gone
 
 
 class RenderResult(NamedTuple):
@@ -164,12 +165,16 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
     # producer side
 
     def _put(self, item: Future[NDArray[np.uint8]] | _Failure) -> bool:
+        deadline = time.monotonic() + _ABANDONED_AFTER_S
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
-                continue
+                if time.monotonic() > deadline:
+                    # Nobody consumes (a stream dropped without close()): free the GPU for other calls.
+                    log.warning("frame stream abandoned by its consumer; stopping generation")
+                    self._stop.set()
         return False
 
     def _blend(self, index: int, face: NDArray[np.uint8] | None, weight: float) -> NDArray[np.uint8]:
