@@ -51,7 +51,7 @@ demo: setup
 	@echo "make demo: not built yet (issue: out of the box)"; exit 1
 
 bench: setup
-	@echo "make bench: not built yet (issue: warm_api benchmarks)"; exit 1
+	$(PY) bench/bench_engine.py --device cpu --size tiny --out results/bench_engine_cpu.json $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

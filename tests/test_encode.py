@@ -73,3 +73,28 @@ def test_clips_concatenate_with_stream_copy(tmp_path: Path) -> None:
     info = probe(out)
     assert info.n_video_frames == 53
     assert info.video_duration_s == pytest.approx(53 / FPS, abs=1 / FPS)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: int) -> None:
+    import cv2
+
+    cfg = EncodeConfig(gop_frames=8, segment_workers=workers, crf=12)
+    rng = np.random.default_rng(5)
+    base = cv2.resize(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8), (96, 64), interpolation=cv2.INTER_CUBIC)
+    bgr = [np.roll(base, 2 * i, axis=1) for i in range(27)]  # 4 segments: 8 + 8 + 8 + 3
+    yuv = [np.asarray(cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8) for f in bgr]
+    clip = write_clip(iter(yuv), _tone(1.0), tmp_path / "c.mp4", 27, FPS, cfg, pix_fmt="yuv420p")
+    with av.open(str(clip.path)) as c:
+        decoded = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+    assert len(decoded) == 27
+    for i, out in enumerate(decoded):  # every decoded frame is closest to its own source frame
+        errors = [np.abs(src.astype(int) - out.astype(int)).mean() for src in bgr]
+        assert int(np.argmin(errors)) == i and errors[i] < 12
+    run_ffmpeg(["-xerror", "-i", str(clip.path), "-f", "null", "-"])  # decodes without a single error
+    other = write_clip(iter(_frames(10)), _tone(0.4), tmp_path / "d.mp4", 10, FPS, cfg)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"file '{clip.path}'\nfile '{other.path}'\n")
+    run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(tmp_path / "j.mp4")])
+    assert probe(tmp_path / "j.mp4").n_video_frames == 37
+    run_ffmpeg(["-xerror", "-i", str(tmp_path / "j.mp4"), "-f", "null", "-"])

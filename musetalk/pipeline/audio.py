@@ -1,0 +1,215 @@
+"""Audio in, per-frame Whisper tokens out: exactly the MuseTalk v1.5 math (facts §4), in integers.
+
+Input of any rate, channel count or container is first turned into mono float32 (PyAV decode, soxr
+resample to 16 kHz). Whisper-tiny hidden states are computed per 30 s window, all encoder layers stacked,
+trimmed to the real audio length, zero-padded and cut into one window per video frame:
+
+    frame f (fps F) reads padded rows [f·50 // F, f·50 // F + 2·(left + right + 1))
+    padded = ceil(50 / F)·left zero rows ‖ features[: n·50 // 16000] ‖ ceil(50 / F)·3·right zero rows
+
+Frame and feature counts use exact integer arithmetic. Upstream computes them in floating point
+(`floor(n / 16000 · 25)`), which at some lengths lands just below an integer (facts §16): for
+36,800 samples (2.3 s) upstream keeps 114 feature rows instead of 115 and zero-pads the last real
+one; for 18,560 samples (1.16 s) it makes 28 frames instead of 29. We deliberately use the exact
+values: they agree with upstream everywhere else and are what its formula means.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soxr
+import torch
+from numpy.typing import NDArray
+
+from musetalk.errors import InputError
+from musetalk.types import Audio
+
+if TYPE_CHECKING:
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from musetalk.models.unet import PositionalEncoding
+
+WHISPER_RATE_HZ = 16000  # Whisper's input rate
+WHISPER_FRAMES_PER_S = 50  # encoder positions per second (20 ms each)
+WINDOW_S = 30  # Whisper always encodes 30 s windows
+WINDOW_SAMPLES = WINDOW_S * WHISPER_RATE_HZ
+
+AudioSource = Audio | Path | str | bytes
+
+
+def _mono_float(samples: NDArray[np.generic]) -> NDArray[np.float32]:
+    """(n,) or (channels, n) of any numeric dtype → (n,) float32 in [-1, 1] (channel mean)."""
+    arr = np.asarray(samples)
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        arr = arr.astype(np.float32) / float(max(abs(info.min), info.max))
+    arr = arr.astype(np.float32, copy=False)
+    if arr.ndim == 2:
+        arr = arr.mean(axis=0, dtype=np.float32)
+    if arr.ndim != 1:
+        raise InputError(f"audio must be mono or (channels, samples), got shape {arr.shape}")
+    return arr
+
+
+def decode_audio(source: Path | str | bytes) -> Audio:
+    """Decode any container/codec PyAV knows (wav, mp3, ogg, flac, m4a, …) to mono float32 at its own rate."""
+    import av
+
+    where = source if isinstance(source, bytes) else str(source)
+    label = "audio bytes" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise InputError(f"audio file not found: {source}")
+    chunks: list[NDArray[np.float32]] = []
+    rate = 0
+    try:
+        with av.open(io.BytesIO(where) if isinstance(where, bytes) else where, mode="r") as container:
+            if not container.streams.audio:
+                raise InputError(f"{label}: no audio stream")
+            stream = container.streams.audio[0]
+            for frame in container.decode(stream):
+                rate = frame.sample_rate
+                data = frame.to_ndarray()  # planar: (channels, n); packed: (1, n·channels)
+                if not frame.format.is_planar and len(frame.layout.channels) > 1:
+                    data = data.reshape(-1, len(frame.layout.channels)).T
+                chunks.append(_mono_float(data))
+    except InputError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"{label}: cannot decode audio ({type(exc).__name__}: {exc})") from exc
+    if not chunks or rate <= 0:
+        raise InputError(f"{label}: no audio samples decoded")
+    return Audio(np.concatenate(chunks).astype(np.float32, copy=False), int(rate))
+
+
+def load_audio(source: AudioSource) -> Audio:
+    """An `Audio` (mono float32, own rate) from an Audio, a file path or encoded bytes."""
+    if isinstance(source, Audio):
+        if source.sample_rate <= 0:
+            raise InputError(f"invalid sample rate {source.sample_rate}")
+        audio = Audio(_mono_float(source.samples), source.sample_rate)
+    else:
+        audio = decode_audio(source)
+    if not np.all(np.isfinite(audio.samples)):
+        raise InputError("audio contains NaN or infinite samples")
+    return audio
+
+
+def resample(audio: Audio, rate_hz: int = WHISPER_RATE_HZ) -> NDArray[np.float32]:
+    """Samples at `rate_hz` (soxr, high quality) → (m,) float32."""
+    if audio.sample_rate == rate_hz or not len(audio.samples):
+        return audio.samples.astype(np.float32, copy=False)
+    return np.asarray(soxr.resample(audio.samples, audio.sample_rate, rate_hz), dtype=np.float32)
+
+
+def num_frames(n_samples: int, fps: int, rate_hz: int = WHISPER_RATE_HZ) -> int:
+    """Video frames for `n_samples` of audio: floor(duration · fps), exactly (see module doc)."""
+    return n_samples * fps // rate_hz
+
+
+def feature_length(n_samples: int, rate_hz: int = WHISPER_RATE_HZ) -> int:
+    """Whisper encoder rows covering the real audio: floor(duration · 50), exactly."""
+    return n_samples * WHISPER_FRAMES_PER_S // rate_hz
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Per-frame audio window geometry (facts §4.4), in Whisper encoder rows."""
+
+    fps: int
+    pad_left: int = 2
+    pad_right: int = 2
+
+    @property
+    def rows_per_frame(self) -> int:
+        """Encoder rows per video frame: 2·(left + right + 1) (= 10 by default)."""
+        return 2 * (self.pad_left + self.pad_right + 1)
+
+    @property
+    def padding_unit(self) -> int:
+        """ceil(50 / fps): rows per padding step (2 at 25 fps)."""
+        return -(-WHISPER_FRAMES_PER_S // self.fps)
+
+    @property
+    def pad_front(self) -> int:
+        """Zero rows prepended (4 by default)."""
+        return self.padding_unit * self.pad_left
+
+    @property
+    def pad_back(self) -> int:
+        """Zero rows appended (12 by default: upstream's generous out-of-bounds guard)."""
+        return self.padding_unit * 3 * self.pad_right
+
+    def start_row(self, frame: int) -> int:
+        """First padded row of frame `frame`'s window: floor(frame · 50 / fps)."""
+        return frame * WHISPER_FRAMES_PER_S // self.fps
+
+
+def frame_windows(hidden: torch.Tensor, n_samples: int, spec: WindowSpec) -> torch.Tensor:
+    """Stacked encoder states (R, L, C) → per-frame tokens (T, rows_per_frame·L, C), time-major, no PE.
+
+    R may include the zero tail of the last 30 s window; rows past the real audio are dropped first.
+    """
+    n_frames = num_frames(n_samples, spec.fps)
+    length = feature_length(n_samples)
+    if hidden.ndim != 3 or hidden.shape[0] < length:
+        raise ValueError(f"expected (≥{length}, layers, dim) hidden states, got {tuple(hidden.shape)}")
+    feats = hidden[:length]  # (length, L, C)
+    _, n_layers, dim = feats.shape
+    front = feats.new_zeros(spec.pad_front, n_layers, dim)
+    back = feats.new_zeros(spec.pad_back, n_layers, dim)
+    padded = torch.cat([front, feats, back], dim=0)  # (pad_front + length + pad_back, L, C)
+    width = spec.rows_per_frame
+    starts = torch.tensor([spec.start_row(f) for f in range(n_frames)], dtype=torch.long)
+    if n_frames and int(starts[-1]) + width > padded.shape[0]:
+        raise ValueError(f"window of the last frame ends past the padded features ({padded.shape[0]} rows)")
+    rows = (starts[:, None] + torch.arange(width)[None, :]).to(padded.device)  # (T, width)
+    windows = padded[rows]  # (T, width, L, C)
+    # Token index = row·L + layer ("b c h w -> b (c h) w" upstream): time-major, layer-minor.
+    return windows.reshape(n_frames, width * n_layers, dim)
+
+
+@torch.inference_mode()
+def whisper_hidden_states(
+    samples_16k: NDArray[np.float32],
+    encoder: WhisperEncoder,
+    extractor: WhisperFeatureExtractor,
+) -> torch.Tensor:
+    """All encoder hidden states of every 30 s window, stacked → (1500·windows, layers + 1, C) on the encoder."""
+    param = next(encoder.parameters())
+    device, dtype = param.device, param.dtype
+    n_windows = max(1, math.ceil(len(samples_16k) / WINDOW_SAMPLES))
+    mels = []
+    for i in range(n_windows):
+        segment = samples_16k[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
+        # One call per window: the log-mel floor (max − 8) is per window, as upstream.
+        feats = extractor(
+            segment,
+            sampling_rate=WHISPER_RATE_HZ,
+            return_tensors="pt",
+            device=device.type if device.type == "cuda" else "cpu",
+        ).input_features  # (1, 80, 3000) float32
+        mels.append(feats)
+    mel = torch.cat(mels, dim=0).to(device=device, dtype=dtype)  # (W, 80, 3000)
+    states = encoder(mel, output_hidden_states=True).hidden_states  # (layers+1) × (W, 1500, C)
+    stacked = torch.stack(states, dim=2)  # (W, 1500, layers+1, C)
+    return stacked.reshape(-1, stacked.shape[2], stacked.shape[3])
+
+
+def audio_tokens(
+    samples_16k: NDArray[np.float32],
+    spec: WindowSpec,
+    encoder: WhisperEncoder,
+    extractor: WhisperFeatureExtractor,
+    pe: PositionalEncoding,
+) -> torch.Tensor:
+    """UNet conditioning for every frame: (T, rows_per_frame·layers, C) with the positional encoding added."""
+    hidden = whisper_hidden_states(samples_16k, encoder, extractor)
+    with torch.inference_mode():
+        return pe(frame_windows(hidden, len(samples_16k), spec))

@@ -1,0 +1,285 @@
+"""The warm engine: audio → frame plan → faces (FaceSource) → blended frames → encoded clip, overlapped.
+
+Threads of one call:
+- the caller: decodes the audio and plans the frames, then consumes frames in order (encoding them,
+  for `render`);
+- a generation thread: runs the face source (the GPU), keeping up to two batches in flight, and hands
+  every frame to the blend pool as soon as its face exists (silent frames need no face at all);
+- the blend pool (shared by calls, `engine.blend_workers` threads): pastes faces, converts to YUV.
+A bounded queue of `engine.queue_frames` futures between them gives back-pressure. The engine holds
+no per-session state: the avatar cycle position comes in as `cursor` and goes out as `next_cursor`,
+so consecutive clips of a session continue the avatar's motion instead of restarting at frame 0
+(upstream restarts every clip, facts §13.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from musetalk.avatar.cache import AvatarCache, cycle_index
+from musetalk.config import AppConfig
+from musetalk.errors import GpuOutOfMemory, InputError
+from musetalk.pipeline.audio import WHISPER_RATE_HZ, AudioSource, load_audio, num_frames, resample
+from musetalk.pipeline.blend import Blender
+from musetalk.pipeline.encode import write_clip
+from musetalk.pipeline.generate import FaceJob, FaceSource, PendingFaces
+from musetalk.pipeline.silence import face_weights, frame_rms_db
+from musetalk.types import Audio, Clip
+
+log = logging.getLogger(__name__)
+
+_BATCHES_IN_FLIGHT = 2  # the GPU works on batch k+1 while the host collects batch k
+_POLL_S = 0.1
+_ABANDONED_AFTER_S = 120.0  # a full queue nobody drains for this long means the consumer is gone
+
+
+class RenderResult(NamedTuple):
+    """A finished clip and where the avatar cycle continues for the next clip of the session."""
+
+    clip: Clip
+    next_cursor: int
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """What each frame of a clip shows."""
+
+    cursor: int  # avatar cycle position of the clip's first frame
+    source_ids: NDArray[np.int64]  # (T,) avatar source frame of each clip frame (ping-pong cycle)
+    weights: NDArray[np.float32]  # (T,) generated-face weight; 0 = source frame untouched, no model call
+
+    @property
+    def n_frames(self) -> int:
+        """Frames in the clip."""
+        return len(self.source_ids)
+
+    def next_cursor(self, n_source_frames: int) -> int:
+        """Cycle position after this clip (kept below one full ping-pong cycle)."""
+        return (self.cursor + self.n_frames) % (2 * n_source_frames)
+
+
+def split_batches(frame_ids: NDArray[np.int64], first: int, size: int) -> list[NDArray[np.int64]]:
+    """Frame ids in order, as one batch of `first` then batches of `size`."""
+    out: list[NDArray[np.int64]] = []
+    start = 0
+    while start < len(frame_ids):
+        step = first if not out else size
+        out.append(frame_ids[start : start + step])
+        start += step
+    return out
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class FrameStream(Iterator[NDArray[np.uint8]]):
+    """Blended frames of one clip, in order, produced in the background; use as a context manager.
+
+    Yields BGR (H, W, 3) uint8 frames, or I420 (H·3/2, W) uint8 with `yuv=True`. The first frame is
+    available as soon as the first (small) batch is generated and blended.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache: AvatarCache,
+        audio: Audio,
+        samples_16k: NDArray[np.float32],
+        plan: FramePlan,
+        t_start: float,
+        timings_ms: dict[str, float],
+        yuv: bool,
+    ) -> None:
+        self.engine, self.cache, self.audio, self.plan = engine, cache, audio, plan
+        self.n_frames = plan.n_frames
+        self.next_cursor = plan.next_cursor(cache.n_frames)
+        self.timings_ms = timings_ms
+        self._samples_16k = samples_16k
+        self._t_start = t_start
+        self._yuv = yuv
+        self._queue: queue.Queue[Future[NDArray[np.uint8]] | _Failure] = queue.Queue(engine.cfg.engine.queue_frames)
+        self._stop = threading.Event()
+        self._blend_s: list[float] = []
+        self._emitted = 0
+        self._thread = threading.Thread(target=self._produce, name="musetalk-generate", daemon=True)
+        self._thread.start()
+
+    # consumer side
+
+    def __next__(self) -> NDArray[np.uint8]:
+        if self._emitted >= self.n_frames or self._stop.is_set():
+            raise StopIteration
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("frame producer stopped without finishing the clip") from None
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.exc
+        frame = item.result()
+        self._emitted += 1
+        now_ms = (time.perf_counter() - self._t_start) * 1000
+        if self._emitted == 1:
+            self.timings_ms["first_frame_ms"] = now_ms
+        if self._emitted == self.n_frames:
+            self._thread.join()
+            self.timings_ms["frames_ms"] = now_ms
+            self.timings_ms["blend_ms"] = sum(self._blend_s) * 1000
+        return frame
+
+    def close(self) -> None:
+        """Stop producing (if still running) and wait for the generation thread."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=_POLL_S)  # unblock a producer waiting on a full queue
+        self._thread.join()
+
+    def __enter__(self) -> FrameStream:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # producer side
+
+    def _put(self, item: Future[NDArray[np.uint8]] | _Failure) -> bool:
+        deadline = time.monotonic() + _ABANDONED_AFTER_S
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    # Nobody consumes (a stream dropped without close()): free the GPU for other calls.
+                    log.warning("frame stream abandoned by its consumer; stopping generation")
+                    self._stop.set()
+        return False
+
+    def _blend(self, index: int, face: NDArray[np.uint8] | None, weight: float) -> NDArray[np.uint8]:
+        t0 = time.perf_counter()
+        frame = self.engine.blender.blend(self.cache, int(self.plan.source_ids[index]), face, weight)
+        if self._yuv:
+            h, w = frame.shape[:2]
+            # yuv420p needs even sizes: an odd last row/column is dropped rather than failing the clip.
+            frame = np.asarray(cv2.cvtColor(frame[: h - h % 2, : w - w % 2], cv2.COLOR_BGR2YUV_I420))
+        self._blend_s.append(time.perf_counter() - t0)  # list.append is atomic under the GIL
+        return frame
+
+    def _produce(self) -> None:
+        job: FaceJob | None = None
+        t0 = time.perf_counter()
+        try:
+            plan, src = self.plan, self.engine.source
+            needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
+            if len(needed):
+                job = src.start(self.cache, self._samples_16k, plan.n_frames)
+            batches = deque(split_batches(needed, src.first_batch_size, src.batch_size))
+            in_flight: deque[tuple[NDArray[np.int64], PendingFaces]] = deque()
+            faces: dict[int, NDArray[np.uint8]] = {}
+            faces_seen = False
+            for i in range(plan.n_frames):
+                weight = float(plan.weights[i])
+                face = None
+                if weight > 0:
+                    assert job is not None
+                    while i not in faces:
+                        # Alone until the first faces are back: launching batch 2 (slow in eager mode)
+                        # must not delay the first frame.
+                        depth = _BATCHES_IN_FLIGHT if faces_seen else 1
+                        while batches and len(in_flight) < depth:
+                            ids = batches.popleft()
+                            in_flight.append((ids, job.submit(ids.tolist(), plan.source_ids[ids].tolist())))
+                        ids, pending = in_flight.popleft()
+                        faces.update(zip(ids.tolist(), pending.wait(), strict=True))
+                        faces_seen = True
+                    face = faces.pop(i)
+                if not self._put(self.engine.pool.submit(self._blend, i, face, weight)):
+                    return
+            self.timings_ms["generate_wall_ms"] = (time.perf_counter() - t0) * 1000
+        except torch.cuda.OutOfMemoryError as exc:
+            self._put(_Failure(GpuOutOfMemory(f"GPU out of memory: {exc}")))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(_Failure(exc))
+        finally:
+            if job is not None:
+                self.timings_ms.update(job.timings_ms())
+                job.close()
+
+
+class Engine:
+    """Audio → clip for any AvatarCache and FaceSource; thread-safe; no per-session state."""
+
+    def __init__(self, cfg: AppConfig, source: FaceSource) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.blender = Blender(cfg.blend, cfg.prep.expand, cfg.engine.mask_cache_frames)
+        self.pool = ThreadPoolExecutor(cfg.engine.blend_workers, thread_name_prefix="musetalk-blend")
+        self._warned_fps: set[str] = set()
+
+    def plan(self, samples_16k: NDArray[np.float32], cache: AvatarCache, cursor: int = 0) -> FramePlan:
+        """Frame count, avatar source frame and face weight of every frame of a clip."""
+        if cursor < 0:
+            raise ValueError(f"cursor must be >= 0, got {cursor}")
+        fps = self.cfg.fps
+        n = num_frames(len(samples_16k), fps)
+        if n == 0:
+            raise InputError(f"audio of {len(samples_16k) / WHISPER_RATE_HZ * 1000:.0f} ms is shorter than one frame")
+        n_src = cache.n_frames
+        source_ids = np.array([cycle_index(cursor + i, n_src) for i in range(n)], dtype=np.int64)
+        weights = face_weights(frame_rms_db(samples_16k, n, fps, WHISPER_RATE_HZ), self.cfg.audio)
+        return FramePlan(cursor=cursor, source_ids=source_ids, weights=weights)
+
+    def frames(self, audio: AudioSource, cache: AvatarCache, cursor: int = 0, *, yuv: bool = False) -> FrameStream:
+        """Start a clip; returns its frame iterator at once (audio errors raise here, as InputError)."""
+        t0 = time.perf_counter()
+        if cache.fps != self.cfg.fps and cache.avatar_id not in self._warned_fps:
+            self._warned_fps.add(cache.avatar_id)
+            log.warning("avatar %s was prepared at %d fps, output is %d fps", cache.avatar_id, cache.fps, self.cfg.fps)
+        decoded = load_audio(audio)
+        samples_16k = resample(decoded, WHISPER_RATE_HZ)  # (n,) float32
+        t1 = time.perf_counter()
+        plan = self.plan(samples_16k, cache, cursor)
+        timings = {
+            "audio_ms": (t1 - t0) * 1000,
+            "plan_ms": (time.perf_counter() - t1) * 1000,
+            "frames": float(plan.n_frames),
+            "silent_frames": float(np.sum(plan.weights == 0)),
+        }
+        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv)
+
+    def render(self, audio: AudioSource, cache: AvatarCache, out_path: Path, cursor: int = 0) -> RenderResult:
+        """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip."""
+        t0 = time.perf_counter()
+        with self.frames(audio, cache, cursor, yuv=True) as stream:
+            clip = write_clip(stream, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p")
+            timings = {**stream.timings_ms, **clip.timings_ms}
+        total_ms = (time.perf_counter() - t0) * 1000
+        timings["total_ms"] = total_ms
+        timings["fps"] = stream.n_frames / (total_ms / 1000) if total_ms > 0 else 0.0
+        return RenderResult(replace(clip, timings_ms=timings), stream.next_cursor)
+
+    def close(self) -> None:
+        """Stop the blend threads."""
+        self.pool.shutdown(wait=True)
