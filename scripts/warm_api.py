@@ -53,9 +53,10 @@ class RealTimeInference:
             torch.set_num_threads(cfg.runtime.threads)  # process-wide: this is the composition root
         bundle = bundle if bundle is not None else load_models(cfg)
         source = MuseTalkFaces(bundle, cfg)
+        rti = cls(cfg, source, avatars)
         if warmup:
-            source.warmup()
-        return cls(cfg, source, avatars)
+            rti.engine.on_gpu_thread(source.warmup)
+        return rti
 
     def add_avatar(self, cache: AvatarCache) -> None:
         """Make a prepared avatar available by its id (replaces one with the same id)."""

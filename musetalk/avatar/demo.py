@@ -49,7 +49,7 @@ def close_eyes(photo: NDArray[np.uint8], landmarks: NDArray[np.float32], amount:
         cx = 0.5 * (left + right)
         # 1 across the eye, fading past the corners; the lid follows a gentle arc.
         across = np.clip(1.0 - (np.abs(xs - cx) - 0.5 * eye_w) / (0.35 * eye_w), 0.0, 1.0)
-        # Full shift between the lids, stretching the lid skin above over 0.9 eye heights (brows stay), none below the lower lid.
+        # Full shift between the lids; the lid skin above stretches over 0.9 eye heights (brows stay).
         above = np.clip(1.0 - (upper_y - ys) / (0.9 * eye_h), 0.0, 1.0)
         below = np.clip(1.0 - (ys - lower_y) / (0.35 * eye_h), 0.0, 1.0)
         profile = np.where(ys < upper_y, above, np.where(ys <= lower_y, 1.0, below))
