@@ -207,9 +207,9 @@ class ServerConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    # "musetalk" = the real engine (server/renderer.py build_renderer); or "package.module:factory",
+    # auto (musetalk when its weights exist, else preview) | musetalk | preview | "package.module:factory",
     # a callable taking the AppConfig and returning a Renderer (musetalk.types.Renderer).
-    renderer: str = "musetalk"
+    renderer: str = "auto"
     avatars: tuple[str, ...] = ()  # avatars loaded at start besides `avatar_id`
     results_dir: Path = Path("results")  # default session → <results_dir>/full_session.mp4
     default_session: str = "default"

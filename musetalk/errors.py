@@ -78,10 +78,6 @@ class GpuOutOfMemory(Busy):
     """The GPU ran out of memory for this request; the server keeps serving."""
 
 
-class EngineUnavailable(MuseTalkError):
-    """The renderer (MuseTalk engine) cannot be built here; the message says what is missing."""
-
-
 class PayloadTooLarge(InputError):
     """A request body or upload exceeds its configured size limit."""
 

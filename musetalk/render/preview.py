@@ -9,10 +9,15 @@ encoding path as MuseTalk's generated faces.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
+from musetalk.avatar.geometry import apply_affine, invert_affine, warp_crop
 from musetalk.types import Audio
 
 # iBUG 68-point indices
@@ -103,3 +108,57 @@ def open_mouth(face: NDArray[np.uint8], landmarks: NDArray[np.float32], opening:
     inner = np.array([40.0, 34.0, 78.0], np.float32) * (1.0 - 0.55 * depth)  # red-brown, BGR
     out = warped.astype(np.float32) * (1.0 - alpha) + inner * alpha
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+class _Ready:
+    """A batch that was computed synchronously."""
+
+    def __init__(self, faces: NDArray[np.uint8]) -> None:
+        self._faces = faces
+
+    def wait(self) -> NDArray[np.uint8]:
+        """(B, 256, 256, 3) BGR uint8."""
+        return self._faces
+
+
+class _PreviewJob:
+    """Faces of one clip: the avatar's own upright crop with its mouth opened per frame."""
+
+    def __init__(self, cache: AvatarCache, openings: NDArray[np.float32]) -> None:
+        self.cache, self.openings = cache, openings
+        self._warp_ms = 0.0
+
+    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> _Ready:
+        """Warp the crops of `source_ids` to the openings of clip frames `frame_ids`."""
+        t0 = time.perf_counter()
+        faces = np.empty((len(frame_ids), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
+        for k, (frame_id, source_id) in enumerate(zip(frame_ids, source_ids, strict=True)):
+            to_frame = self.cache.face_to_frame[source_id]
+            crop = warp_crop(self.cache.frames[source_id], to_frame, FACE_SIZE_PX, cv2.INTER_LINEAR)
+            landmarks = apply_affine(invert_affine(to_frame), self.cache.landmarks[source_id]).astype(np.float32)
+            faces[k] = open_mouth(crop, landmarks, float(self.openings[frame_id]))
+        self._warp_ms += (time.perf_counter() - t0) * 1000
+        return _Ready(faces)
+
+    def timings_ms(self) -> dict[str, float]:
+        """Time spent warping mouths."""
+        return {"preview_ms": self._warp_ms}
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class PreviewFaces:
+    """FaceSource with no model: opens the avatar's mouth with the loudness envelope (see module doc)."""
+
+    name = "preview"
+
+    def __init__(self, fps: int, batch_size: int = 8) -> None:
+        self.fps = fps
+        self.first_batch_size = 1
+        self.batch_size = batch_size
+
+    def start(self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int) -> _PreviewJob:
+        """Per-frame openings from the 16 kHz audio; the cache needs landmarks, not latents."""
+        openings = mouth_openings(Audio(samples_16k, 16000), n_frames, self.fps)
+        return _PreviewJob(cache, openings)

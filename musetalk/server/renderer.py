@@ -1,43 +1,157 @@
-"""Which renderer the server runs: the MuseTalk engine (`server.renderer: musetalk`) or a plugin factory."""
+"""Which renderer the server runs (`server.renderer`): auto | musetalk | preview | "package.module:factory".
+
+`musetalk` is the real engine (UNet + VAE + Whisper, musetalk/pipeline). `preview` needs no weights:
+the avatar's own mouth opens with the audio loudness (musetalk/render/preview.py), through the same
+blending and encoding path. `auto` picks musetalk when its weights are present, else preview.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
+import tempfile
+import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from musetalk.config import AppConfig
-from musetalk.errors import ConfigError, EngineUnavailable, WeightsMissing
-from musetalk.types import Renderer
+import numpy as np
+
+from musetalk.avatar import AvatarCache, load_avatar, prepare_avatar
+from musetalk.avatar.store import avatar_dir
+from musetalk.config import AppConfig, project_path
+from musetalk.errors import AvatarNotFound, AvatarNotPrepared, ConfigError, WeightsMissing
+from musetalk.models import load_models, missing_files
+from musetalk.pipeline.engine import Engine
+from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
+from musetalk.render.preview import PreviewFaces
+from musetalk.types import Audio, Clip, Renderer
+
+log = logging.getLogger(__name__)
 
 RendererFactory = Callable[[AppConfig], Renderer]
+BUILT_IN = ("auto", "musetalk", "preview")
+SWITCH_HINT = "preview renderer (no MuseTalk weights): run `make weights`, then restart, to serve MuseTalk"
+
+
+def resolve_renderer(cfg: AppConfig) -> str:
+    """'musetalk' or 'preview' for the built-in choices; auto = musetalk when every weight file is there."""
+    name = cfg.server.renderer
+    if name == "auto":
+        return "preview" if missing_files(cfg.models) else "musetalk"
+    return name
+
+
+def _ensure_prepared(cfg: AppConfig, avatar_id: str) -> AvatarCache:
+    """Load the avatar; with `preparation: true`, (re)build a missing or stale cache of cfg.video_path first."""
+    try:
+        return load_avatar(cfg, avatar_id)
+    except AvatarNotPrepared as exc:
+        video = project_path(cfg.video_path)
+        if not (cfg.preparation and avatar_id == cfg.avatar_id and video.is_file()):
+            raise
+        log.info("preparing avatar %s from %s (%s)", avatar_id, video, exc)
+        prepare_avatar(cfg, avatar_id, video, progress=False)
+        return load_avatar(cfg, avatar_id)
+
+
+class EngineRenderer:
+    """The server's Renderer over the warm Engine, with the avatars it can render."""
+
+    def __init__(self, cfg: AppConfig, engine: Engine, avatars: dict[str, AvatarCache], device: str, dtype: str):
+        self.cfg, self.engine = cfg, engine
+        self.name = engine.source.name
+        self._avatars = dict(avatars)
+        self._lock = threading.Lock()
+        self._device, self._dtype = device, dtype
+        self.ready = False
+
+    def describe(self) -> dict[str, Any]:
+        """Name, device, dtype, avatars; for the preview, how to switch to MuseTalk."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "device": self._device,
+            "dtype": self._dtype,
+            "avatars": sorted(self._avatars),
+        }
+        if self.name == "preview":
+            info["note"] = SWITCH_HINT
+        return info
+
+    def _usable(self, cache: AvatarCache) -> AvatarCache:
+        if self.name == "musetalk" and cache.latents is None:
+            raise AvatarNotPrepared(
+                f"avatar {cache.avatar_id!r} was prepared without MuseTalk weights (preview only); rebuild it: "
+                f"python -m scripts.force_prep --avatar-id {cache.avatar_id} --force"
+            )
+        return cache
+
+    def _cache(self, avatar_id: str) -> AvatarCache:
+        with self._lock:
+            cache = self._avatars.get(avatar_id)
+        if cache is None:
+            if not avatar_dir(self.cfg, avatar_id).exists():
+                raise AvatarNotFound(f"unknown avatar {avatar_id!r}; loaded: {', '.join(sorted(self._avatars))}")
+            cache = load_avatar(self.cfg, avatar_id)  # AvatarNotPrepared / AvatarCacheStale name the fix
+            with self._lock:
+                self._avatars[avatar_id] = cache
+        return self._usable(cache)
+
+    def check_avatar(self, avatar_id: str) -> None:
+        """AvatarNotFound for an unknown id, AvatarNotPrepared for a cache this renderer cannot use."""
+        self._cache(avatar_id)
+
+    def warm_up(self) -> None:
+        """Warm the model (CUDA graphs) and run one short clip through blending and encoding."""
+        if isinstance(self.engine.source, MuseTalkFaces):
+            self.engine.on_gpu_thread(self.engine.source.warmup)
+        rng = np.random.default_rng(0)
+        audio = Audio((0.05 * rng.standard_normal(8000)).astype(np.float32), 16000)  # 0.5 s of noise
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.render(audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0)
+        self.ready = True
+
+    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+        """One clip of `avatar_id` from `cursor`; returns it and the next cursor."""
+        result = self.engine.render(audio, self._cache(avatar_id), out_path, cursor)
+        return result.clip, result.next_cursor
 
 
 def build_renderer(cfg: AppConfig) -> Renderer:
-    """The real MuseTalk engine, loaded and ready for cfg.avatar_id + cfg.server.avatars.
+    """The built-in renderer named by server.renderer, with cfg.avatar_id (+ server.avatars) loaded.
 
-    Checks the weights first so a missing file is reported with the command that fetches it. The
-    engine itself (musetalk/pipeline + scripts/warm_api.py RealTimeInference) is connected here when
-    it lands; until then the server refuses to start rather than serve anything fake.
+    Missing weights (musetalk) or an unprepared avatar raise before anything is served; with
+    `preparation: true` the default avatar is prepared from `video_path` first when needed.
     """
-    from musetalk.models.bundle import missing_files
-
-    missing = missing_files(cfg.models)
-    if missing:
-        raise WeightsMissing(missing)
-    raise EngineUnavailable(
-        "the MuseTalk engine is not connected to the server yet (musetalk/server/renderer.py build_renderer); "
-        "set server.renderer to a 'module:factory' renderer plugin to serve with another renderer"
-    )
+    name = resolve_renderer(cfg)
+    if name == "musetalk":
+        missing = missing_files(cfg.models)
+        if missing:
+            raise WeightsMissing(missing)
+    avatars = {a: _ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
+    source: FaceSource
+    if name == "musetalk":
+        bundle = load_models(cfg)
+        source = MuseTalkFaces(bundle, cfg)
+        device, dtype = str(bundle.device), str(bundle.dtype).removeprefix("torch.")
+    else:
+        source = PreviewFaces(cfg.fps, cfg.batch_size)
+        device, dtype = "cpu", "uint8"
+    renderer = EngineRenderer(cfg, Engine(cfg, source), avatars, device, dtype)
+    for cache in avatars.values():
+        renderer.check_avatar(cache.avatar_id)
+    log.info("renderer: %s on %s (%s)%s", name, device, dtype, f"; {SWITCH_HINT}" if name == "preview" else "")
+    return renderer
 
 
 def renderer_factory(cfg: AppConfig) -> RendererFactory:
-    """The factory named by cfg.server.renderer: "musetalk" or "package.module:callable"."""
+    """The factory named by cfg.server.renderer: a built-in name or "package.module:callable"."""
     spec = cfg.server.renderer
-    if spec == "musetalk":
+    if spec in BUILT_IN:
         return build_renderer
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"server.renderer: expected 'musetalk' or 'package.module:factory', got {spec!r}")
+        raise ConfigError(f"server.renderer: expected one of {BUILT_IN} or 'package.module:factory', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
