@@ -44,11 +44,16 @@ weights: setup
 weights-check: setup
 	$(PY) -m scripts.download_weights --check $(ARGS)
 
-serve: setup
+DEMO_VIDEO := data/video/demo.mp4
+
+$(DEMO_VIDEO): | setup
+	$(PY) -m scripts.make_demo_video --out $@
+
+serve: setup $(DEMO_VIDEO)
 	$(PY) server_fast.py --host $(HOST) --port $(PORT) $(ARGS)
 
-demo: setup
-	@echo "make demo: not built yet (issue: out of the box)"; exit 1
+demo: setup $(DEMO_VIDEO)
+	$(PY) -m scripts.demo $(ARGS)
 
 bench: setup
 	$(PY) bench/bench_engine.py --device cpu --size tiny --out results/bench_engine_cpu.json $(ARGS)

@@ -10,13 +10,20 @@ something is missing the process exits with status 2 and one message naming it a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from musetalk.cli import add_config_args, config_from_args
-from musetalk.config import project_path, with_overrides
-from musetalk.errors import ConfigError
+from musetalk.config import AppConfig, project_path, with_overrides
+from musetalk.errors import Busy, ConfigError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 EXIT_CANNOT_START = 2
 
@@ -60,13 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from musetalk.server.app import create_app
     from musetalk.utils.logs import configure_logging
 
     log_file = configure_logging(cfg.server.log_level, project_path(cfg.server.log_dir))
     log = logging.getLogger("server_fast")
     log.info("starting on http://%s:%d (log file %s)", cfg.server.host, cfg.server.port, log_file)
-    app = create_app(cfg)
+    app = build_app(cfg)
     logging.getLogger("uvicorn.error").addFilter(_DropStartupTraceback(app))
     server = uvicorn.Server(
         uvicorn.Config(
@@ -90,6 +96,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return EXIT_CANNOT_START if exc.code else 0
     return EXIT_CANNOT_START if app.state.startup_error is not None else 0
+
+
+def build_app(cfg: AppConfig, env: Mapping[str, str] | None = None, **create_kwargs: Any) -> FastAPI:
+    """The server app with the web app's chat routes mounted (one process, one GPU worker)."""
+    from musetalk.server.app import create_app
+    from webapp.backend.routes import chat_router_from_config
+    from webapp.backend.service import SpeakOutcome
+
+    def speak(text: str, session_id: str) -> SpeakOutcome:
+        """Blocking bridge for chat jobs: the same TTS → render → append path as POST /speak."""
+        services, loop = app.state.services, getattr(app.state, "loop", None)
+        if services is None or loop is None or not services.ready:
+            raise Busy("the server is still starting")
+        done = asyncio.run_coroutine_threadsafe(services.speaker.speak_text(text, session_id), loop).result()
+        return SpeakOutcome(done.video_url, done.clip_start_s, done.clip_duration_s, done.session_duration_s)
+
+    app = create_app(cfg, routers=[chat_router_from_config(cfg, speak, os.environ if env is None else env)],
+                     **create_kwargs)
+    return app
 
 
 def _stop_quietly(signum: int, frame: object) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from webapp_scaffold import ScaffoldSpeaker, create_scaffold_app, serve
 
+from musetalk.avatar import PrepResult
+from musetalk.config import AppConfig, with_overrides
 from scripts.screenshot_webapp import CHROMIUM, MP4_TYPE, launch_chromium, send_and_wait
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -205,3 +207,35 @@ def test_phone_width_layout_errors_inline_and_reset(make_page: Any) -> None:
     assert page.evaluate("() => document.getElementById('avatar').getAttribute('src')") is None
     assert page.request.get(video_url).status == 404
     assert ui.errors == []
+
+
+@pytest.fixture(scope="module")
+def real_server_url(
+    prepared_avatar: tuple[AppConfig, PrepResult], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """server_fast's own app (chat routes mounted): preview renderer, real espeak-ng, built-in responder."""
+    from server_fast import build_app
+
+    tmp = tmp_path_factory.mktemp("real-server")
+    cfg = with_overrides(
+        prepared_avatar[0],
+        [f"models.dir={tmp / 'no-models'}", f"server.results_dir={tmp / 'results'}", "encode.preset=ultrafast"],
+    )
+    with serve(build_app(cfg, env={}), lifespan="on", start_timeout_s=120) as url:
+        yield url
+
+
+def test_real_server_chat_round_trip(browser: Any, real_server_url: str) -> None:
+    ui = Page(browser, real_server_url, 1280, 800)
+    try:
+        page = ui.page
+        page.locator("#engine").filter(has_text="Built-in responder (offline)").wait_for()
+        reply = send_and_wait(page, "Hello! Who are you?")
+        done = ui.status(reply["job_id"])
+        assert done["status"] == "done" and reply["readyState"] >= 2 and "/sessions/" in reply["src"]
+        assert done["clip_duration_s"] > 0.5
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webapp-real-server.png"))
+        assert not ui.errors, ui.errors
+    finally:
+        ui.context.close()

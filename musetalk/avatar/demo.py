@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from musetalk.avatar.synthetic import ASTRONAUT_FACE_XY, astronaut_bgr, write_video
 
 _EYES = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47))  # iBUG: corner, upper, upper, corner, lower, lower
+PHOTO_PX = 512  # the astronaut photo is 512×512
 BLINK_PROFILE = (0.35, 0.85, 1.0, 0.8, 0.45, 0.15)  # eyelid closure per frame of one blink at 25 fps (~240 ms)
 
 
@@ -76,7 +77,7 @@ def _place(photo: NDArray[np.uint8], size_hw: tuple[int, int], offset: NDArray[n
     h, w = size_hw
     theta = np.deg2rad(roll_deg)
     lin = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    target = np.array([w / 2, 0.42 * h]) + offset
+    target = np.asarray(face_xy) * (h / PHOTO_PX) + offset  # the face stays where the photo has it
     matrix = np.hstack([lin, (target - lin @ np.asarray(face_xy))[:, None]])
     frame = cv2.warpAffine(photo, matrix, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
     return np.asarray(frame, dtype=np.uint8)
@@ -94,7 +95,8 @@ def write_demo_video(
     photo = astronaut_bgr()
     n_frames = int(round(seconds * fps))
     closure = blink_closure(n_frames, fps, blinks_s)
-    scale = size_hw[0] / photo.shape[0]
+    # A 4 % zoom keeps the sway and tilt from ever showing the photo's edges.
+    scale = 1.04 * size_hw[0] / photo.shape[0]
     frames = []
     for i in range(n_frames):
         offset, roll, s = idle_transform(i / fps, scale)

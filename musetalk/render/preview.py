@@ -28,7 +28,7 @@ _CHIN = 8
 # Loudness → opening: below FLOOR_DB the mouth is closed, at CEIL_DB fully open.
 FLOOR_DB = -42.0
 CEIL_DB = -14.0
-MAX_OPEN_RATIO = 0.28  # full opening = this × mouth width (px)
+MAX_OPEN_RATIO = 0.22  # full opening = this × mouth width (px)
 
 
 def frame_rms_db(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:

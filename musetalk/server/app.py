@@ -6,6 +6,7 @@ same app with tiny or fake parts; by default they come from the config.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -88,6 +89,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.startup_error = None
+        app.state.loop = asyncio.get_running_loop()  # for blocking callers on other threads (web app jobs)
         try:
             services = await start_services(cfg, renderer, voice)
         except MuseTalkError as exc:

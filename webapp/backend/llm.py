@@ -144,7 +144,7 @@ class BuiltinResponder:
             return "Goodbye! It was nice talking with you."
         if "who are you" in lower or "your name" in lower or "what are you" in lower:
             return (
-                "I'm a talking avatar rendered by MuseTalk on this server. "
+                "I'm a talking avatar, rendered live on this server. "
                 "My words come from the built-in responder, which works offline."
             )
         if "what can you do" in lower or words & {"help"}:
