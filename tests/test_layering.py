@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "musetalk"
 
 # Lower number = lower layer. Plugins (tts, faces, enhance) sit beside models: leaves for the layers above.
 RANKS = {
-    "config": 0, "errors": 0, "types": 0, "utils": 0, "cli": 0, "weights": 0,
+    "config": 0, "errors": 0, "types": 0, "utils": 0, "cli": 0, "weights": 0, "tasklists": 0,
     "models": 1, "testing": 1, "tts": 1, "faces": 1, "enhance": 1,
     "audio": 2, "avatar": 2,
     "pipeline": 3, "render": 3,
