@@ -5,7 +5,6 @@ Runtime code never downloads: only `scripts/download_weights.py` (`make weights`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -14,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from musetalk.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,6 @@ def select(groups: Iterable[str]) -> list[WeightFile]:
     return [f for f in WEIGHT_FILES if f.group in wanted]
 
 
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_problem(root: Path, wf: WeightFile, verify_hash: bool = True) -> str | None:
     """Why `wf` is not usable under `root` ('missing', 'empty', 'bad checksum'), or None if fine."""
     path = root / wf.dest
@@ -134,7 +126,7 @@ def file_problem(root: Path, wf: WeightFile, verify_hash: bool = True) -> str | 
         return "missing"
     if path.stat().st_size == 0:
         return "empty"
-    if verify_hash and wf.sha256_prefix and not sha256_of(path).startswith(wf.sha256_prefix):
+    if verify_hash and wf.sha256_prefix and not sha256_file(path).startswith(wf.sha256_prefix):
         return f"bad checksum (expected sha256 {wf.sha256_prefix}…)"
     return None
 

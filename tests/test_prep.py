@@ -17,7 +17,7 @@ from musetalk.avatar import geometry as geo
 from musetalk.avatar import load_avatar, prepare_avatar
 from musetalk.avatar.latents import encode_crops
 from musetalk.avatar.prep import PrepResult, stabilise
-from musetalk.avatar.source import file_sha256, read_source
+from musetalk.avatar.source import read_source
 from musetalk.avatar.stabilize import eye_line_angle_rad, roll_from_affines
 from musetalk.avatar.store import FORMAT_VERSION, avatar_dir
 from musetalk.avatar.synthetic import SyntheticVideo, write_face_video
@@ -26,6 +26,7 @@ from musetalk.errors import AvatarCacheStale, AvatarNotPrepared
 from musetalk.faces.dlib_detector import DlibDetector
 from musetalk.faces.parsing import LandmarkParser
 from musetalk.models import load_models
+from musetalk.utils.files import sha256_file
 
 CACHE_FILES = ("manifest.json", "frames.npy", "geometry.npz", "masks.npy", "latents.pt", "coords.pkl")
 
@@ -56,7 +57,7 @@ def test_cache_files_and_manifest(prepared_avatar: tuple[AppConfig, PrepResult],
     assert not [p for p in result.root.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
     m = json.loads((result.root / "manifest.json").read_text())
     assert m["format_version"] == FORMAT_VERSION and m["complete"] is True
-    assert m["inputs"]["sha256"] == file_sha256(face_video.path) and m["inputs"]["bbox_shift"] == 0
+    assert m["inputs"]["sha256"] == sha256_file(face_video.path) and m["inputs"]["bbox_shift"] == 0
     assert m["n_frames"] == face_video.n_frames == result.n_frames and m["fps"] == 25
     assert m["frame_size_hw"] == [320, 320] and m["source"]["kind"] == "video"
     assert m["config"]["prep.extra_margin"] == 10 and m["config"]["stabilize.one_euro.min_cutoff"] == 1.0

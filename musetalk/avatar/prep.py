@@ -37,7 +37,7 @@ from musetalk.avatar import stabilize as stab
 from musetalk.avatar.cache import FACE_SIZE_PX, FrameStore
 from musetalk.avatar.frames import NpyAppendWriter, NpyFrames
 from musetalk.avatar.latents import encode_crops
-from musetalk.avatar.source import SourceInfo, file_sha256, probe_source, read_source
+from musetalk.avatar.source import SourceInfo, probe_source, read_source
 from musetalk.avatar.store import (
     COORDS,
     FORMAT_VERSION,
@@ -59,6 +59,7 @@ from musetalk.config import AppConfig, project_path
 from musetalk.errors import NoFaceDetected
 from musetalk.faces.base import FaceDetector, FaceParser
 from musetalk.faces.parsing import PARSE_SIZE_PX
+from musetalk.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def prepare_avatar(
     source = project_path(video if video is not None else cfg.video_path)
     shift = cfg.bbox_shift if bbox_shift is None else int(bbox_shift)
     probe_source(source)  # a bad file fails here, before any model is loaded
-    inputs = _input_record(source, file_sha256(source), shift)
+    inputs = _input_record(source, sha256_file(source), shift)
 
     reason = "--force" if force else ""
     if not force:

@@ -7,7 +7,6 @@ a 30 fps or variable-rate source plays at the right speed (upstream keeps the so
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -36,15 +35,6 @@ class SourceInfo:
     n_frames: int
     size_hw: tuple[int, int]  # output frames (even, after max_side_px)
     src_size_hw: tuple[int, int]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a whole file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def output_size_hw(src_hw: tuple[int, int], max_side_px: int) -> tuple[int, int]:
