@@ -112,7 +112,7 @@ def test_send_message_and_video_plays_the_reply(make_page: Any) -> None:
     first = send_and_wait(page, "Hello! Who are you?")
     done = ui.status(first["job_id"])
     assert done["status"] == "done" and first["reply"] == done["reply"]
-    assert first["readyState"] >= 2 and "/sessions/" in first["src"] and f"v={first['version']}" in first["src"]
+    assert "/sessions/" in first["src"] and f"v={first['version']}" in first["src"]
     assert first["version"] == f"{done['job_id']}.{len(done['sentences'])}"
     seeks = page.evaluate("() => window.__seeks")
     assert seeks and seeks[0]["t"] == pytest.approx(done["clip_start_s"], abs=0.05) == 0.0
@@ -230,9 +230,11 @@ def test_real_server_chat_round_trip(browser: Any, real_server_url: str) -> None
     try:
         page = ui.page
         page.locator("#engine").filter(has_text="Built-in responder (offline)").wait_for()
+        # send_and_wait returns only once the <video> holds the reply's (cache-busted) source with
+        # readyState >= 2; readyState itself may drop again right after (seeking, end of a short clip).
         reply = send_and_wait(page, "Hello! Who are you?")
         done = ui.status(reply["job_id"])
-        assert done["status"] == "done" and reply["readyState"] >= 2 and "/sessions/" in reply["src"]
+        assert done["status"] == "done" and "/sessions/" in reply["src"] and f"v={reply['version']}" in reply["src"]
         assert done["clip_duration_s"] > 0.5
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webapp-real-server.png"))
