@@ -16,6 +16,8 @@ class Audio:
 
     samples: NDArray[np.float32]  # (n,)
     sample_rate: int
+    # (start_s, phoneme) in time order when the TTS reports them (espeak-ng mnemonics, e.g. "m", "aI").
+    phonemes: tuple[tuple[float, str], ...] = ()
 
     @property
     def duration_s(self) -> float:

@@ -76,7 +76,7 @@ class FakeFaces:
         self.starts = 0
         self.closed = 0
 
-    def start(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int) -> FaceJob:
+    def start(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> FaceJob:
         self.starts += 1
         return _FakeJob(self)
 
@@ -178,7 +178,7 @@ def test_faces_go_to_their_own_frames_in_order(avatar: AvatarCache) -> None:
 
 def test_errors_in_generation_reach_the_caller_and_short_audio_is_rejected(avatar: AvatarCache) -> None:
     class Broken(FakeFaces):
-        def start(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int) -> FaceJob:
+        def start(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> FaceJob:
             raise RuntimeError("GPU on fire")
 
     engine = Engine(_cfg(), Broken())

@@ -90,3 +90,28 @@ def test_open_mouth_changes_only_the_lower_face(opening: float) -> None:
     eyes_y = int(lm[36:48, 1].max()) + 2
     assert diff[:eyes_y].max() == 0  # nothing above the eyes moves
     assert diff[int(lm[62, 1]) : int(lm[8, 1])].mean() > 1.0
+
+
+def test_espeak_reports_phoneme_timings_in_order() -> None:
+    from musetalk.config import TTSConfig
+    from musetalk.tts.espeak import EspeakTTS
+
+    audio = EspeakTTS(TTSConfig()).synthesize("My mama baked a pie.")
+    times = [t for t, _ in audio.phonemes]
+    names = [n.lstrip("',") for _, n in audio.phonemes]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= audio.duration_s + 0.05
+    assert names.count("m") >= 3 and "b" in names and "p" in names
+
+
+def test_bilabials_close_the_mouth_and_vowels_open_it() -> None:
+    fps = 25
+    # "ma-pa": 0.3 s of /a/, 0.06 s /p/, 0.3 s /a/, with a loud, steady voice throughout.
+    phonemes = ((0.0, "m"), (0.06, "'a"), (0.40, "p"), (0.46, "a"), (0.80, "_"))
+    t = np.arange(int(0.8 * RATE)) / RATE
+    audio = Audio((0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), RATE, phonemes)
+    openings = mouth_openings(audio, 20, fps)
+    assert openings[0] == 0.0  # /m/
+    assert openings[5] > 0.8 and openings[15] > 0.8  # inside the vowels
+    assert openings[10] == 0.0  # /p/ at 0.40-0.46 s covers frame 10 (0.40-0.44 s)
+    # Without phonemes the same steady voice keeps the mouth open.
+    assert mouth_openings(Audio(audio.samples, RATE), 20, fps)[10] > 0.8

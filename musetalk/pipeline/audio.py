@@ -93,7 +93,7 @@ def load_audio(source: AudioSource) -> Audio:
     if isinstance(source, Audio):
         if source.sample_rate <= 0:
             raise InputError(f"invalid sample rate {source.sample_rate}")
-        audio = Audio(_mono_float(source.samples), source.sample_rate)
+        audio = Audio(_mono_float(source.samples), source.sample_rate, source.phonemes)
     else:
         audio = decode_audio(source)
     if not np.all(np.isfinite(audio.samples)):

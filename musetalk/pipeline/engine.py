@@ -195,7 +195,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
             plan, src = self.plan, self.engine.source
             needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
             if len(needed):
-                job = src.start(self.cache, self._samples_16k, plan.n_frames)
+                job = src.start(self.cache, self._samples_16k, plan.n_frames, self.audio.phonemes)
             batches = deque(split_batches(needed, src.first_batch_size, src.batch_size))
             in_flight: deque[tuple[NDArray[np.int64], PendingFaces]] = deque()
             faces: dict[int, NDArray[np.uint8]] = {}

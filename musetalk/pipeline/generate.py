@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Phonemes = tuple[tuple[float, str], ...]  # (start_s, espeak-ng mnemonic), as in Audio.phonemes
 LATENT_CHANNELS_IN = 8  # [masked lower half ‖ reference] (facts §3.1)
 _MAX_DEVICE_AVATARS = 8  # avatars whose latents stay on the device
 _GRAPH_WARMUP_RUNS = 3
@@ -76,8 +77,13 @@ class FaceSource(Protocol):
     first_batch_size: int  # smaller first batch: the first frame arrives sooner
     batch_size: int
 
-    def start(self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int) -> FaceJob:
-        """Begin a clip: compute the conditioning for `n_frames` frames from 16 kHz mono audio."""
+    def start(
+        self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
+    ) -> FaceJob:
+        """Begin a clip: compute the conditioning for `n_frames` frames from 16 kHz mono audio.
+
+        `phonemes` ((start_s, name), when the TTS reported them) may shape the mouth; MuseTalk needs none.
+        """
         ...
 
 
@@ -375,7 +381,9 @@ class MuseTalkFaces:
         self._device_latents[id(cache)] = (cache, dev)
         return dev
 
-    def start(self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int) -> FaceJob:
+    def start(
+        self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
+    ) -> FaceJob:
         """Lock the source for this clip, compute its audio tokens (T, 50, C) and fetch the latents."""
         self._lock.acquire()
         try:

@@ -30,6 +30,13 @@ FLOOR_DB = -42.0
 CEIL_DB = -14.0
 MAX_OPEN_RATIO = 0.22  # full opening = this × mouth width (px)
 
+# espeak-ng phoneme mnemonics (stress marks stripped) by how they shape the mouth.
+_LIPS_CLOSED = frozenset({"p", "b", "m"})
+_LIP_TO_TEETH = frozenset({"f", "v"})
+_OPEN_VOWELS = frozenset({"a", "a:", "A:", "A", "aI", "aU", "a#", "O:", "O", "0", "V", "A@", "aI@", "aU@"})
+_MID_VOWELS = frozenset({"E", "e", "e:", "eI", "@", "3:", "3", "oU", "o", "o:", "e@", "OI", "@L", "@2", "O@", "o@"})
+_CLOSE_VOWELS = frozenset({"i:", "i", "I", "I2", "u:", "U", "u", "I@", "U@", "y", "y:"})
+
 
 def frame_rms_db(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:
     """RMS level per video frame in dBFS → (n_frames,) float32 (digital silence → -120)."""
@@ -43,15 +50,63 @@ def frame_rms_db(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:
     return out
 
 
+def _bare(name: str) -> str:
+    """The mnemonic without espeak-ng's stress marks (' primary, , secondary)."""
+    return name.lstrip("',")
+
+
+def phoneme_shape(name: str) -> float:
+    """How far a phoneme lets the jaw open, 0 (lips together) … 1 (open vowel); espeak-ng mnemonics."""
+    base = _bare(name)
+    if not base or base.startswith("_"):
+        return 0.0  # pause
+    if base in _LIPS_CLOSED:
+        return 0.0
+    if base in _LIP_TO_TEETH:
+        return 0.2
+    if base in _OPEN_VOWELS:
+        return 1.0
+    if base in _MID_VOWELS:
+        return 0.75
+    if base in _CLOSE_VOWELS:
+        return 0.5
+    return 0.45  # other consonants: the jaw half follows the neighbouring vowels
+
+
+def phoneme_factors(phonemes: tuple[tuple[float, str], ...], n_frames: int, fps: int) -> NDArray[np.float32]:
+    """Per video frame: 0 where lips close (p/b/m for ≥ 15 ms of the frame), else the time-weighted shape."""
+    out = np.ones(n_frames, dtype=np.float32)
+    if not phonemes:
+        return out
+    starts = np.array([t for t, _ in phonemes] + [max(phonemes[-1][0] + 0.1, n_frames / fps)])
+    shapes = [phoneme_shape(name) for _, name in phonemes]
+    closed = [_bare(name) in _LIPS_CLOSED for _, name in phonemes]
+    for f in range(n_frames):
+        t0, t1 = f / fps, (f + 1) / fps
+        overlap = np.clip(np.minimum(starts[1:], t1) - np.maximum(starts[:-1], t0), 0.0, None)  # (P,) s
+        if any(o >= 0.015 and c for o, c in zip(overlap, closed, strict=True)):
+            out[f] = 0.0
+        elif overlap.sum() > 0:
+            out[f] = float(np.dot(overlap, shapes) / overlap.sum())
+    return out
+
+
 def mouth_openings(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:
-    """Opening in [0, 1] per video frame: loudness mapped to a range, fast attack, short release."""
+    """Opening in [0, 1] per video frame: loudness × phoneme shape, fast attack, short release.
+
+    Without phoneme timings (uploaded audio, other voices) the loudness alone drives the jaw.
+    """
     level = np.clip((frame_rms_db(audio, n_frames, fps) - FLOOR_DB) / (CEIL_DB - FLOOR_DB), 0.0, 1.0)
     level = np.sqrt(level)  # perceptual: moderate speech already opens the mouth visibly
+    shape = phoneme_factors(audio.phonemes, n_frames, fps)
     out = np.zeros(n_frames, dtype=np.float32)
     prev = 0.0
-    for i, target in enumerate(level):
-        # Jaws open quickly and close a little slower; a closed mouth must reach exactly 0.
-        prev = float(target) if target >= prev else max(float(target), prev * 0.45 - 0.02)
+    for i in range(n_frames):
+        target = float(level[i] * shape[i])
+        # Lips meet on p/b/m at once; otherwise the jaw opens quickly and closes a little slower,
+        # and a closed mouth reaches exactly 0.
+        closing = max(target, prev * 0.45 - 0.02)
+        prev = 0.0 if shape[i] == 0.0 else (target if target >= prev else closing)
         out[i] = prev
     return out
 
@@ -158,7 +213,13 @@ class PreviewFaces:
         self.first_batch_size = 1
         self.batch_size = batch_size
 
-    def start(self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int) -> _PreviewJob:
-        """Per-frame openings from the 16 kHz audio; the cache needs landmarks, not latents."""
-        openings = mouth_openings(Audio(samples_16k, 16000), n_frames, self.fps)
+    def start(
+        self,
+        cache: AvatarCache,
+        samples_16k: NDArray[np.float32],
+        n_frames: int,
+        phonemes: tuple[tuple[float, str], ...] = (),
+    ) -> _PreviewJob:
+        """Per-frame openings from the 16 kHz audio (and phoneme timings); the cache needs landmarks only."""
+        openings = mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps)
         return _PreviewJob(cache, openings)

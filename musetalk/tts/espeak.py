@@ -29,8 +29,29 @@ _ENDPAUSE = 0x1000
 _EE_OK = 0
 _EE_NOT_FOUND = 2
 
-# int callback(short *wav, int numsamples, espeak_EVENT *events); events are not needed here.
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_INITIALIZE_PHONEME_EVENTS = 1
+_EVENT_LIST_TERMINATED = 0
+_EVENT_PHONEME = 7
+
+
+class _Event(ctypes.Structure):
+    """espeak_EVENT; the trailing union {int number; const char *name; char string[8]} is 8 bytes."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),  # ms from the start of the utterance
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),  # for phoneme events: the mnemonic, NUL-terminated
+    ]
+
+
+# int callback(short *wav, int numsamples, espeak_EVENT *events): audio plus the phoneme timings
+# that drive the preview renderer's mouth.
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
 
 # libespeak-ng keeps one voice, one set of parameters and one callback per process: every call goes
 # through this lock, and the library is initialised once.
@@ -43,6 +64,7 @@ class _Library:
     sample_rate: int
     callback: object  # keeps the ctypes callback alive for as long as the library may call it
     chunks: list[np.ndarray]
+    phonemes: list[tuple[float, str]]
 
 
 _loaded: list[_Library] = []  # at most one; filled on first use (never at import)
@@ -71,19 +93,27 @@ def _library() -> _Library:
     lib.espeak_Synth.restype = ctypes.c_int
     lib.espeak_Synchronize.restype = ctypes.c_int
     data_path = espeakng_loader.get_data_path().encode()
-    sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, 0)
+    sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, _INITIALIZE_PHONEME_EVENTS)
     if sample_rate <= 0:
         raise TTSFailed(f"espeak_Initialize failed ({sample_rate}) with data at {data_path.decode()}")
     chunks: list[np.ndarray] = []
+    phonemes: list[tuple[float, str]] = []
 
-    def on_audio(wav: ctypes._Pointer[ctypes.c_short], n_samples: int, _events: int | None) -> int:
+    def on_audio(wav: ctypes._Pointer[ctypes.c_short], n_samples: int, events: ctypes._Pointer[_Event]) -> int:
         if wav and n_samples > 0:
             chunks.append(np.ctypeslib.as_array(wav, shape=(n_samples,)).copy())  # (n,) int16
+        if events:
+            i = 0
+            while events[i].type != _EVENT_LIST_TERMINATED:
+                if events[i].type == _EVENT_PHONEME:
+                    name = events[i].id.decode("ascii", "replace")
+                    phonemes.append((events[i].audio_position / 1000.0, name))
+                i += 1
         return 0  # 0 = continue
 
     callback = _SynthCallback(on_audio)
     lib.espeak_SetSynthCallback(callback)
-    state = _Library(lib=lib, sample_rate=int(sample_rate), callback=callback, chunks=chunks)
+    state = _Library(lib=lib, sample_rate=int(sample_rate), callback=callback, chunks=chunks, phonemes=phonemes)
     _loaded.append(state)
     return state
 
@@ -115,15 +145,18 @@ class EspeakTTS:
                 raise TTSFailed(f"espeak_SetVoiceByName({voice_name!r}) failed ({err})")
             state.lib.espeak_SetParameter(_ESPEAK_RATE, wpm, 0)
             state.chunks.clear()
+            state.phonemes.clear()
             err = state.lib.espeak_Synth(
                 buffer, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None
             )
             if err == _EE_OK:
                 err = state.lib.espeak_Synchronize()
             pcm = np.concatenate(state.chunks) if state.chunks else np.zeros(0, np.int16)  # (n,) int16
+            phonemes = tuple(sorted(state.phonemes))
             state.chunks.clear()
+            state.phonemes.clear()
         if err != _EE_OK:
             raise TTSFailed(f"espeak_Synth failed ({err})")
         if len(pcm) == 0:
             raise TTSFailed(f"espeak-ng produced no audio for {len(text)} characters")
-        return Audio((pcm.astype(np.float32) / 32768.0), state.sample_rate)
+        return Audio((pcm.astype(np.float32) / 32768.0), state.sample_rate, phonemes)
