@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from musetalk.errors import ConfigError
 
@@ -32,6 +32,15 @@ def project_path(path: Path | str) -> Path:
 def is_valid_id(value: str) -> bool:
     """True if `value` is safe to use as an avatar or session id (and as a path part)."""
     return bool(_ID_RE.fullmatch(value))
+
+
+def _safe_id(value: str) -> str:
+    if not is_valid_id(value):
+        raise ValueError(f"must match {ID_PATTERN}")
+    return value
+
+
+SafeId = Annotated[str, AfterValidator(_safe_id)]  # avatar and session ids: safe as path parts
 
 
 class _Section(BaseModel):
@@ -210,9 +219,9 @@ class ServerConfig(_Section):
     # auto (musetalk when its weights exist, else preview) | musetalk | preview | "package.module:factory",
     # a callable taking the AppConfig and returning a Renderer (musetalk.types.Renderer).
     renderer: str = "auto"
-    avatars: tuple[str, ...] = ()  # avatars loaded at start besides `avatar_id`
+    avatars: tuple[SafeId, ...] = ()  # avatars loaded at start besides `avatar_id`
     results_dir: Path = Path("results")  # default session → <results_dir>/full_session.mp4
-    default_session: str = "default"
+    default_session: SafeId = "default"
     max_text_chars: int = Field(default=1000, ge=1, le=100_000)
     max_body_bytes: int = Field(default=65_536, ge=1024)  # JSON request bodies
     max_upload_bytes: int = Field(default=20_000_000, ge=1024)  # /speak_audio file
@@ -223,21 +232,6 @@ class ServerConfig(_Section):
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
     log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("avatars")
-    @classmethod
-    def _check_ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [a for a in v if not is_valid_id(a)]
-        if bad:
-            raise ValueError(f"ids {bad} must match {ID_PATTERN}")
-        return v
-
-    @field_validator("default_session")
-    @classmethod
-    def _check_session(cls, v: str) -> str:
-        if not is_valid_id(v):
-            raise ValueError(f"must match {ID_PATTERN}")
-        return v
 
 
 class TTSConfig(_Section):
@@ -259,7 +253,7 @@ class TTSConfig(_Section):
 class AppConfig(_Section):
     """The whole configuration; seed keys stay at the top level."""
 
-    avatar_id: str = "demo"
+    avatar_id: SafeId = "demo"
     video_path: Path = Path("data/video/demo.mp4")
     bbox_shift: int = Field(default=0, ge=-100, le=100)
     batch_size: int = Field(default=16, ge=1, le=256)
@@ -276,13 +270,6 @@ class AppConfig(_Section):
     server: ServerConfig = ServerConfig()
     tts: TTSConfig = TTSConfig()
     engine: EngineConfig = EngineConfig()
-
-    @field_validator("avatar_id")
-    @classmethod
-    def _check_id(cls, v: str) -> str:
-        if not is_valid_id(v):
-            raise ValueError(f"must match {ID_PATTERN}")
-        return v
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
