@@ -3,8 +3,9 @@
 Threads of one call:
 - the caller: decodes the audio and plans the frames, then consumes frames in order (encoding them,
   for `render`);
-- a generation thread: runs the face source (the GPU), keeping up to two batches in flight, and hands
-  every frame to the blend pool as soon as its face exists (silent frames need no face at all);
+- the engine's single, long-lived GPU thread: runs the face source, keeping up to two batches in
+  flight, and hands every frame to the blend pool as soon as its face exists (silent frames need no
+  face at all);
 - the blend pool (shared by calls, `engine.blend_workers` threads): pastes faces, converts to YUV.
 A bounded queue of `engine.queue_frames` futures between them gives back-pressure. The engine holds
 no per-session state: the avatar cycle position comes in as `cursor` and goes out as `next_cursor`,
