@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from musetalk.avatar.synthetic import ASTRONAUT_FACE_XY, astronaut_bgr, write_video
+from musetalk.avatar.synthetic import ASTRONAUT_FACE_XY, astronaut_bgr, render_frame, write_video
 
 _EYES = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47))  # iBUG: corner, upper, upper, corner, lower, lower
 PHOTO_PX = 512  # the astronaut photo is 512×512
@@ -72,17 +72,6 @@ def idle_transform(t_s: float, scale: float) -> tuple[NDArray[np.float64], float
     return offset, float(roll), float(breathe)
 
 
-def _place(photo: NDArray[np.uint8], size_hw: tuple[int, int], offset: NDArray[np.float64], roll_deg: float,
-           scale: float, face_xy: tuple[float, float]) -> NDArray[np.uint8]:
-    h, w = size_hw
-    theta = np.deg2rad(roll_deg)
-    lin = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    target = np.asarray(face_xy) * (h / PHOTO_PX) + offset  # the face stays where the photo has it
-    matrix = np.hstack([lin, (target - lin @ np.asarray(face_xy))[:, None]])
-    frame = cv2.warpAffine(photo, matrix, (w, h), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
-    return np.asarray(frame, dtype=np.uint8)
-
-
 def write_demo_video(
     path: Path,
     landmarks: NDArray[np.float32],
@@ -101,7 +90,9 @@ def write_demo_video(
     for i in range(n_frames):
         offset, roll, s = idle_transform(i / fps, scale)
         source = close_eyes(photo, landmarks, float(closure[i]))
-        frames.append(_place(source, size_hw, offset, roll, s, ASTRONAUT_FACE_XY))
+        # The face stays where the photo has it (scaled), plus the idle offset.
+        to_centre = np.asarray(ASTRONAUT_FACE_XY) * (size_hw[0] / PHOTO_PX) - np.array([size_hw[1], size_hw[0]]) / 2
+        frames.append(render_frame(source, size_hw, to_centre + offset, roll, s, ASTRONAUT_FACE_XY))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.mp4")
     write_video(tmp, frames, fps, crf=14)

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
 from musetalk.avatar.geometry import apply_affine, invert_affine, warp_crop
+from musetalk.pipeline.silence import frame_rms_db
 from musetalk.types import Audio
 
 # iBUG 68-point indices
@@ -36,18 +37,6 @@ _LIP_TO_TEETH = frozenset({"f", "v"})
 _OPEN_VOWELS = frozenset({"a", "a:", "A:", "A", "aI", "aU", "a#", "O:", "O", "0", "V", "A@", "aI@", "aU@"})
 _MID_VOWELS = frozenset({"E", "e", "e:", "eI", "@", "3:", "3", "oU", "o", "o:", "e@", "OI", "@L", "@2", "O@", "o@"})
 _CLOSE_VOWELS = frozenset({"i:", "i", "I", "I2", "u:", "U", "u", "I@", "U@", "y", "y:"})
-
-
-def frame_rms_db(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]:
-    """RMS level per video frame in dBFS → (n_frames,) float32 (digital silence → -120)."""
-    hop = audio.sample_rate / fps
-    out = np.full(n_frames, -120.0, dtype=np.float32)
-    for i in range(n_frames):
-        seg = audio.samples[int(i * hop) : int((i + 1) * hop)]
-        if len(seg):
-            rms = float(np.sqrt(np.mean(np.square(seg, dtype=np.float64))))
-            out[i] = 20.0 * np.log10(max(rms, 1e-6))
-    return out
 
 
 def _bare(name: str) -> str:
@@ -96,7 +85,8 @@ def mouth_openings(audio: Audio, n_frames: int, fps: int) -> NDArray[np.float32]
 
     Without phoneme timings (uploaded audio, other voices) the loudness alone drives the jaw.
     """
-    level = np.clip((frame_rms_db(audio, n_frames, fps) - FLOOR_DB) / (CEIL_DB - FLOOR_DB), 0.0, 1.0)
+    level_db = frame_rms_db(audio.samples, n_frames, fps, audio.sample_rate)  # (n_frames,)
+    level = np.clip((level_db - FLOOR_DB) / (CEIL_DB - FLOOR_DB), 0.0, 1.0)
     level = np.sqrt(level)  # perceptual: moderate speech already opens the mouth visibly
     shape = phoneme_factors(audio.phonemes, n_frames, fps)
     out = np.zeros(n_frames, dtype=np.float32)
