@@ -20,7 +20,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "inference" / "realtime_live.yaml"
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
-VOICE_PATTERN = r"^[A-Za-z0-9_.+-]{1,64}$"  # espeak "en-us", "en+f3"; edge "en-US-AriaNeural"; piper names
+# espeak "en-us", "en+f3"; edge "en-US-AriaNeural"; piper names. The first character is a letter or digit so
+# that "." and ".." (espeak-ng would open its voices folder as a voice) never reach an engine.
+VOICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 
 
 def project_path(path: Path | str) -> Path:
@@ -227,8 +229,17 @@ class ServerConfig(_Section):
     max_upload_bytes: int = Field(default=20_000_000, ge=1024)  # /speak_audio file
     max_audio_s: float = Field(default=120.0, gt=0)  # longest accepted utterance (TTS or upload)
     queue_size: int = Field(default=16, ge=1)  # speak requests admitted at once (waiting or running)
+    max_concurrent_uploads: int = Field(default=4, ge=1, le=256)  # /speak_audio bodies read + decoded at once
     retry_after_s: int = Field(default=2, ge=1)  # Retry-After of a 503
-    cors_origins: tuple[str, ...] = ()  # e.g. ["http://localhost:3000"]; empty = no CORS headers
+    # Other sites' pages allowed to call the API, e.g. ["http://localhost:3000"] (CORS headers, and their
+    # POSTs and GET /reset pass the cross-site check); empty = same origin and non-browser clients only.
+    cors_origins: tuple[str, ...] = ()
+    # Host names (any port) the server answers to; empty = the bind address, localhost, 127.0.0.1, [::1].
+    # Others get 403 (DNS rebinding). Add the machine's LAN name/IP when binding 0.0.0.0; "*" = any.
+    allowed_hosts: tuple[str, ...] = ()
+    read_timeout_s: float = Field(default=15.0, gt=0)  # a request body idle this long → 408, disconnected
+    body_deadline_s: float = Field(default=300.0, gt=0)  # a whole request body must arrive within this
+    keep_alive_s: int = Field(default=5, ge=1, le=300)  # idle keep-alive connections are closed after this
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
     log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -20,10 +20,18 @@ from musetalk.config import AppConfig, project_path
 from musetalk.errors import MuseTalkError
 from musetalk.server.deps import Services
 from musetalk.server.errors import install_error_handlers
-from musetalk.server.middleware import AccessLog, BearerAuth, BodySizeLimit
+from musetalk.server.middleware import (
+    AccessLog,
+    BearerAuth,
+    BodyDeadline,
+    BodySizeLimit,
+    SiteGuard,
+    default_allowed_hosts,
+)
 from musetalk.server.renderer import RendererFactory, renderer_factory
 from musetalk.server.routes import SERVING_DIR_NAME, router
 from musetalk.server.service import SpeakService
+from musetalk.server.uploads import UploadGate
 from musetalk.server.worker import GpuWorker
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
@@ -112,11 +120,19 @@ def create_app(
     for extra in routers:
         app.include_router(extra)
     # Each add wraps the previous ones, so the order below is inside → out: body limits, auth, CORS (so
-    # preflights and 401s carry CORS headers), and outermost the access log, which sees every response.
+    # preflights and 401s carry CORS headers), the cross-site guard (refuses before anything else runs),
+    # and outermost the access log, which sees every response.
     app.add_middleware(
         BodySizeLimit,
         default_limit=cfg.server.max_body_bytes,
         path_limits={"/speak_audio": cfg.server.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+    )
+    app.add_middleware(BodyDeadline, read_timeout_s=cfg.server.read_timeout_s, deadline_s=cfg.server.body_deadline_s)
+    app.add_middleware(
+        UploadGate,
+        paths=frozenset({"/speak_audio"}),
+        max_uploads=cfg.server.max_concurrent_uploads,
+        retry_after_s=cfg.server.retry_after_s,
     )
     token = os.environ.get(cfg.server.auth_token_env, "")
     if token:
@@ -129,5 +145,10 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "Range"],
             expose_headers=["Content-Range", "Accept-Ranges", "Retry-After", "X-Request-ID"],
         )
+    app.add_middleware(
+        SiteGuard,
+        allowed_hosts=frozenset(cfg.server.allowed_hosts) or default_allowed_hosts(cfg.server.host),
+        allowed_origins=frozenset(cfg.server.cors_origins),
+    )
     app.add_middleware(AccessLog)
     return app

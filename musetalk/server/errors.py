@@ -23,7 +23,9 @@ from musetalk.errors import (
     TTSFailed,
     WeightsMissing,
 )
+from musetalk.config import PROJECT_ROOT
 from musetalk.utils.logs import kv
+from musetalk.utils.text import redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,11 @@ async def _musetalk_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         detail = str(exc)
         level = logging.ERROR if status >= 500 else logging.INFO
-        log.log(level, "request failed %s", kv(path=request.url.path, status=status, error=type(exc).__name__))
-    return JSONResponse(_body(type(exc).__name__, detail), status_code=status, headers=headers)
+        log.log(level, "request failed %s: %s", kv(path=request.url.path, status=status, error=type(exc).__name__),
+                detail)
+    # The log keeps the full message; the caller sees file names and ids, never the server's folders.
+    return JSONResponse(_body(type(exc).__name__, redact_paths(detail, PROJECT_ROOT)), status_code=status,
+                        headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
