@@ -58,13 +58,16 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def _server(tmp_path: Path, name: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+def _server(
+    tmp_path: Path, name: str, overrides: tuple[str, ...] = (), **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """Start server_fast.py, wait until /health is ready; always stop it again."""
     port = _free_port()
     out_path = tmp_path / f"{name}.out"
     with out_path.open("wb") as out:
         proc = subprocess.Popen(
-            _server_cmd(tmp_path, port), cwd=tmp_path, env=_env(**env), stdout=out, stderr=subprocess.STDOUT
+            _server_cmd(tmp_path, port, *overrides), cwd=tmp_path, env=_env(**env), stdout=out,
+            stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     try:

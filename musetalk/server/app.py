@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import MuseTalkError
 from musetalk.server.deps import Services
+from musetalk.server.docs import install_offline_docs
 from musetalk.server.errors import install_error_handlers
 from musetalk.server.middleware import (
     AccessLog,
@@ -112,7 +113,8 @@ def create_app(
             services.worker.stop()
             log.info("stopped")
 
-    app = FastAPI(title="MuseTalk warm server", lifespan=lifespan)
+    app = FastAPI(title="MuseTalk warm server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_offline_docs(app)  # /docs and /redoc work with no internet
     app.state.services = None
     app.state.startup_error = None
     install_error_handlers(app)

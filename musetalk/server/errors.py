@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from musetalk.config import PROJECT_ROOT
 from musetalk.errors import (
     AvatarNotFound,
     AvatarNotPrepared,
@@ -23,7 +24,6 @@ from musetalk.errors import (
     TTSFailed,
     WeightsMissing,
 )
-from musetalk.config import PROJECT_ROOT
 from musetalk.utils.logs import kv
 from musetalk.utils.text import redact_paths
 

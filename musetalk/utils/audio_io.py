@@ -67,7 +67,7 @@ def decode_audio_file(file: BinaryIO, max_duration_s: float, rate_hz: int = DEFA
                 raise InputError(f"the audio has more than {MAX_CHANNELS} channels")
             header_s = _header_duration_s(container, stream)
             if header_s is not None and header_s > max_duration_s:
-                raise InputError(f"audio longer than the limit of {max_duration_s:g} s (its header says {header_s:.1f} s)")
+                raise InputError(f"audio longer than the limit of {max_duration_s:g} s (header: {header_s:.1f} s)")
             out_rate = min(source_rate, rate_hz)
             samples = _decode_resampled(container, stream, out_rate, max_duration_s)
     except av.FFmpegError as exc:
