@@ -59,14 +59,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 @contextmanager
 def _server(
-    tmp_path: Path, name: str, overrides: tuple[str, ...] = (), **env: str
+    tmp_path: Path, name: str, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """Start server_fast.py, wait until /health is ready; always stop it again."""
     port = _free_port()
     out_path = tmp_path / f"{name}.out"
     with out_path.open("wb") as out:
         proc = subprocess.Popen(
-            _server_cmd(tmp_path, port, *overrides), cwd=tmp_path, env=_env(**env), stdout=out,
+            _server_cmd(tmp_path, port, *overrides), cwd=tmp_path, env=_env(**(env or {})), stdout=out,
             stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
@@ -101,7 +101,7 @@ def _decoded_frames(path: Path) -> tuple[int, int]:
 
 def test_killed_between_temp_write_and_rename(tmp_path: Path) -> None:
     video = tmp_path / "results" / "full_session.mp4"
-    with _server(tmp_path, "first", **{KILL_BEFORE_RENAME_ENV: "3"}) as (proc, base, _):
+    with _server(tmp_path, "first", env={KILL_BEFORE_RENAME_ENV: "3"}) as (proc, base, _):
         replies = [httpx.post(f"{base}/speak", json={"text": t}, timeout=30) for t in ("one two", "three four five")]
         assert [r.status_code for r in replies] == [200, 200]
         before = video.read_bytes()
