@@ -108,6 +108,21 @@ def prep_command(avatar_id: str, video: str | Path | None, bbox_shift: int = 0, 
     return shlex.join(parts)
 
 
+def source_mismatch(cfg: AppConfig) -> str | None:
+    """A warning when the cache of cfg.avatar_id was built from another file than cfg.video_path, else None."""
+    manifest = read_manifest(avatar_dir(cfg, cfg.avatar_id))
+    built_from = manifest.get("inputs", {}).get("video") if manifest else None
+    if not built_from:
+        return None
+    configured = project_path(cfg.video_path).resolve()
+    if Path(built_from).resolve() == configured:
+        return None
+    return (
+        f"avatar {cfg.avatar_id!r} is served from a cache built from {built_from}, not from its configured "
+        f"video_path {cfg.video_path}; rebuild it with: {prep_command(cfg.avatar_id, cfg.video_path, force=True)}"
+    )
+
+
 def read_manifest(root: Path) -> dict[str, Any] | None:
     """The manifest of a complete cache folder, or None when absent/unreadable/incomplete."""
     try:

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from musetalk.avatar.store import source_mismatch
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import MuseTalkError
 from musetalk.server.deps import Services
@@ -60,6 +61,8 @@ async def start_services(
         renderer, _, load_ms = await worker.run(build, cfg)
         for avatar_id in configured_avatars(cfg):
             renderer.check_avatar(avatar_id)
+        if mismatch := source_mismatch(cfg):
+            log.warning("%s", mismatch)
         _, _, warm_ms = await worker.run(renderer.warm_up)
         results_dir = project_path(cfg.server.results_dir)
         shutil.rmtree(results_dir / SERVING_DIR_NAME, ignore_errors=True)  # links left by a previous run
