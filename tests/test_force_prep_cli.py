@@ -105,8 +105,9 @@ def test_missing_detector_weights_exit_1_naming_them(
     tmp_path: Path, clip: SyntheticVideo, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = _args(
-        tmp_path, tmp_path / "cache", "--avatar-id", "det", "--video", str(clip.path), "--set", "prep.detector=face_alignment"
-    )
+        tmp_path, tmp_path / "cache", "--avatar-id", "det", "--video", str(clip.path),
+        "--set", "prep.detector=face_alignment",
+    )  # fmt: skip
     assert main(args) == 1
     assert "s3fd-619a316812.pth" in capsys.readouterr().err
 
