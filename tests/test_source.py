@@ -189,7 +189,8 @@ def test_jpeg_frames_are_visually_lossless_and_safe_to_share(tmp_path: Path) -> 
     from musetalk.avatar.cache import cycle_index
 
     def play(start: int) -> bool:
-        return all(np.array_equal(store[cycle_index(p, 12)], served[cycle_index(p, 12)]) for p in range(start, start + 60))
+        indices = [cycle_index(p, 12) for p in range(start, start + 60)]
+        return all(np.array_equal(store[i], served[i]) for i in indices)
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(play, range(0, 24, 3)))
