@@ -3,7 +3,7 @@
     python -m bench.bench_session [--clips 100] [--width 1280 --height 720] [--clip-s 3.0]
 
 Appends `--clips` clips to one session with the real stitcher (musetalk/session) and times every
-append; at 1, 10 and 100 clips it also times the seed's way made drift-free (deps.md §7 Fix A: concat
+append; at 1, 10 and 100 clips it also times the seed's way made drift-free (concat
 all clip videos with -c copy, concat all PCM, one AAC encode of the whole session), which redoes the
 whole session on every append. Clips are encoded once with the real encoder (a photo moving a little
 per frame, so the bitrate is like a talking head) and reused under new names. CPU only: no model runs.

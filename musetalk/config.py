@@ -50,7 +50,7 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    """Where the weights live; `version` picks the UNet checkpoint (facts §1)."""
+    """Where the weights live; `version` picks the UNet checkpoint."""
 
     version: Literal["v15", "v1"] = "v15"
     dir: Path = Path("models")
@@ -125,7 +125,7 @@ class StabilizeConfig(_Section):
 
 
 class PrepConfig(_Section):
-    """Avatar preparation (facts §6-§7)."""
+    """Avatar preparation."""
 
     extra_margin: int = Field(default=10, ge=0, le=80)
     parsing_mode: Literal["jaw", "raw"] = "jaw"
@@ -154,7 +154,7 @@ class BlendConfig(_Section):
 
 
 class AudioConfig(_Section):
-    """Audio features (facts §4.4) and silence handling."""
+    """Audio features and silence handling."""
 
     pad_left: int = Field(default=2, ge=0, le=8)  # audio_padding_length_left
     pad_right: int = Field(default=2, ge=0, le=8)  # audio_padding_length_right

@@ -78,7 +78,7 @@ def test_twenty_appends_keep_audio_on_the_video_clock(store: SessionStore) -> No
 
 
 def test_seed_concat_of_aac_clips_drifts(store: SessionStore, tmp_path: Path) -> None:
-    """Why the stitcher does not simply concat the clips with -c copy: that drifts (deps.md §7)."""
+    """Why the stitcher does not simply concat the clips with -c copy: that drifts."""
     clips = [_clip(store, "default", 13, seed=i) for i in range(10)]
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"file '{c.path}'\n" for c in clips))

@@ -10,7 +10,7 @@ Threads of one call:
 A bounded queue of `engine.queue_frames` futures between them gives back-pressure. The engine holds
 no per-session state: the avatar cycle position comes in as `cursor` and goes out as `next_cursor`,
 so consecutive clips of a session continue the avatar's motion instead of restarting at frame 0
-(upstream restarts every clip, facts §13.2).
+(upstream restarts every clip).
 """
 
 from __future__ import annotations

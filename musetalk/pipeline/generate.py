@@ -4,7 +4,7 @@
 a weight-free preview renderer later. A source starts one job per clip (computing its conditioning
 once), then serves batches asynchronously: `submit` returns at once, `wait` returns the faces.
 
-MuseTalk math (facts §0, §2.3, §3.2), batched: UNet at timestep 0 on the cached 8-channel latents of
+MuseTalk math, batched: UNet at timestep 0 on the cached 8-channel latents of
 each frame's source image with that frame's 50 audio tokens; its 4-channel output is the clean
 latent; × 1/0.18215, VAE-decode, (x/2 + 0.5).clamp(0, 1) in the VAE dtype, then float32 × 255, round,
 uint8, RGB → BGR. On CUDA the two networks can be replayed as CUDA graphs (one pair per batch size;
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Phonemes = tuple[tuple[float, str], ...]  # (start_s, espeak-ng mnemonic), as in Audio.phonemes
-LATENT_CHANNELS_IN = 8  # [masked lower half ‖ reference] (facts §3.1)
+LATENT_CHANNELS_IN = 8  # [masked lower half ‖ reference]
 _MAX_DEVICE_AVATARS = 8  # avatars whose latents stay on the device
 _GRAPH_WARMUP_RUNS = 3
 

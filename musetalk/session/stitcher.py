@@ -2,7 +2,7 @@
 
 The seed joined clips with the ffmpeg concat demuxer and `-c copy`. That keeps the video exact, but
 every AAC clip starts with 1024 priming samples, so audio decoded in order drifts ~21-27 ms per join
-(deps.md §7), and every append re-reads the whole session. Here:
+(measured; tests/test_session.py reproduces it), and every append re-reads the whole session. Here:
 
 * Video packets are stream-copied from the clip (never re-encoded).
 * The session's audio is one continuous AAC stream encoded from the clips' PCM. On each append the
