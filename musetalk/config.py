@@ -183,6 +183,9 @@ class EngineConfig(_Section):
     blend_workers: int = Field(default=4, ge=1, le=64)  # CPU threads pasting faces (and converting to YUV)
     queue_frames: int = Field(default=64, ge=1, le=4096)  # frames in flight between generation and encoding
     mask_cache_frames: int = Field(default=2048, ge=1)  # per-frame blend alpha maps kept in memory
+    # Decoded avatar frames kept in memory, shared by all sessions (H x W x 3 bytes each: 6.2 MB at 1080p).
+    # At the avatar's frame count every frame is decoded once; below it, frames are decoded as they are due.
+    frame_cache_frames: int = Field(default=16, ge=1)
     output_dir: Path = Path("results/clips")  # where run() writes clips when no path is given
 
 

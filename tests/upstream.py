@@ -1,4 +1,4 @@
-"""Reference transcriptions of upstream MuseTalk computations (as upstream's code computes them), for comparison tests."""
+"""Reference transcriptions of upstream MuseTalk computations, for comparison tests."""
 
 from __future__ import annotations
 

@@ -233,7 +233,9 @@ class PackedMasks(Sequence[NDArray[np.uint8]]):
         return (self[i] for i in range(len(self)))
 
 
-def open_cache(root: Path, manifest: dict[str, Any], mmap_frames: bool = False) -> AvatarCache:
+def open_cache(
+    root: Path, manifest: dict[str, Any], mmap_frames: bool = False, frame_cache_frames: int = 16
+) -> AvatarCache:
     """Open the files of a complete cache folder as an AvatarCache (frames and masks stay on disk)."""
     with np.load(root / GEOMETRY, allow_pickle=False) as geo:
         arrays = {k: geo[k] for k in geo.files}
@@ -244,7 +246,7 @@ def open_cache(root: Path, manifest: dict[str, Any], mmap_frames: bool = False) 
         frames = NpyFrames(root / FRAMES_V1, mmap=mmap_frames)
     else:
         h, w = (int(v) for v in manifest["frame_size_hw"])
-        frames = JpegFrames(root / FRAMES, (h, w))
+        frames = JpegFrames(root / FRAMES, (h, w), cache_frames=frame_cache_frames)
     if len(frames) != n or len(arrays["landmarks"]) != n:
         raise ValueError(
             f"frame count mismatch: manifest {n}, frames {len(frames)}, landmarks {len(arrays['landmarks'])}"
@@ -297,7 +299,7 @@ def load_avatar(cfg: AppConfig, avatar_id: str, check: bool = True, mmap_frames:
                 + f". Rebuild it with: {_rebuild_command(manifest, avatar_id)}"
             )
     try:
-        return open_cache(root, manifest, mmap_frames=mmap_frames)
+        return open_cache(root, manifest, mmap_frames=mmap_frames, frame_cache_frames=cfg.engine.frame_cache_frames)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise AvatarNotPrepared(
             f"avatar {avatar_id!r} cache at {root} is damaged ({type(exc).__name__}: {exc}); "
