@@ -22,7 +22,7 @@ from musetalk.avatar import AvatarCache, load_avatar, prepare_avatar
 from musetalk.avatar.store import avatar_dir
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotFound, AvatarNotPrepared, ConfigError, WeightsMissing
-from musetalk.models import load_models, missing_files
+from musetalk.models import ModelBundle, load_models, missing_files
 from musetalk.pipeline.engine import Engine
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
 from musetalk.render.preview import PreviewFaces
@@ -194,9 +194,13 @@ def build_renderer(cfg: AppConfig) -> Renderer:
         if missing:
             raise WeightsMissing(missing)
     avatars = {a: _ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
+    return engine_renderer(cfg, avatars, load_models(cfg) if name == "musetalk" else None)
+
+
+def engine_renderer(cfg: AppConfig, avatars: dict[str, AvatarCache], bundle: ModelBundle | None) -> EngineRenderer:
+    """The engine renderer over loaded avatars: MuseTalk with a model bundle, the preview without one."""
     source: FaceSource
-    if name == "musetalk":
-        bundle = load_models(cfg)
+    if bundle is not None:
         source = MuseTalkFaces(bundle, cfg)
         device, dtype = str(bundle.device), str(bundle.dtype).removeprefix("torch.")
     else:
@@ -205,6 +209,7 @@ def build_renderer(cfg: AppConfig) -> Renderer:
     renderer = EngineRenderer(cfg, Engine(cfg, source), avatars, device, dtype)
     for cache in avatars.values():
         renderer.check_avatar(cache.avatar_id)
+    name = source.name
     log.info("renderer: %s on %s (%s)%s", name, device, dtype, f"; {SWITCH_HINT}" if name == "preview" else "")
     return renderer
 
