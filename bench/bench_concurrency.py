@@ -170,7 +170,9 @@ class Server:
             cmd += ["--set", item]
         self.log = log_path.open("w")
         self.t_spawn = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout_s: float) -> float:
         """Seconds from spawn until /health answers 200."""
