@@ -185,7 +185,14 @@ class MuseTalkConditioning:
 class _Graphs:
     """UNet and decoder captured as CUDA graphs for one batch size (static inputs/outputs)."""
 
-    def __init__(self, denoise: nn.Module, decode: nn.Module, latents: torch.Tensor, tokens: torch.Tensor) -> None:
+    def __init__(
+        self,
+        denoise: nn.Module,
+        decode: nn.Module,
+        latents: torch.Tensor,
+        tokens: torch.Tensor,
+        exclusive: threading.Lock,
+    ) -> None:
         self.latents, self.tokens = latents, tokens  # static inputs, filled before each replay
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -194,15 +201,18 @@ class _Graphs:
                 decode(denoise(latents, tokens))
         torch.cuda.current_stream().wait_stream(side)
         side.synchronize()
-        # thread_local: CUDA calls of other threads (the scheduler serving eagerly while this is captured in
-        # the background) cannot invalidate this capture; only this thread's calls are checked.
-        self.unet_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.unet_graph, capture_error_mode="thread_local"):
-            self.pred = denoise(latents, tokens)
-        self.vae_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.vae_graph, pool=self.unet_graph.pool(), capture_error_mode="thread_local"):
-            self.faces = decode(self.pred)
-        torch.cuda.current_stream().synchronize()
+        # While a stream captures, CUDA refuses some calls of other threads (cuDNN's eager convolutions in
+        # the scheduler failed with "operation not permitted when stream is capturing"), so the capture
+        # holds the source's `exclusive` lock, which every launch and wait of the serving thread takes too.
+        # The slow part above (warm-up runs, cuDNN autotuning, compilation) runs beside serving.
+        with exclusive:
+            self.unet_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.unet_graph, capture_error_mode="thread_local"):
+                self.pred = denoise(latents, tokens)
+            self.vae_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.vae_graph, pool=self.unet_graph.pool(), capture_error_mode="thread_local"):
+                self.faces = decode(self.pred)
+            torch.cuda.current_stream().synchronize()
 
 
 def _time_replays(graphs: _Graphs, runs: int = 5) -> float:
@@ -239,9 +249,11 @@ class _Pending:
         shares: list[tuple[StageClock, int]],
         events: tuple[torch.cuda.Event, ...] | None,
         cpu_ms: tuple[float, float] = (0.0, 0.0),
+        exclusive: threading.Lock | None = None,
     ) -> None:
         self._host, self._n, self._shares, self._events = host, n, shares, events
         self._cpu_ms = cpu_ms
+        self._exclusive = exclusive
         self._done = False
 
     def wait(self) -> NDArray[np.uint8]:
@@ -250,8 +262,10 @@ class _Pending:
             unet_ms, vae_ms = self._cpu_ms
             if self._events is not None:
                 start, mid, end, copied = self._events
-                copied.synchronize()
-                unet_ms, vae_ms = start.elapsed_time(mid), mid.elapsed_time(end)
+                assert self._exclusive is not None
+                with self._exclusive:
+                    copied.synchronize()
+                    unet_ms, vae_ms = start.elapsed_time(mid), mid.elapsed_time(end)
             for clock, count in self._shares:  # each utterance pays for its share of the batch
                 clock.unet += unet_ms * count / self._n
                 clock.vae += vae_ms * count / self._n
@@ -314,6 +328,7 @@ class MuseTalkFaces:
         self._state: dict[int, str] = {size: "eager" for size in self.batch_shapes} if cuda else {}
         self._device_latents: dict[int, tuple[AvatarCache, torch.Tensor]] = {}
         self._latents_lock = threading.Lock()
+        self._exclusive = threading.Lock()  # no CUDA call of the serving thread while a graph is captured
 
     def _zero_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(size, 8, 32, 32) latents and (size, T, C) tokens of zeros, in the model dtype and layout."""
@@ -363,7 +378,7 @@ class MuseTalkFaces:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if self.use_graphs:
-                graphs = _Graphs(denoise, decode, *self._zero_inputs(size))
+                graphs = _Graphs(denoise, decode, *self._zero_inputs(size), exclusive=self._exclusive)
                 self.batch_ms[size] = _time_replays(graphs)  # before publishing: nobody else replays it yet
                 self._graphs[size] = graphs
             else:
@@ -398,7 +413,8 @@ class MuseTalkFaces:
         """Run the audio encoder once (its kernels and handles load on the calling thread)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        audio_tokens(np.zeros(16000, np.float32), self.spec, *self._audio_models())
+        with self._exclusive:
+            audio_tokens(np.zeros(16000, np.float32), self.spec, *self._audio_models())
 
     def warmup(self) -> None:
         """Warm the audio path and accelerate every batch shape now (blocking): the first request pays nothing."""
@@ -449,9 +465,9 @@ class MuseTalkFaces:
         clock = StageClock()
         t0 = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with self._exclusive, torch.inference_mode():
                 tokens = audio_tokens(samples_16k, self.spec, *self._audio_models())  # (T, 50, C)
-            latents = self.latents_on_device(cache)
+                latents = self.latents_on_device(cache)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory("GPU out of memory computing audio features") from exc
         clock.features = (time.perf_counter() - t0) * 1000
@@ -470,7 +486,7 @@ class MuseTalkFaces:
         n = len(requests)
         if n == 0 or n > self.batch_size:
             raise ValueError(f"batch of {n} frames (max {self.batch_size})")
-        with torch.inference_mode():
+        with self._exclusive, torch.inference_mode():
             try:
                 return self._submit(requests, n)
             except torch.cuda.OutOfMemoryError as exc:
@@ -535,7 +551,7 @@ class MuseTalkFaces:
         host = torch.empty((n, FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=torch.uint8, pin_memory=True)
         host.copy_(out[:n], non_blocking=True)  # ordered before the next replay overwrites `out`
         copied.record()
-        return _Pending(host, n, shares, events)
+        return _Pending(host, n, shares, events, exclusive=self._exclusive)
 
     def _empty_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialised inputs, every row of which _gather fills."""

@@ -29,7 +29,7 @@ from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
 from musetalk.types import Renderer
-from musetalk.utils.logs import kv
+from musetalk.utils.logs import kv, process_age_s
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,17 @@ async def start_services(
             tts=voice.name,
             load_ms=round(load_ms, 1),
             warmup_ms=round(warm_ms, 1),
+            since_start_s=round(process_age_s() or 0.0, 2),
+            capacity=_max_live_sessions(renderer),
             results=results_dir,
         ),
     )
     return Services(cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, ready=True)
+
+
+def _max_live_sessions(renderer: Renderer) -> int | None:
+    capacity = getattr(renderer, "capacity", None)
+    return capacity().get("max_live_sessions") if callable(capacity) else None
 
 
 def _close_renderer(renderer: Renderer) -> None:

@@ -123,7 +123,7 @@ class EngineRenderer:
                 self.engine.on_gpu_thread(source.accelerate)
                 self._gen_fps = _full_batch_fps(source)
         rng = np.random.default_rng(0)
-        audio = Audio((0.05 * rng.standard_normal(16000)).astype(np.float32), 16000)  # 1 s of noise
+        audio = Audio((0.05 * rng.standard_normal(8000)).astype(np.float32), 16000)  # 0.5 s of noise
         with tempfile.TemporaryDirectory() as tmp:
             clip = self.engine.render(audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0).clip
         t = clip.timings_ms
