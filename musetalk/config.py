@@ -140,6 +140,15 @@ class PrepConfig(_Section):
     # feather kernel up to that size fits inside the stored box (upstream realtime uses 0.1).
     mask_pad_ratio: float = Field(default=0.1, ge=0, le=0.5)
     dwpose_config: Path | None = None  # mmpose config; default: RTMPose-l wholebody 384x288 shipped with mmpose
+    face: str = Field(default="largest", pattern=r"^(largest|center|[0-9]{1,3})$")  # whom to track: N = N-th from left
+    # Landmark sets farther than this (Procrustes distance to the mean face shape) are not faces.
+    max_shape_distance: float = Field(default=0.12, gt=0, le=1)
+
+    @field_validator("face", mode="before")
+    @classmethod
+    def _face_text(cls, v: object) -> object:
+        """`--set prep.face=1` arrives as a YAML int: the index is kept as text."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class BlendConfig(_Section):
