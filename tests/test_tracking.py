@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musetalk.avatar import prepare_avatar
+from musetalk.avatar import load_avatar, prepare_avatar
 from musetalk.avatar.demo import write_demo_video
 from musetalk.avatar.prep import box_jump_ratio
 from musetalk.avatar.source import read_source
 from musetalk.avatar.synthetic import CrowdVideo, astronaut_bgr, write_crowd_video
-from musetalk.config import AppConfig, load_config
+from musetalk.config import AppConfig, load_config, with_overrides
 from musetalk.errors import InputError, NoFaceDetected
 from musetalk.faces.dlib_detector import DlibDetector
 from musetalk.faces.tracking import (
@@ -28,6 +28,9 @@ from musetalk.faces.tracking import (
     shape_distance,
     track_faces,
 )
+from musetalk.pipeline.engine import Engine
+from musetalk.render.preview import PreviewFaces
+from musetalk.types import Audio
 from scripts.force_prep import main as force_prep_main
 
 
@@ -203,8 +206,11 @@ def test_force_prep_refuses_a_mostly_hidden_face(tmp_path: Path, capsys: pytest.
     assert "0 interpolated" in capsys.readouterr().out
 
 
-def test_demo_avatar_boxes_never_jump(tmp_path: Path, detector: DlibDetector) -> None:
-    """The demo video's suit patch is face-like; the box must stay on the face (≤ 15 % of its width per frame)."""
+def test_demo_avatar_boxes_never_jump_and_the_preview_mouth_stays_on_the_face(
+    tmp_path: Path, detector: DlibDetector
+) -> None:
+    """The demo video's suit patch is face-like; the box must stay on the face (≤ 15 % of its width per frame),
+    and 300 frames of preview speech change nothing outside the lower face."""
     lm = detector.detect(astronaut_bgr())
     assert lm is not None
     video = write_demo_video(tmp_path / "demo.mp4", lm)
@@ -216,3 +222,26 @@ def test_demo_avatar_boxes_never_jump(tmp_path: Path, detector: DlibDetector) ->
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     assert centres[:, 1].max() < 250  # the face is in the upper half; the patch sits at y ≈ 400
     assert result.tracking["n_interpolated"] == 0 and result.tracking["max_jump_ratio"] < 0.15
+    cache = load_avatar(cfg, "demo")
+    rng = np.random.default_rng(0)
+    t = np.arange(12 * 16000) / 16000  # 12 s = 300 frames of syllable-like noise
+    envelope = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) * (np.sin(2 * np.pi * 0.3 * t) > -0.5)
+    audio = Audio((0.2 * envelope * rng.standard_normal(len(t))).astype(np.float32), 16000)
+    engine = Engine(with_overrides(cfg, ["audio.silence_enabled=false"]), PreviewFaces(cfg.fps, cfg.batch_size))
+    try:
+        with engine.frames(audio, cache) as stream:
+            out = list(stream)
+            ids = [int(i) for i in stream.plan.source_ids]
+    finally:
+        engine.close()
+    assert len(out) == 300
+    changed_inside = 0
+    for frame, i in zip(out, ids, strict=True):
+        diff = np.abs(frame.astype(np.int16) - np.asarray(cache.frames[i]).astype(np.int16)).max(axis=2)
+        x1, y1, x2, y2 = cache.boxes[i]
+        pad = 0.1 * (x2 - x1)
+        lower_face = np.zeros(diff.shape, dtype=bool)
+        lower_face[int((y1 + y2) / 2 - pad) : int(y2 + pad), int(x1 - pad) : int(x2 + pad)] = True
+        assert diff[~lower_face].max() <= 2, i  # only the pasted lower face may change (feather rounding aside)
+        changed_inside += int(diff[lower_face].max() > 30)
+    assert changed_inside > 100  # and the mouth does move
