@@ -62,6 +62,7 @@ class ModelsConfig(_Section):
     face_alignment: str = "face-alignment"  # torch hub dir: checkpoints/{s3fd-619a316812.pth,2DFAN4-cd938726ad.zip}
     dwpose: str = "dwpose/dw-ll_ucoco_384.pth"
     gfpgan: str = "gfpgan/GFPGANv1.4.pth"
+    syncnet: str = "syncnet/latentsync_syncnet.pt"  # LatentSync's SyncNet: scripts.evaluate's LSE-C/LSE-D
 
     def root(self) -> Path:
         """The weights folder, resolved."""

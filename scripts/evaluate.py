@@ -5,7 +5,8 @@
 VIDEO: any talking-head video (ours, upstream's, anyone's). --audio: the speech, when the video has no
 audio track or another one. --avatar: use that prepared avatar's blend masks as the seam for
 seam_flicker (default: MuseTalk's lower-face region). --clips: a session's concat_list.txt, for the pose
-jump at each clip boundary. The keys and how to read them: docs/REALISM.md.
+jump at each clip boundary. `syncnet` (LSE-C / LSE-D) is scored when models/syncnet/latentsync_syncnet.pt
+exists (`make weights ARGS=--with-training`), else null. The keys and how to read them: docs/REALISM.md.
 Exit codes: 0 done, 1 environment problem, 2 bad input.
 """
 
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from musetalk.avatar.store import load_avatar
     from musetalk.evaluation.report import avatar_blend_region, evaluate_media, read_clip_boundaries, read_media
+    from musetalk.evaluation.sync import SyncNetScorer
     from musetalk.faces import make_detector
+    from musetalk.models.bundle import load_models, missing_files
 
     try:
         for path in (args.video, args.audio, args.clips):
@@ -63,11 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         media = read_media(args.video, args.audio)
         region = avatar_blend_region(load_avatar(cfg, args.avatar, check=False)) if args.avatar else None
         bounds = read_clip_boundaries(args.clips) if args.clips else None
+        sync = None
+        if not missing_files(cfg.models, {"syncnet"}):
+            net = load_models(cfg, parts={"syncnet"}).syncnet
+            sync = SyncNetScorer(net) if net is not None else None
         result = evaluate_media(
             media,
             make_detector(cfg),
             clip_boundaries=bounds,
             blend_region=region,
+            sync=sync,
             silence_db=cfg.audio.silence_threshold_db,
         )
     except InputError as exc:

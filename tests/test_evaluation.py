@@ -143,7 +143,7 @@ def test_clip_joins_measure_a_pose_jump(detector: DlibDetector, tmp_path: Path) 
 
 
 def test_cli_writes_json_and_rejects_bad_input(
-    detector: DlibDetector, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    detector: DlibDetector, tmp_path: Path, tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     n = 50
     level = _syllables(n, seed=6)
@@ -159,7 +159,12 @@ def test_cli_writes_json_and_rejects_bad_input(
     ):  # fmt: skip
         assert key in figures
     assert figures["frames"] == n and abs(figures["av_offset_frames"]) <= 0.5
+    assert figures["syncnet"] is None  # no models/syncnet/latentsync_syncnet.pt in this checkout
     assert "av_offset_frames" in capsys.readouterr().out
+    with_sync = [str(video), "--audio", str(wav), "--json", str(out), "--set", f"models.dir={tiny_models_dir}"]
+    assert evaluate_main([*with_sync, "--set", "runtime.device=cpu", "--set", "prep.detector=dlib"]) == 0
+    assert set(json.loads(out.read_text())["syncnet"]) == {"lse_c", "lse_d", "offset_frames", "windows"}
+    capsys.readouterr()
     assert evaluate_main([str(tmp_path / "missing.mp4")]) == 2
     assert evaluate_main([str(video), "--audio", str(video)]) == 2  # no audio track in it
     assert "no audio" in capsys.readouterr().err
