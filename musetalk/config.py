@@ -159,6 +159,8 @@ class BlendConfig(_Section):
     subpixel_enabled: bool = True
     feather_ratio: float = Field(default=0.05, gt=0, le=0.5)  # blur kernel / crop width (upstream 0.05-0.1)
     color_match: bool = False
+    # Motion-adaptive smoothing of generated faces across consecutive frames (0 = off; see pipeline/temporal.py).
+    temporal_smoothing: float = Field(default=0.0, ge=0, lt=1)
 
 
 class AudioConfig(_Section):

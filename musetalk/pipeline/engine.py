@@ -41,6 +41,7 @@ from musetalk.pipeline.blend import Blender
 from musetalk.pipeline.encode import write_clip
 from musetalk.pipeline.generate import FaceJob, FaceSource, PendingFaces
 from musetalk.pipeline.silence import face_weights, frame_rms_db
+from musetalk.pipeline.temporal import TemporalSmoother
 from musetalk.types import Audio, Clip
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
             in_flight: deque[tuple[NDArray[np.int64], PendingFaces]] = deque()
             faces: dict[int, NDArray[np.uint8]] = {}
             faces_seen = False
+            smooth = TemporalSmoother(self.engine.cfg.blend.temporal_smoothing)  # this utterance's faces, in order
             for i in range(plan.n_frames):
                 weight = float(plan.weights[i])
                 face = None
@@ -216,7 +218,9 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                         ids, pending = in_flight.popleft()
                         faces.update(zip(ids.tolist(), pending.wait(), strict=True))
                         faces_seen = True
-                    face = faces.pop(i)
+                    face = smooth(faces.pop(i))
+                else:
+                    smooth.reset()  # a silent gap: the next face starts fresh
                 if not self._put(self.engine.pool.submit(self._blend, i, face, weight)):
                     return
             self.timings_ms["generate_wall_ms"] = (time.perf_counter() - t0) * 1000
