@@ -142,6 +142,9 @@ class PrepConfig(_Section):
     mask_pad_ratio: float = Field(default=0.1, ge=0, le=0.5)
     dwpose_config: Path | None = None  # mmpose config; default: RTMPose-l wholebody 384x288 shipped with mmpose
     face: str = Field(default="largest", pattern=r"^(largest|center|[0-9]{1,3})$")  # whom to track: N = N-th from left
+    # UNet reference latent, applied when a cache loads: same_frame (upstream), closed_mouth (picked by
+    # force_prep), fixed:<frame>.
+    reference_frame: str = Field(default="same_frame", pattern=r"^(same_frame|closed_mouth|fixed:[0-9]+)$")
     # Landmark sets farther than this (Procrustes distance to the mean face shape) are not faces.
     max_shape_distance: float = Field(default=0.12, gt=0, le=1)
 

@@ -61,7 +61,7 @@ from musetalk.config import AppConfig, project_path
 from musetalk.errors import NoFaceDetected
 from musetalk.faces.base import FaceDetector, FaceParser
 from musetalk.faces.parsing import PARSE_SIZE_PX
-from musetalk.faces.tracking import FaceCandidate, check_reliable, track_faces
+from musetalk.faces.tracking import FaceCandidate, check_reliable, closed_mouth_frame, track_faces
 from musetalk.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -462,7 +462,11 @@ def prepare_avatar(
         with _bar(progress, "track", n if cfg.stabilize.lk_enabled else None) as bar:
             track = stabilise(cfg, frames, landmarks, found, shift, on_frame=lambda: bar.update(1))
         seconds["track"] = time.perf_counter() - t0
-        tracking = {**tracked.stats.as_dict(), "max_box_jump_ratio": round(box_jump_ratio(track.boxes), 4)}
+        tracking = {
+            **tracked.stats.as_dict(),
+            "max_box_jump_ratio": round(box_jump_ratio(track.boxes), 4),
+            "closed_mouth_frame": closed_mouth_frame(landmarks, found),  # for prep.reference_frame=closed_mouth
+        }
 
         latents = None
         if comp.vae is not None:

@@ -4,8 +4,8 @@ Landmarks come from the project's own face detector and tracker (musetalk.faces)
 same thing for our videos and anyone else's. Conventions: `fps` video frames per second; landmarks
 (N, 68, 2) iBUG order in frame px; audio levels (N,) dBFS per video frame.
 
-- mouth opening: inner-lip gap (mean of the three facing inner-lip pairs) / distance between the eye
-  centres, per frame;
+- mouth opening (musetalk.faces.tracking.mouth_opening): inner-lip gap (mean of the three facing inner-lip
+  pairs) / distance between the eye centres, per frame;
 - av_offset_frames: the lag (sub-frame, parabolic peak) that maximises the cross-correlation of the mouth
   opening with the audio envelope; positive = the mouth moves after the sound (video late);
 - silence_mouth_closed_ratio: share of silent frames (audio below the silence threshold) whose mouth is
@@ -30,9 +30,6 @@ from numpy.typing import NDArray
 
 from musetalk.faces.tracking import MEAN_SHAPE_68, RIGID_POINTS
 
-INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
-LEFT_EYE = slice(36, 42)
-RIGHT_EYE = slice(42, 48)
 MAX_LAG_S = 0.4  # lip sync searched within ±0.4 s
 JITTER_WINDOW = 9  # frames of the moving average taken as smooth head motion (0.36 s at 25 fps)
 CLOSED_RANGE_SHARE = 0.25
@@ -43,14 +40,6 @@ CANON_PX = 128
 CANON_SCALE = 40.0
 CANON_OFFSET = np.array([64.0, 58.0])
 SEAM_BAND_PX = 3
-
-
-def mouth_opening(landmarks: NDArray[np.floating]) -> NDArray[np.float64]:
-    """(N, 68, 2) landmarks → (N,) inner-lip gap in eye distances."""
-    lm = np.asarray(landmarks, dtype=np.float64).reshape(-1, 68, 2)
-    gap = np.mean([np.linalg.norm(lm[:, a] - lm[:, b], axis=1) for a, b in INNER_LIP_PAIRS], axis=0)
-    eyes = np.linalg.norm(lm[:, RIGHT_EYE].mean(axis=1) - lm[:, LEFT_EYE].mean(axis=1), axis=1)
-    return np.asarray(gap / np.maximum(eyes, 1e-6), dtype=np.float64)
 
 
 def _zscore(x: NDArray[np.float64]) -> NDArray[np.float64]:

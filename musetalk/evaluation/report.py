@@ -15,7 +15,7 @@ from musetalk.avatar.cache import AvatarCache
 from musetalk.errors import InputError
 from musetalk.evaluation import metrics as m
 from musetalk.faces.base import FaceDetector
-from musetalk.faces.tracking import track_faces
+from musetalk.faces.tracking import mouth_opening, track_faces
 from musetalk.pipeline.silence import frame_rms_db
 
 AUDIO_RATE_HZ = 16000
@@ -125,7 +125,7 @@ def evaluate_media(
     h, w = media.frames[0].shape[:2]
     tracked = track_faces([detector.detect_faces(f) for f in media.frames], (h, w), media.fps)
     lm = tracked.landmarks
-    opening = m.mouth_opening(lm)
+    opening = mouth_opening(lm)
     out: dict[str, Any] = {
         "frames": n,
         "fps": round(media.fps, 3),

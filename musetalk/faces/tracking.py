@@ -154,6 +154,22 @@ def shape_distance(landmarks: ArrayLike) -> float:
     return procrustes_distance(landmarks, MEAN_SHAPE_68)
 
 
+def mouth_opening(landmarks: ArrayLike) -> NDArray[np.float64]:
+    """(N, 68, 2) landmarks → (N,) inner-lip gap (mean of the three facing inner-lip pairs) in eye distances."""
+    lm = np.asarray(landmarks, dtype=np.float64).reshape(-1, 68, 2)
+    gap = np.mean([np.linalg.norm(lm[:, a] - lm[:, b], axis=1) for a, b in ((61, 67), (62, 66), (63, 65))], axis=0)
+    eyes = np.linalg.norm(lm[:, 42:48].mean(axis=1) - lm[:, 36:42].mean(axis=1), axis=1)
+    return np.asarray(gap / np.maximum(eyes, 1e-6), dtype=np.float64)
+
+
+def closed_mouth_frame(landmarks: ArrayLike, detected: ArrayLike | None = None) -> int:
+    """Index of the frame whose mouth is most closed (among detected frames when given)."""
+    opening = mouth_opening(landmarks)
+    if detected is not None and np.asarray(detected, dtype=bool).any():
+        opening = np.where(np.asarray(detected, dtype=bool), opening, np.inf)
+    return int(np.argmin(opening))
+
+
 def _centre_size(landmarks: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
     """Centre of the landmark box and its size (geometric mean of width and height), px."""
     lo, hi = landmarks.min(axis=0), landmarks.max(axis=0)
