@@ -127,7 +127,8 @@ class PrepConfig(_Section):
     """Avatar preparation (facts §6-§7)."""
 
     extra_margin: int = Field(default=10, ge=0, le=80)
-    parsing_mode: Literal["jaw", "raw"] = "jaw"
+    parsing_mode: Literal["jaw", "raw", "raw_nose"] = "jaw"  # raw_nose: raw + nose (upstream's nostril fix)
+    keep_upper_lip: bool = False  # blend mask starts where the lips meet: upper lip and philtrum from the source
     left_cheek_width: int = Field(default=90, ge=0, le=256)
     right_cheek_width: int = Field(default=90, ge=0, le=256)
     expand: float = Field(default=1.5, ge=1.0, le=3.0)

@@ -60,7 +60,7 @@ from musetalk.avatar.store import (
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import NoFaceDetected
 from musetalk.faces.base import FaceDetector, FaceParser
-from musetalk.faces.parsing import PARSE_SIZE_PX
+from musetalk.faces.parsing import PARSE_SIZE_PX, keep_upper_lip
 from musetalk.faces.tracking import FaceCandidate, check_reliable, closed_mouth_frame, track_faces
 from musetalk.utils.files import sha256_file
 
@@ -361,6 +361,8 @@ def _masks_stage(
                     sq, side_px = squares[k]
                     keep = lower_face_keep(PARSE_SIZE_PX, track.sizes[i] * PARSE_SIZE_PX / side_px)
                     mask_sq = np.where(keep, parsed[k], 0).astype(np.uint8)
+                    if cfg.prep.keep_upper_lip:
+                        mask_sq = keep_upper_lip(mask_sq, lms[k])
                     corners = geo.apply_affine(track.face_to_frame[i], lower_half)
                     box = geo.padded_int_box(corners, math.ceil(cfg.prep.mask_pad_ratio * side_px), hw)
                     # square px → mask-box px (forward map; OpenCV inverts it to sample)
