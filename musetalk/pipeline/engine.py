@@ -36,7 +36,14 @@ from numpy.typing import NDArray
 from musetalk.avatar.cache import AvatarCache, cycle_index
 from musetalk.config import AppConfig
 from musetalk.errors import GpuOutOfMemory, InputError
-from musetalk.pipeline.audio import WHISPER_RATE_HZ, AudioSource, load_audio, num_frames, resample
+from musetalk.pipeline.audio import (
+    WHISPER_RATE_HZ,
+    AudioSource,
+    context_samples,
+    load_audio,
+    num_frames,
+    resample,
+)
 from musetalk.pipeline.blend import Blender
 from musetalk.pipeline.encode import write_clip
 from musetalk.pipeline.generate import FaceJob, FaceSource, PendingFaces
@@ -110,12 +117,14 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         t_start: float,
         timings_ms: dict[str, float],
         yuv: bool,
+        context_16k: NDArray[np.float32] | None = None,
     ) -> None:
         self.engine, self.cache, self.audio, self.plan = engine, cache, audio, plan
         self.n_frames = plan.n_frames
         self.next_cursor = plan.next_cursor(cache.n_frames)
         self.timings_ms = timings_ms
         self._samples_16k = samples_16k
+        self._context_16k = context_16k if context_16k is not None else np.zeros(0, np.float32)
         self._t_start = t_start
         self._yuv = yuv
         self._queue: queue.Queue[Future[NDArray[np.uint8]] | _Failure] = queue.Queue(engine.cfg.engine.queue_frames)
@@ -196,8 +205,12 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         try:
             plan, src = self.plan, self.engine.source
             needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
+            # Left context (the previous sentence): the source hears it first, and clip frame i is its frame k + i.
+            k = num_frames(len(self._context_16k), self.engine.cfg.fps)
             if len(needed):
-                job = src.start(self.cache, self._samples_16k, plan.n_frames, self.audio.phonemes)
+                joined = np.concatenate([self._context_16k, self._samples_16k]) if k else self._samples_16k
+                phonemes = tuple((t + k / self.engine.cfg.fps, p) for t, p in self.audio.phonemes)
+                job = src.start(self.cache, joined, k + plan.n_frames, phonemes)
             batches = deque(split_batches(needed, src.first_batch_size, src.batch_size))
             in_flight: deque[tuple[NDArray[np.int64], PendingFaces]] = deque()
             faces: dict[int, NDArray[np.uint8]] = {}
@@ -214,7 +227,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                         depth = _BATCHES_IN_FLIGHT if faces_seen else 1
                         while batches and len(in_flight) < depth:
                             ids = batches.popleft()
-                            in_flight.append((ids, job.submit(ids.tolist(), plan.source_ids[ids].tolist())))
+                            in_flight.append((ids, job.submit((ids + k).tolist(), plan.source_ids[ids].tolist())))
                         ids, pending = in_flight.popleft()
                         faces.update(zip(ids.tolist(), pending.wait(), strict=True))
                         faces_seen = True
@@ -258,8 +271,21 @@ class Engine:
         weights = face_weights(frame_rms_db(samples_16k, n, fps, WHISPER_RATE_HZ), self.cfg.audio)
         return FramePlan(cursor=cursor, source_ids=source_ids, weights=weights)
 
-    def frames(self, audio: AudioSource, cache: AvatarCache, cursor: int = 0, *, yuv: bool = False) -> FrameStream:
-        """Start a clip; returns its frame iterator at once (audio errors raise here, as InputError)."""
+    def frames(
+        self,
+        audio: AudioSource,
+        cache: AvatarCache,
+        cursor: int = 0,
+        *,
+        yuv: bool = False,
+        left_context_16k: NDArray[np.float32] | None = None,
+    ) -> FrameStream:
+        """Start a clip; returns its frame iterator at once (audio errors raise here, as InputError).
+
+        left_context_16k: 16 kHz audio that preceded this clip (the previous sentence); its last whole frames
+        (≤ 2 s) are heard by the face source first, so the clip's first frames are conditioned as in one
+        continuous rendering. It adds no frames to the clip.
+        """
         t0 = time.perf_counter()
         if cache.fps != self.cfg.fps and cache.avatar_id not in self._warned_fps:
             self._warned_fps.add(cache.avatar_id)
@@ -274,12 +300,21 @@ class Engine:
             "frames": float(plan.n_frames),
             "silent_frames": float(np.sum(plan.weights == 0)),
         }
-        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv)
+        context = context_samples(left_context_16k, self.cfg.fps)
+        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv, context)
 
-    def render(self, audio: AudioSource, cache: AvatarCache, out_path: Path, cursor: int = 0) -> RenderResult:
+    def render(
+        self,
+        audio: AudioSource,
+        cache: AvatarCache,
+        out_path: Path,
+        cursor: int = 0,
+        *,
+        left_context_16k: NDArray[np.float32] | None = None,
+    ) -> RenderResult:
         """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip."""
         t0 = time.perf_counter()
-        with self.frames(audio, cache, cursor, yuv=True) as stream:
+        with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k) as stream:
             clip = write_clip(stream, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p")
             timings = {**stream.timings_ms, **clip.timings_ms}
         total_ms = (time.perf_counter() - t0) * 1000
