@@ -248,7 +248,16 @@ def open_cache(root: Path, manifest: dict[str, Any], mmap_frames: bool = False) 
         mask_boxes=arrays["mask_boxes"].astype(np.int32),
         latents=latents,
         manifest=manifest,
+        raw_landmarks=_measured_landmarks(arrays),
     )
+
+
+def _measured_landmarks(arrays: dict[str, NDArray[Any]]) -> NDArray[np.float32] | None:
+    """Unsmoothed landmarks where a face was detected, the smoothed track elsewhere; None in older caches."""
+    if "raw_landmarks" not in arrays or "detected" not in arrays:
+        return None
+    found = arrays["detected"].astype(bool)[:, None, None]
+    return np.where(found, arrays["raw_landmarks"], arrays["landmarks"]).astype(np.float32)
 
 
 def load_avatar(cfg: AppConfig, avatar_id: str, check: bool = True, mmap_frames: bool = False) -> AvatarCache:
