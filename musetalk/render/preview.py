@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -25,6 +26,7 @@ from numpy.typing import NDArray
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
 from musetalk.avatar.geometry import apply_affine, invert_affine, warp_crop
 from musetalk.faces.tracking import mouth_opening
+from musetalk.pipeline.generate import ClipJob, FaceRequest
 from musetalk.pipeline.silence import frame_rms_db
 from musetalk.types import Audio
 
@@ -220,41 +222,25 @@ class _Ready:
         return self._faces
 
 
-class _PreviewJob:
-    """Faces of one clip: the avatar's own upright crop with its mouth opened per frame."""
+@dataclass
+class PreviewConditioning:
+    """One utterance: its avatar and the mouth opening of every clip frame."""
 
-    def __init__(self, cache: AvatarCache, openings: NDArray[np.float32]) -> None:
-        self.cache, self.openings = cache, openings
-        self.bank = MouthBank(cache.raw_landmarks if cache.raw_landmarks is not None else cache.landmarks)
-        self._warp_ms = 0.0
+    cache: AvatarCache
+    openings: NDArray[np.float32]  # (T,) in [0, 1]
+    bank: MouthBank  # the avatar's own mouths, when its video shows talking
+    warp_ms: float = 0.0
 
-    def _crop(self, source_id: int) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+    def crop(self, source_id: int) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+        """Upright 256² crop of a source frame and its landmarks in crop px."""
         to_frame = self.cache.face_to_frame[source_id]
         crop = warp_crop(self.cache.frames[source_id], to_frame, FACE_SIZE_PX, cv2.INTER_LINEAR)
         landmarks = apply_affine(invert_affine(to_frame), self.cache.landmarks[source_id]).astype(np.float32)
         return crop, landmarks
 
-    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> _Ready:
-        """Warp the crops of `source_ids` to the openings of clip frames `frame_ids`."""
-        t0 = time.perf_counter()
-        faces = np.empty((len(frame_ids), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
-        for k, (frame_id, source_id) in enumerate(zip(frame_ids, source_ids, strict=True)):
-            crop, landmarks = self._crop(source_id)
-            wanted = float(self.openings[frame_id])
-            if self.bank.usable:
-                donor = self.bank.donor(wanted)
-                faces[k] = crop if donor == source_id else paste_mouth(crop, landmarks, *self._crop(donor))
-            else:
-                faces[k] = open_mouth(crop, landmarks, wanted)
-        self._warp_ms += (time.perf_counter() - t0) * 1000
-        return _Ready(faces)
-
     def timings_ms(self) -> dict[str, float]:
         """Time spent warping mouths."""
-        return {"preview_ms": self._warp_ms}
-
-    def close(self) -> None:
-        """Nothing to release."""
+        return {"preview_ms": self.warp_ms}
 
 
 class PreviewFaces:
@@ -267,13 +253,43 @@ class PreviewFaces:
         self.first_batch_size = 1
         self.batch_size = batch_size
 
+    def prepare(
+        self,
+        cache: AvatarCache,
+        samples_16k: NDArray[np.float32],
+        n_frames: int,
+        phonemes: tuple[tuple[float, str], ...] = (),
+    ) -> PreviewConditioning:
+        """Per-frame openings from the 16 kHz audio (and phoneme timings); the cache needs landmarks only."""
+        openings = mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps)
+        bank = MouthBank(cache.raw_landmarks if cache.raw_landmarks is not None else cache.landmarks)
+        return PreviewConditioning(cache, openings, bank)
+
+    def submit(self, requests: Sequence[FaceRequest]) -> _Ready:
+        """Each request's source crop with its frame's opening: a real mouth of the avatar, or the warp (synchronously)."""
+        faces = np.empty((len(requests), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
+        for k, (cond, frame_id, source_id) in enumerate(requests):
+            t0 = time.perf_counter()
+            crop, landmarks = cond.crop(source_id)
+            wanted = float(cond.openings[frame_id])
+            if cond.bank.usable:
+                donor = cond.bank.donor(wanted)
+                faces[k] = crop if donor == source_id else paste_mouth(crop, landmarks, *cond.crop(donor))
+            else:
+                faces[k] = open_mouth(crop, landmarks, wanted)
+            cond.warp_ms += (time.perf_counter() - t0) * 1000
+        return _Ready(faces)
+
+    def accelerated(self) -> dict[int, str]:
+        """No fixed shapes: any batch size runs as it is."""
+        return {}
+
     def start(
         self,
         cache: AvatarCache,
         samples_16k: NDArray[np.float32],
         n_frames: int,
         phonemes: tuple[tuple[float, str], ...] = (),
-    ) -> _PreviewJob:
-        """Per-frame openings from the 16 kHz audio (and phoneme timings); the cache needs landmarks only."""
-        openings = mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps)
-        return _PreviewJob(cache, openings)
+    ) -> ClipJob:
+        """One clip's faces without a scheduler."""
+        return ClipJob(self, self.prepare(cache, samples_16k, n_frames, phonemes))
