@@ -266,7 +266,7 @@ class PreviewFaces:
         return PreviewConditioning(cache, openings, bank)
 
     def submit(self, requests: Sequence[FaceRequest]) -> _Ready:
-        """Each request's source crop with its frame's opening: a real mouth of the avatar, or the warp (synchronously)."""
+        """Each request's crop with its frame's opening: one of the avatar's own mouths, or the warp (synchronously)."""
         faces = np.empty((len(requests), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
         for k, (cond, frame_id, source_id) in enumerate(requests):
             t0 = time.perf_counter()
