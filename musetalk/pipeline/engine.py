@@ -129,7 +129,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
             joined = np.concatenate([ctx, samples_16k]) if k else samples_16k
             phonemes = tuple((t + k / engine.cfg.fps, p) for t, p in audio.phonemes)
             self.utterance = engine.scheduler.submit(
-                cache, joined, k + plan.n_frames, needed + k, plan.source_ids[needed], phonemes
+                cache, joined, k + plan.n_frames, needed + k, plan.source_ids[needed], phonemes, first_frame=k
             )
         self._feeder = threading.Thread(target=self._feed, name="musetalk-feed", daemon=True)
         self._feeder.start()
