@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from musetalk.weights import DEFAULT_GROUPS, WEIGHT_FILES, WeightFile, check, fetch, repair_nested, select
+from musetalk.weights import WEIGHT_FILES, WeightFile, check, fetch, repair_nested, select
 from scripts import download_weights
 
 
@@ -119,5 +119,5 @@ def test_every_missing_file_named_is_one_make_weights_fetches(tmp_path: Path) ->
 
     cfg = load_config(overrides=[f"models.dir={tmp_path}"])
     named = {p.relative_to(tmp_path).as_posix() for p in missing_files(cfg.models, ALL_PARTS)}
-    fetched = {wf.dest for wf in select(DEFAULT_GROUPS)}
+    fetched = {wf.dest for wf in WEIGHT_FILES}  # make weights (default groups) or download_weights --groups
     assert named and named <= fetched, named - fetched
