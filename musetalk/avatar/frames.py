@@ -284,17 +284,18 @@ class JpegFrames:
             self._keep(i, frame)
         return frame
 
-    def close(self) -> None:
-        """Stop reading ahead and release the file descriptor."""
+    def close(self, wait: bool = True) -> None:
+        """Stop reading ahead (waiting for a decode in progress when `wait`) and release the file."""
         pool, self._pool = getattr(self, "_pool", None), None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=wait, cancel_futures=True)
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        # The last reference may go away on a read-ahead thread, which cannot wait for itself.
+        self.close(wait=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Worker processes reopen the file instead of pickling a descriptor and a thread pool.
