@@ -64,9 +64,7 @@ def warp_to_template(
 ) -> NDArray[np.uint8]:
     """(H, W, 3) frame → (size, size, 3) aligned crop; outside the frame is a reflected border."""
     return np.asarray(
-        cv2.warpAffine(
-            frame_bgr, matrix, (size_px, size_px), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101
-        ),
+        cv2.warpAffine(frame_bgr, matrix, (size_px, size_px), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101),
         dtype=np.uint8,
     )
 

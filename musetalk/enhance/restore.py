@@ -97,9 +97,7 @@ def mouth_box(landmarks: NDArray[np.floating], frame_hw: tuple[int, int], pad: f
     (lx0, ly0), (lx1, ly1) = lips.min(axis=0), lips.max(axis=0)
     p = pad * (lx1 - lx0)
     h, w = frame_hw
-    return (
-        max(0, int(lx0 - p)), max(0, int(ly0 - p)), min(w, int(np.ceil(lx1 + p))), min(h, int(np.ceil(ly1 + p)))
-    )
+    return (max(0, int(lx0 - p)), max(0, int(ly0 - p)), min(w, int(np.ceil(lx1 + p))), min(h, int(np.ceil(ly1 + p))))
 
 
 class FlickerMeter:

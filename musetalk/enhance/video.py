@@ -153,7 +153,9 @@ def enhance_video(
         total = vin.frames or None
         ain = audio_reader.streams.audio[0] if audio_reader.streams.audio else None
         with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
-            vout = out.add_stream("libx264", rate=rate, options={"crf": str(cfg.encode.crf), "preset": cfg.encode.preset})
+            vout = out.add_stream(
+                "libx264", rate=rate, options={"crf": str(cfg.encode.crf), "preset": cfg.encode.preset}
+            )
             vout.width, vout.height, vout.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
             vout.codec_context.time_base = 1 / rate
             aout = out.add_stream_from_template(ain) if ain is not None else None
@@ -207,7 +209,9 @@ def enhance_video(
                         vf = vframe.reformat(format="yuv420p")
                     else:
                         img = batch[i] if frame is None else frame
-                        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[: vout.height, : vout.width]), format="bgr24")
+                        vf = av.VideoFrame.from_ndarray(
+                            np.ascontiguousarray(img[: vout.height, : vout.width]), format="bgr24"
+                        )
                     vf.pts, vf.time_base = n_frames + i, 1 / rate
                     out.mux(vout.encode(vf))
                     if measure_flicker:
