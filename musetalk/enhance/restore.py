@@ -8,16 +8,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-
-from musetalk.models.gfpgan import GFPGANv1Clean
+from torch import nn
 
 MOUTH = list(range(48, 68))  # iBUG lip landmarks
 
 
 class FaceRestorer:
-    """Runs GFPGAN on (B, 512, 512, 3) BGR uint8 aligned crops, `batch_size` at a time, on the model's device."""
+    """Runs GFPGAN on (B, 512, 512, 3) BGR uint8 aligned crops, `batch_size` at a time, on the model's device.
 
-    def __init__(self, net: GFPGANv1Clean, batch_size: int = 8, fixed_noise: bool = True) -> None:
+    `net` is a GFPGANv1Clean, or any module with the same call: net(x in [-1, 1], fixed_noise=...) → same shape.
+    """
+
+    def __init__(self, net: nn.Module, batch_size: int = 8, fixed_noise: bool = True) -> None:
         self.net = net
         param = next(net.parameters())
         self.device, self.dtype = param.device, param.dtype
