@@ -45,7 +45,9 @@ def _talking_video(path: Path, fps: int = 25, size_hw: tuple[int, int] = (200, 2
             c.mux(p)
         for i in range(n):
             if i < N_FACELESS:
-                img = cv2.resize(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8), (w, h))
+                img = np.asarray(
+                    cv2.resize(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8), (w, h)), dtype=np.uint8
+                )
             else:
                 img = render_frame(photo, size_hw, offsets[i - N_FACELESS], 0.0, 0.55)
             c.mux(vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="bgr24")))
@@ -67,6 +69,7 @@ def _video_info(path: Path) -> tuple[int, Fraction, float]:
     with av.open(str(path)) as c:
         v = c.streams.video[0]
         n = sum(1 for _ in c.decode(video=0))
+        assert v.average_rate is not None and v.duration is not None and v.time_base is not None
         return n, Fraction(v.average_rate), float(v.duration * v.time_base)
 
 
