@@ -62,6 +62,7 @@ class ModelsConfig(_Section):
     face_alignment: str = "face-alignment"  # torch hub dir: checkpoints/{s3fd-619a316812.pth,2DFAN4-cd938726ad.zip}
     dwpose: str = "dwpose/dw-ll_ucoco_384.pth"
     gfpgan: str = "gfpgan/GFPGANv1.4.pth"
+    syncnet: str = "syncnet/latentsync_syncnet.pt"  # LatentSync's SyncNet: scripts.evaluate's LSE-C/LSE-D
 
     def root(self) -> Path:
         """The weights folder, resolved."""
@@ -80,11 +81,15 @@ class RuntimeConfig(_Section):
 
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    compile: bool = False  # torch.compile the UNet/VAE decoder on CUDA (slow first start; cached)
-    # What `compile` compiles. The decoder is ~78 % of the FLOPs and dominated by memory-bound norms
-    # that compilation fuses; the UNet's launch overhead is already removed by CUDA graphs.
-    compile_modules: Literal["vae", "unet", "both"] = "vae"
+    compile: bool = True  # torch.compile the UNet/VAE decoder on CUDA (in the background; cached on disk)
+    # What `compile` compiles. The decoder is ~78 % of the FLOPs and dominated by memory-bound norms that
+    # compilation fuses; compiling the UNet too gains ~20 % more at batch 16.
+    compile_modules: Literal["vae", "unet", "both"] = "both"
+    compile_cache_dir: Path = Path(".cache/torch-compile")  # inductor + triton caches kept between starts
     cuda_graphs: bool = True  # replay UNet + VAE decode as CUDA graphs (one pair per batch size) on CUDA
+    # Serve eagerly as soon as the weights are on the GPU; capture graphs / compile each batch shape in a
+    # background thread and switch over shape by shape. false = do it all before serving.
+    background_accelerate: bool = True
     channels_last: bool = False  # NHWC memory format for the UNet/VAE convolutions on CUDA
     threads: int = Field(default=0, ge=0)  # CPU intra-op threads; 0 = torch default
 
@@ -126,7 +131,8 @@ class PrepConfig(_Section):
     """Avatar preparation (facts §6-§7)."""
 
     extra_margin: int = Field(default=10, ge=0, le=80)
-    parsing_mode: Literal["jaw", "raw"] = "jaw"
+    parsing_mode: Literal["jaw", "raw", "raw_nose"] = "jaw"  # raw_nose: raw + nose (upstream's nostril fix)
+    keep_upper_lip: bool = False  # blend mask starts where the lips meet: upper lip and philtrum from the source
     left_cheek_width: int = Field(default=90, ge=0, le=256)
     right_cheek_width: int = Field(default=90, ge=0, le=256)
     expand: float = Field(default=1.5, ge=1.0, le=3.0)
@@ -140,6 +146,18 @@ class PrepConfig(_Section):
     # feather kernel up to that size fits inside the stored box (upstream realtime uses 0.1).
     mask_pad_ratio: float = Field(default=0.1, ge=0, le=0.5)
     dwpose_config: Path | None = None  # mmpose config; default: RTMPose-l wholebody 384x288 shipped with mmpose
+    face: str = Field(default="largest", pattern=r"^(largest|center|[0-9]{1,3})$")  # whom to track: N = N-th from left
+    # UNet reference latent, applied when a cache loads: same_frame (upstream), closed_mouth (picked by
+    # force_prep), fixed:<frame>.
+    reference_frame: str = Field(default="same_frame", pattern=r"^(same_frame|closed_mouth|fixed:[0-9]+)$")
+    # Landmark sets farther than this (Procrustes distance to the mean face shape) are not faces.
+    max_shape_distance: float = Field(default=0.12, gt=0, le=1)
+
+    @field_validator("face", mode="before")
+    @classmethod
+    def _face_text(cls, v: object) -> object:
+        """`--set prep.face=1` arrives as a YAML int: the index is kept as text."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class BlendConfig(_Section):
@@ -149,6 +167,8 @@ class BlendConfig(_Section):
     subpixel_enabled: bool = True
     feather_ratio: float = Field(default=0.05, gt=0, le=0.5)  # blur kernel / crop width (upstream 0.05-0.1)
     color_match: bool = False
+    # Motion-adaptive smoothing of generated faces across consecutive frames (0 = off; see pipeline/temporal.py).
+    temporal_smoothing: float = Field(default=0.0, ge=0, lt=1)
 
 
 class AudioConfig(_Section):
@@ -175,11 +195,17 @@ class EncodeConfig(_Section):
 
 
 class EngineConfig(_Section):
-    """The warm generation engine: batching shape, worker threads, queues, output folder."""
+    """The warm generation engine: batching shape, scheduling, worker threads, queues, output folder."""
 
     first_batch_size: int = Field(default=4, ge=1, le=256)  # small first batch: first frame sooner
-    blend_workers: int = Field(default=4, ge=1, le=64)  # CPU threads pasting faces (and converting to YUV)
-    queue_frames: int = Field(default=64, ge=1, le=4096)  # frames in flight between generation and encoding
+    # batched: one GPU thread batches the frames of every utterance in flight (sessions render side by side);
+    # serial: one utterance at a time from start to encoded clip (the behaviour before the scheduler; a
+    # baseline for benchmarks).
+    scheduler: Literal["batched", "serial"] = "batched"
+    # Frame i of an utterance started at t0 is due at t0 + start_budget_ms + i / fps (earliest deadline first).
+    start_budget_ms: float = Field(default=150.0, ge=0)
+    blend_workers: int = Field(default=0, ge=0, le=256)  # CPU threads pasting faces; 0 = auto: cores - 1, >= 2
+    queue_frames: int = Field(default=64, ge=1, le=4096)  # per utterance: frames in flight to its consumer
     mask_cache_frames: int = Field(default=2048, ge=1)  # per-frame blend alpha maps kept in memory
     output_dir: Path = Path("results/clips")  # where run() writes clips when no path is given
 
@@ -226,7 +252,10 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(default=65_536, ge=1024)  # JSON request bodies
     max_upload_bytes: int = Field(default=20_000_000, ge=1024)  # /speak_audio file
     max_audio_s: float = Field(default=120.0, gt=0)  # longest accepted utterance (TTS or upload)
-    queue_size: int = Field(default=16, ge=1)  # speak requests admitted at once (waiting or running)
+    queue_size: int = Field(default=32, ge=1)  # speak requests admitted at once (waiting or running)
+    # Sessions rendering at once; a new session's utterance beyond this gets 503 + Retry-After instead of
+    # everyone falling behind. 0 = auto: the renderer's measured frames/s × 0.8 / fps.
+    max_live_sessions: int = Field(default=0, ge=0)
     retry_after_s: int = Field(default=2, ge=1)  # Retry-After of a 503
     cors_origins: tuple[str, ...] = ()  # e.g. ["http://localhost:3000"]; empty = no CORS headers
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
