@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  mouth flicker: source {f.get('source_td', 0):.2f}  output {f.get('output_td', 0):.2f}  "
               f"added {f.get('added', 0):.2f} grey levels")  # fmt: skip
     for temporal, f in results["flicker_standin"].items():
-        print(f"stand-in restorer (unsharp + {args.standin_sigma:g} grey-level frame noise), temporal={temporal}: mouth flicker source "
-              f"{f['source_td']:.2f}  output {f['output_td']:.2f}  added {f['added']:.2f} grey levels")  # fmt: skip
+        print(f"stand-in restorer (unsharp + {args.standin_sigma:g} grey-level frame noise), temporal={temporal}: "
+              f"mouth flicker source {f['source_td']:.2f}  output {f['output_td']:.2f}  "
+              f"added {f['added']:.2f} grey levels")  # fmt: skip
     for b, r in results["stage_256"].items():
         print(f"stage 256² batch {b:>3}: {r['ms_per_batch']:8.1f} ms/batch  {r['frames_per_s']:8.1f} frames/s")
     if args.json:
