@@ -10,7 +10,8 @@ Layout:
 
 Who may write a session: the one process that holds `session.lock` (an exclusive `flock`). A store
 takes it the first time it touches a session (state, new clip path, append, reset) and keeps it until
-`close()` or the process ends — also by `kill -9`: the kernel drops a dead process's locks. A second
+the session is reset, `close()`, or the process ends — also by `kill -9`: the kernel drops a dead
+process's locks. A second
 process is refused with SessionLocked (HTTP 409) instead of corrupting the file. Holding the lock for
 as long as the process uses the session (rather than per operation) is what makes it safe: the clip
 numbers a process hands out, the frame cursor and the clean-up of unappended clips on open all assume
@@ -25,6 +26,7 @@ lease expires); it does not hold on filesystems without lock support.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -89,9 +91,12 @@ class SessionStore:
         """Take the session's inter-process lock (kept until close); SessionLocked if another process has it."""
         if session_id in self._owned:
             return
-        paths.workdir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            paths.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+            except FileNotFoundError:  # the folder was removed by a reset in another process just now
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -161,10 +166,12 @@ class SessionStore:
             return result
 
     def reset(self, session_id: str) -> bool:
-        """Delete the session's video, clips, concat list and commit record; True if there was anything.
+        """Delete the session's folder (clips, concat list, commit record) and video, and give up its lock;
+        True if there was anything to delete.
 
-        The process keeps the session's lock (the lock file stays in the session folder). Deleting the
-        commit record first means a crash half-way leaves either the whole session or none of it."""
+        Deleting the commit record first means a crash half-way leaves either the whole session or none
+        of it. The lock file goes last, while still held: another process that opened it meanwhile sees
+        that it is no longer the one at its path and takes a fresh one."""
         with self._lock(session_id):
             paths = self.paths(session_id)
             self._own(session_id, paths)
@@ -172,7 +179,7 @@ class SessionStore:
             with self._publish:
                 paths.commit_record.unlink(missing_ok=True)
                 paths.video.unlink(missing_ok=True)
-                self._states[session_id] = self._empty()
+                self._states.pop(session_id, None)
             for stale in paths.stale_temp_videos():
                 stale.unlink(missing_ok=True)
             for child in paths.workdir.iterdir():
@@ -183,6 +190,10 @@ class SessionStore:
                 else:
                     child.unlink(missing_ok=True)
             self._reserved.pop(session_id, None)
+            paths.lock.unlink(missing_ok=True)
+            os.close(self._owned.pop(session_id))
+            with contextlib.suppress(OSError):  # not empty: another process has just taken the session again
+                paths.workdir.rmdir()
             return existed
 
     def video_path(self, session_id: str) -> Path:
