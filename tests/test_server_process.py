@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import av
 import httpx
@@ -166,25 +167,60 @@ _PLAY_JS = """async () => {
 
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_plays_and_seeks_the_session_video(tmp_path: Path) -> None:
+def test_browser_plays_and_seeks_the_session_video_at_every_committed_length(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    with _server(tmp_path, "browser") as (_, base, _):
-        for text in ("First sentence of the test.", "Second one.", "And the third sentence, a bit longer."):
-            reply = httpx.post(f"{base}/speak", json={"text": text}, timeout=30).json()
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=str(CHROMIUM),
-                args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"],
-            )
-            try:
-                page = browser.new_page()
+    served: list[tuple[dict[str, Any], bytes]] = []
+    with _server(tmp_path, "browser") as (_, base, _), sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"],
+        )
+        try:
+            page = browser.new_page()
+            results = []
+            for text in ("First sentence of the test.", "Second one.", "And the third sentence, a bit longer."):
+                reply = httpx.post(f"{base}/speak", json={"text": text}, timeout=30).json()
+                served.append((reply, httpx.get(f"{base}{reply['video_url']}", timeout=30).content))
                 page.set_content(f'<video id="v" muted preload="auto" src="{base}{reply["video_url"]}"></video>')
-                result = page.evaluate(_PLAY_JS)
-            finally:
-                browser.close()
-    assert result["error"] is None and result["width"] == 64
-    # The browser's duration is the session's (plus at most the 21 ms AAC priming some demuxers count).
-    assert reply["session_duration_s"] - 0.01 <= result["duration"] <= reply["session_duration_s"] + 0.03
-    assert result["seekedTo"] == pytest.approx(result["duration"] - 0.5, abs=0.05)
-    assert result["ended"] is True
+                results.append(page.evaluate(_PLAY_JS))
+            # A player opening the file on disk (committed bytes + the provisional audio tail).
+            page_file = tmp_path / "results" / "page.html"  # beside results/full_session.mp4
+            page_file.write_text('<video id="v" muted preload="auto" src="full_session.mp4"></video>')
+            page.goto(page_file.as_uri())
+            on_disk = page.evaluate(_PLAY_JS)
+        finally:
+            browser.close()
+    for (reply, _data), result in zip(served, results, strict=True):
+        assert result["error"] is None and result["width"] == 64
+        # The browser's duration is the session's (plus at most the 21 ms AAC priming some demuxers count).
+        assert reply["session_duration_s"] - 0.01 <= result["duration"] <= reply["session_duration_s"] + 0.03
+        assert result["seekedTo"] == pytest.approx(result["duration"] - 0.5, abs=0.05)
+        assert result["ended"] is True
+    assert served[1][1].startswith(served[0][1]) and served[2][1].startswith(served[1][1])  # never rewritten
+    assert on_disk["error"] is None and on_disk["ended"] is True
+    assert on_disk["duration"] == pytest.approx(served[-1][0]["session_duration_s"], abs=0.03)
+
+
+def test_two_servers_on_one_session_the_second_is_refused(tmp_path: Path) -> None:
+    video = tmp_path / "results" / "full_session.mp4"
+    with _server(tmp_path, "first") as (first, base1, _):
+        assert httpx.post(f"{base1}/speak", json={"text": "the first server speaks"}, timeout=30).status_code == 200
+        with _server(tmp_path, "second") as (_, base2, _):
+            before = video.read_bytes()
+            refused = httpx.post(f"{base2}/speak", json={"text": "the second server tries"}, timeout=30)
+            assert refused.status_code == 409 and refused.json()["error"] == "SessionLocked"
+            assert f"in use by another process (pid {first.pid} on" in refused.json()["detail"]
+            assert httpx.get(f"{base2}/reset", timeout=30).status_code == 409
+            assert video.read_bytes() == before
+            # The second server still serves the committed video, and has sessions of its own.
+            assert httpx.get(f"{base2}/sessions/default/video", timeout=30).content == httpx.get(
+                f"{base1}/sessions/default/video", timeout=30
+            ).content
+            own = httpx.post(f"{base2}/speak", json={"text": "mine", "session_id": "other"}, timeout=30)
+            assert own.status_code == 200
+        assert httpx.post(f"{base1}/speak", json={"text": "and again"}, timeout=30).json()["n_clips"] == 2
+    paths = SessionPaths(video=video, workdir=tmp_path / "results" / "sessions" / "default")
+    state = read_state(paths)
+    assert state is not None and len(state.clips) == 2
+    assert _decoded_frames(video)[0] == state.total_frames

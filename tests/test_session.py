@@ -223,10 +223,27 @@ def test_damaged_commit_record_is_a_conflict(store: SessionStore) -> None:
     store.append("default", _clip(store, "default", 5), cursor=0, avatar_id="demo")
     paths = store.paths("default")
     store.close()
+    record = paths.commit_record.read_bytes()  # slot 0: the empty session (seq 0), slot 1: one clip (seq 1)
+
+    def refused(match: str) -> None:
+        other = SessionStore(store.results_dir, "default", FPS, EncodeConfig())
+        with pytest.raises(SessionConflict, match=match) as info:
+            other.state("default")
+        other.close()
+        assert str(store.results_dir) not in str(info.value)
+
+    paths.video.rename(paths.video.with_name("elsewhere.mp4"))  # the video is gone, the record remains
+    refused("No such file or directory: full_session.mp4")
+    paths.video.with_name("elsewhere.mp4").rename(paths.video)
     paths.commit_record.write_bytes(bytes(8192))  # both slots unreadable
-    with pytest.raises(SessionConflict, match="no valid commit record") as info:
-        SessionStore(store.results_dir, "default", FPS, EncodeConfig()).state("default")
-    assert str(store.results_dir) not in str(info.value)
+    refused("no valid commit record")
+    # A torn slot fails its CRC and the other one counts: torn older slot → still the last commit;
+    # torn newest slot → the commit before it (here: the empty session).
+    paths.commit_record.write_bytes(record[:2000] + bytes(2096) + record[4096:])
+    state = read_state(paths)
+    assert state is not None and len(state.clips) == 1
+    paths.commit_record.write_bytes(record[:4196] + bytes(8192 - 4196))
+    assert read_state(paths) is None
 
 
 def test_a_musetalk_session_2_file_is_read_and_converted_on_append(store: SessionStore) -> None:

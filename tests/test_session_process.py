@@ -150,7 +150,8 @@ def test_a_second_process_is_refused_while_one_holds_the_session(results: Path, 
         f, n_bytes = store.open_video("default")
         f.close()
         state = read_state(paths)
-        assert state is not None and n_bytes == state.layout.committed_bytes and len(state.clips) == 2
+        assert state is not None and state.layout is not None and len(state.clips) == 2
+        assert n_bytes == state.layout.committed_bytes
         if how == "exits":
             assert holder.stdin is not None
             holder.stdin.write("done\n")

@@ -247,6 +247,14 @@ class AppendResult:
     timings_ms: dict[str, float]
 
 
+def _why(exc: Exception) -> str:
+    """An exception as a reason for a client: an OSError by its error and file name, never its path."""
+    if isinstance(exc, OSError):
+        name = Path(str(exc.filename)).name if exc.filename else ""
+        return f"{exc.strerror or type(exc).__name__}{f': {name}' if name else ''}"
+    return str(exc)
+
+
 def _damaged(paths: SessionPaths, why: str) -> SessionConflict:
     return SessionConflict(
         f"session {paths.session_id!r}: its video was not written by this server or is damaged ({why}); "
@@ -379,7 +387,7 @@ def read_state(paths: SessionPaths) -> SessionState | None:
         with paths.video.open("rb") as f:
             return _with_clips(paths, f, record, seq)
     except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-        raise _damaged(paths, str(exc)) from exc
+        raise _damaged(paths, _why(exc)) from exc
 
 
 def committed_length(paths: SessionPaths) -> int:
@@ -390,7 +398,7 @@ def committed_length(paths: SessionPaths) -> int:
             return paths.video.stat().st_size if paths.video.is_file() else 0
         layout = _parse_state(commit[1]).state.layout
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise _damaged(paths, str(exc)) from exc
+        raise _damaged(paths, _why(exc)) from exc
     return 0 if layout is None else layout.committed_bytes
 
 
@@ -430,7 +438,7 @@ def open_session(paths: SessionPaths, empty: SessionState) -> SessionState:
                 os.fsync(f.fileno())
             return _with_clips(paths, f, record, seq)
     except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-        raise _damaged(paths, str(exc)) from exc
+        raise _damaged(paths, _why(exc)) from exc
 
 
 # ---- appending -------------------------------------------------------------------------------------
