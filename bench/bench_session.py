@@ -11,9 +11,11 @@ version), timed 3 times on a copy of the same session in the same run. Clips are
 real encoder (a photo moving a little per frame, so the bitrate is like a talking head, with a
 speech-like tone) and hard-linked under new names. CPU only: no model runs.
 
-Also measures the audio quality at the joins (`--snr-clips`, a separate short session): the SNR of the
-session's decoded audio against the source PCM in a window around each join, next to one AAC encode of
-the whole session's PCM. Prints tables and writes JSON (default results/bench/bench_session.json).
+Also times opening the final session in a new store (a restarted server's first request on it: read
+the record boxes, cut the provisional tail), and measures the audio quality at the joins
+(`--snr-clips`, a separate short session): the SNR of the session's decoded audio against the source
+PCM in a window around each join, next to one AAC encode of the whole session's PCM.
+Prints tables and writes JSON (default results/bench/bench_session.json).
 """
 
 from __future__ import annotations
@@ -233,6 +235,11 @@ def main() -> None:
                 print(f"  {n} clips: {(time.perf_counter() - t_run):.0f} s into the run", flush=True)
         size_mb = video.stat().st_size / 1e6
         store.close()
+        t = time.perf_counter()  # a restarted server's first touch: read the records, cut the tail
+        reopened = SessionStore(root / "results", "default", FPS, cfg)
+        assert len(reopened.state("default").clips) == n_appends
+        open_ms = (time.perf_counter() - t) * 1000
+        reopened.close()
 
     rows = []
     for n in checkpoints:
@@ -259,7 +266,7 @@ def main() -> None:
         "frame": f"{args.width}x{args.height}",
         "clip_s": args.clip_s,
         "clip_encode_s": round(encode_s, 2),
-        "final_session": {"clips": n_appends, "size_mb": round(size_mb, 1)},
+        "final_session": {"clips": n_appends, "size_mb": round(size_mb, 1), "open_ms": round(open_ms, 1)},
         "rows": rows,
         "ratio_last_to_first": {"time": round(last["append_ms"] / first["append_ms"], 2),
                                 "bytes": round(last["written_kb"] / first["written_kb"], 3)},
@@ -272,7 +279,7 @@ def main() -> None:
     print(" ".join(f"{c:>{max(9, len(c))}}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:>{max(9, len(c))}}" for c in cols))
-    print(f"last / first checkpoint: {report['ratio_last_to_first']}")
+    print(f"last / first checkpoint: {report['ratio_last_to_first']}; final session: {report['final_session']}")
     d = np.array(session_db) - np.array(one_pass_db)
     print(f"join SNR over {len(session_db)} joins: session {min(session_db):.1f}-{max(session_db):.1f} dB, "
           f"one AAC encode {min(one_pass_db):.1f}-{max(one_pass_db):.1f} dB, "
