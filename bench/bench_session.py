@@ -13,8 +13,9 @@ speech-like tone) and hard-linked under new names. CPU only: no model runs.
 
 Also times opening the final session in a new store (a restarted server's first request on it: read
 the record boxes, cut the provisional tail), and measures the audio quality at the joins
-(`--snr-clips`, a separate short session): the SNR of the session's decoded audio against the source
-PCM in a window around each join, next to one AAC encode of the whole session's PCM.
+(`--snr-clips`, a separate short session of espeak-ng sentences): the SNR of the session's decoded
+audio against the source PCM in a window around each join, next to one AAC encode of the whole
+session's PCM.
 Prints tables and writes JSON (default results/bench/bench_session.json).
 """
 
@@ -81,6 +82,33 @@ def make_source_clips(folder: Path, n: int, width: int, height: int, clip_s: flo
     return clips
 
 
+SPEECH = (
+    "Hello, and welcome back to our conversation.",
+    "I looked into the question you asked yesterday.",
+    "The short answer is yes, but there are a few details.",
+    "First, the numbers depend on how long the session runs.",
+    "Second, every sentence is added at the end of the video.",
+    "Nothing that was already written is ever changed again.",
+    "So a long talk costs the same as a short one, per sentence.",
+    "Does that answer your question, or shall I go on?",
+)
+
+
+def make_speech_clips(folder: Path, n: int, cfg: EncodeConfig) -> list[Clip]:
+    """`n` clips of real speech (espeak-ng, the server's default voice) on small blank frames."""
+    from musetalk.config import TTSConfig
+    from musetalk.tts.base import create_voice_engine
+
+    voice = create_voice_engine(TTSConfig(engine="espeak"))
+    clips = []
+    for k in range(n):
+        audio = voice.synthesize(SPEECH[k % len(SPEECH)])
+        n_frames = max(1, round(len(audio.samples) / audio.sample_rate * FPS))
+        frames = (np.full((64, 64, 3), 128, np.uint8) for _ in range(n_frames))
+        clips.append(write_clip(frames, audio, folder / f"speech{k}.mp4", n_frames, FPS, cfg))
+    return clips
+
+
 def _link_clip(src: Clip, dest: Path) -> Clip:
     """The pre-encoded clip under the session's next clip name (a hard link: no bytes written)."""
     assert src.audio_path is not None
@@ -138,9 +166,10 @@ def _decode_mono(path: Path) -> NDArray[np.float32]:
         return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]).astype(np.float32)
 
 
-def join_snr_db(paths: SessionPaths, state: SessionState, cfg: EncodeConfig) -> tuple[list[float], list[float]]:
-    """Per join: SNR (dB) of the session's decoded audio vs the source PCM around the join, and the same
-    for one AAC encode (FFmpeg, same bitrate) of the whole session's PCM."""
+def join_snr_db(paths: SessionPaths, state: SessionState, cfg: EncodeConfig) -> dict[str, list[float]]:
+    """SNR (dB) against the source PCM of the session's decoded audio and of one AAC encode (FFmpeg, same
+    bitrate) of the whole session's PCM: in a window around each join ("join", "join_one_pass") and, as a
+    control, in a window of the same length in the middle of each clip ("mid", "mid_one_pass")."""
     rate = state.audio_rate
     parts = []
     for entry in state.clips:
@@ -158,11 +187,19 @@ def join_snr_db(paths: SessionPaths, state: SessionState, cfg: EncodeConfig) -> 
     def snr(decoded: NDArray[np.float32], a: int, b: int) -> float:
         ref = source[a:b]
         err = ref - decoded[a:b]
-        return float(10 * np.log10(np.sum(ref**2) / max(float(np.sum(err**2)), 1e-20)))
+        return round(float(10 * np.log10(np.sum(ref**2) / max(float(np.sum(err**2)), 1e-20))), 2)
 
-    joins = np.cumsum([c.n_frames for c in state.clips])[:-1] * rate // state.fps
-    windows = [(int(j - SNR_BEFORE_S * rate), int(j + SNR_AFTER_S * rate)) for j in joins]
-    return [round(snr(session, a, b), 2) for a, b in windows], [round(snr(one_pass, a, b), 2) for a, b in windows]
+    bounds = np.cumsum([0, *(c.n_frames for c in state.clips)]) * rate // state.fps
+    before, after = int(SNR_BEFORE_S * rate), int(SNR_AFTER_S * rate)
+    joins = [(int(j) - before, int(j) + after) for j in bounds[1:-1]]
+    mids = [(int(a + b) // 2 - (before + after) // 2, int(a + b) // 2 + (before + after) // 2)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+    return {
+        "join": [snr(session, a, b) for a, b in joins],
+        "join_one_pass": [snr(one_pass, a, b) for a, b in joins],
+        "mid": [snr(session, a, b) for a, b in mids],
+        "mid_one_pass": [snr(one_pass, a, b) for a, b in mids],
+    }
 
 
 def main() -> None:
@@ -173,7 +210,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--clip-s", type=float, default=3.0, help="seconds per clip (a sentence)")
     parser.add_argument("--sources", type=int, default=4, help="distinct clips encoded and reused")
-    parser.add_argument("--snr-clips", type=int, default=20, help="clips of the short session for the join SNR")
+    parser.add_argument("--snr-clips", type=int, default=24, help="spoken sentences in the join-SNR session")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_session.json")
     parser.add_argument("--workdir", type=Path, default=None, help="where the session is written (default: a temp dir)")
     args = parser.parse_args()
@@ -189,11 +226,11 @@ def main() -> None:
         sources = make_source_clips(root / "src", args.sources, args.width, args.height, args.clip_s, cfg)
         encode_s = (time.perf_counter() - t0) / args.sources
 
+        speech = make_speech_clips(root / "src", args.snr_clips, cfg)
         snr_store = SessionStore(root / "snr", "default", FPS, cfg)
-        for i in range(args.snr_clips):
-            snr_store.append("default", _link_clip(sources[i % len(sources)], snr_store.new_clip_path("default")),
-                             cursor=0, avatar_id="bench")  # fmt: skip
-        session_db, one_pass_db = join_snr_db(snr_store.paths("default"), snr_store.state("default"), cfg)
+        for clip in speech:
+            snr_store.append("default", _link_clip(clip, snr_store.new_clip_path("default")), 0, "bench")
+        snr_db = join_snr_db(snr_store.paths("default"), snr_store.state("default"), cfg)
         snr_store.close()
         shutil.rmtree(root / "snr")
 
@@ -270,7 +307,7 @@ def main() -> None:
         "rows": rows,
         "ratio_last_to_first": {"time": round(last["append_ms"] / first["append_ms"], 2),
                                 "bytes": round(last["written_kb"] / first["written_kb"], 3)},
-        "join_snr_db": {"session": session_db, "one_pass": one_pass_db},
+        "snr_db": snr_db,
         "append_ms_all": [round(x, 1) for x in append_ms],
         "written_bytes_all": written,
     }  # fmt: skip
@@ -280,10 +317,12 @@ def main() -> None:
     for r in rows:
         print(" ".join(f"{r[c]:>{max(9, len(c))}}" for c in cols))
     print(f"last / first checkpoint: {report['ratio_last_to_first']}; final session: {report['final_session']}")
-    d = np.array(session_db) - np.array(one_pass_db)
-    print(f"join SNR over {len(session_db)} joins: session {min(session_db):.1f}-{max(session_db):.1f} dB, "
-          f"one AAC encode {min(one_pass_db):.1f}-{max(one_pass_db):.1f} dB, "
-          f"difference {d.min():+.2f} .. {d.max():+.2f} dB (mean {d.mean():+.2f})")  # fmt: skip
+    for where in ("join", "mid"):
+        own, one = np.array(snr_db[where]), np.array(snr_db[f"{where}_one_pass"])
+        d = own - one
+        print(f"SNR vs source PCM, {where} windows ({len(d)}): session {own.min():.1f}-{own.max():.1f} dB,"
+              f" one AAC encode {one.min():.1f}-{one.max():.1f} dB,"
+              f" session minus one encode {d.min():+.2f} .. {d.max():+.2f} dB (mean {d.mean():+.2f})")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
