@@ -270,6 +270,14 @@ def test_a_musetalk_session_2_file_is_read_and_converted_on_append(store: Sessio
     # Appends after the conversion are ordinary ones.
     store.append("default", _clip(store, "default", 11, seed=4), cursor=14, avatar_id="demo")
     assert probe(paths.video).n_video_frames == 71
+    # The file describes itself: without its commit record (as after a crash between the conversion's
+    # rename and its first commit) the session is recovered from the record boxes.
+    store.close()
+    paths.commit_record.unlink()
+    recovered = SessionStore(results, "default", FPS, EncodeConfig())
+    assert [c.n_frames for c in recovered.state("default").clips] == [13, 9, 21, 17, 11]
+    assert recovered.state("default").cursor == 14 and paths.commit_record.is_file()
+    recovered.close()
 
 
 def test_a_second_store_on_the_same_session_is_refused(store: SessionStore) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import struct
 import time
@@ -554,30 +555,6 @@ def _ticks(timestamp: int | None, time_base: Fraction | None, units_per_s: int) 
     return round(timestamp * time_base * units_per_s)
 
 
-def _copy_prefix(src: Path, dst: BinaryIO, n_bytes: int, session_id: str) -> None:
-    """Copy the first `n_bytes` of `src` to `dst` in the kernel (a clone on copy-on-write filesystems)."""
-    short = f"session {session_id!r}: the video is shorter than its record says; /reset the session"
-    with src.open("rb") as f:
-        copied = 0
-        try:
-            while copied < n_bytes:
-                n = os.copy_file_range(f.fileno(), dst.fileno(), n_bytes - copied, copied, copied)
-                if n == 0:
-                    raise SessionConflict(short)
-                copied += n
-        except (AttributeError, OSError):  # no copy_file_range here (or across filesystems): plain copy
-            f.seek(copied)
-            dst.seek(copied)
-            remaining = n_bytes - copied
-            while remaining > 0:
-                chunk = f.read(min(remaining, 1 << 20))
-                if not chunk:
-                    raise SessionConflict(short) from None
-                dst.write(chunk)
-                remaining -= len(chunk)
-    dst.seek(n_bytes)
-
-
 def _record_box(state: SessionState, clips: tuple[ClipEntry, ...], start: int) -> tuple[bytes, SessionState]:
     """The `free` box that makes an append's bytes self-describing (the clips it added and the state),
     to be written at offset `start`, and the state with committed_bytes = the end of that box."""
@@ -602,8 +579,9 @@ def convert_legacy(paths: SessionPaths, state: SessionState) -> SessionState:
     new_layout = replace(layout, legacy_duration_offsets=None)
     converted = state
     try:
-        with tmp.open("w+b") as f:
-            _copy_prefix(paths.video, f, layout.committed_bytes, paths.session_id)
+        shutil.copyfile(paths.video, tmp)  # once per session: the kernel copies (or clones) it
+        with tmp.open("r+b") as f:
+            f.truncate(layout.committed_bytes)  # its provisional tail and trailing state box go
             for offset in layout.legacy_duration_offsets:  # durations come from the fragments from now on
                 f.seek(offset)
                 f.write(bytes(8))
