@@ -15,8 +15,8 @@ from musetalk.avatar.cache import AvatarCache, cycle_index
 from musetalk.config import AppConfig, load_config
 from musetalk.errors import InputError
 from musetalk.models import load_models
-from musetalk.pipeline.engine import Engine, split_batches
-from musetalk.pipeline.generate import FaceJob, PendingFaces
+from musetalk.pipeline.engine import Engine
+from musetalk.pipeline.generate import FaceRequest, PendingFaces
 from musetalk.pipeline.synthetic import synthetic_avatar
 from musetalk.types import Audio
 from musetalk.utils.ffmpeg import probe
@@ -49,22 +49,6 @@ class _FakePending:
         return np.stack([np.full((256, 256, 3), 10 + i, np.uint8) for i in self.ids])
 
 
-class _FakeJob:
-    def __init__(self, owner: FakeFaces) -> None:
-        self.owner = owner
-
-    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> PendingFaces:
-        self.owner.calls.append((list(frame_ids), list(source_ids)))
-        gate = self.owner.gate if len(self.owner.calls) > 1 else None
-        return _FakePending(frame_ids, gate)
-
-    def timings_ms(self) -> dict[str, float]:
-        return {"generated_frames": float(sum(len(c[0]) for c in self.owner.calls))}
-
-    def close(self) -> None:
-        self.owner.closed += 1
-
-
 class FakeFaces:
     """A FaceSource that records what it is asked for; later batches can be held back by a gate."""
 
@@ -74,21 +58,23 @@ class FakeFaces:
         self.first_batch_size, self.batch_size, self.gate = first, size, gate
         self.calls: list[tuple[list[int], list[int]]] = []
         self.starts = 0
-        self.closed = 0
 
-    def start(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> FaceJob:
+    def prepare(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> object:
         self.starts += 1
-        return _FakeJob(self)
+        return object()
+
+    def submit(self, requests: Sequence[FaceRequest]) -> PendingFaces:
+        self.calls.append(([r.frame_id for r in requests], [r.source_id for r in requests]))
+        gate = self.gate if len(self.calls) > 1 else None
+        return _FakePending([r.frame_id for r in requests], gate)
+
+    def accelerated(self) -> dict[int, str]:
+        return {}
 
 
 @pytest.fixture(scope="module")
 def avatar() -> AvatarCache:
     return synthetic_avatar(n_frames=6, height=72, width=96)
-
-
-def test_split_batches_small_first() -> None:
-    parts = split_batches(np.arange(11), 2, 4)
-    assert [p.tolist() for p in parts] == [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9], [10]]
 
 
 def test_cursor_continues_across_clips(avatar: AvatarCache) -> None:
@@ -140,7 +126,6 @@ def test_speech_then_silence_fades_and_skips_the_model(avatar: AvatarCache) -> N
     assert generated == list(range(12))  # speech + 2 cross-fade frames; the rest never reach the model
     for i in range(12, 25):
         assert np.array_equal(frames[i], avatar.frames[cycle_index(i, avatar.n_frames)])
-    assert source.closed == 1
 
 
 def test_first_frame_is_yielded_before_the_clip_is_generated(avatar: AvatarCache) -> None:
@@ -178,7 +163,7 @@ def test_faces_go_to_their_own_frames_in_order(avatar: AvatarCache) -> None:
 
 def test_errors_in_generation_reach_the_caller_and_short_audio_is_rejected(avatar: AvatarCache) -> None:
     class Broken(FakeFaces):
-        def start(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> FaceJob:
+        def prepare(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> object:
             raise RuntimeError("GPU on fire")
 
     engine = Engine(_cfg(), Broken())
@@ -211,7 +196,7 @@ def test_closing_a_stream_early_stops_generation(avatar: AvatarCache) -> None:
         stream = engine.frames(_tone(2.0), avatar)  # 50 frames, queue of 2
         next(stream)
         stream.close()
-        assert len(source.calls) < 50 and source.closed == 1
+        assert len(source.calls) < 50
         assert list(stream) == []
     finally:
         engine.close()

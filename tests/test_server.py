@@ -351,7 +351,7 @@ def test_request_log_has_timings(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert speak and all(k in speak[0] for k in ("tts_ms=", "render_ms=", "append_ms=", "total_ms="))
 
 
-def test_renders_run_on_the_gpu_worker_thread(tmp_path: Path) -> None:
+def test_renders_run_on_the_render_threads(tmp_path: Path) -> None:
     made: list[SyntheticTestRenderer] = []
 
     def factory(cfg: AppConfig) -> SyntheticTestRenderer:
@@ -361,7 +361,7 @@ def test_renders_run_on_the_gpu_worker_thread(tmp_path: Path) -> None:
     with _client(tmp_path, renderer=factory) as client:
         client.post("/speak", json={"text": "one"})
         client.post("/speak", json={"text": "two"})
-    assert {n.split("_")[0] for n in made[0].thread_names} == {"gpu-worker"}
+    assert {n.split("_")[0] for n in made[0].thread_names} == {"render"}
     # The cursor continues across clips: the second render starts where the first stopped.
     (_, c0, n0), (_, c1, _) = made[0].calls
     assert c0 == 0 and c1 == n0

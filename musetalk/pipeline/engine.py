@@ -1,28 +1,30 @@
 """The warm engine: audio → frame plan → faces (FaceSource) → blended frames → encoded clip, overlapped.
 
-Threads of one call:
+Threads of one clip:
 - the caller: decodes the audio and plans the frames, then consumes frames in order (encoding them,
   for `render`);
-- the engine's single, long-lived GPU thread: runs the face source, keeping up to two batches in
-  flight, and hands every frame to the blend pool as soon as its face exists (silent frames need no
-  face at all);
-- the blend pool (shared by calls, `engine.blend_workers` threads): pastes faces, converts to YUV.
-A bounded queue of `engine.queue_frames` futures between them gives back-pressure. The engine holds
-no per-session state: the avatar cycle position comes in as `cursor` and goes out as `next_cursor`,
-so consecutive clips of a session continue the avatar's motion instead of restarting at frame 0
-(upstream restarts every clip, facts §13.2).
+- the frame scheduler's single, long-lived GPU thread (pipeline/scheduler.py), shared by every clip of
+  every session: generates the faces of all clips in flight in shared, deadline-ordered batches;
+- the clip's feeder thread: takes its faces in frame order and hands every frame to the blend pool
+  (silent frames need no face at all);
+- the blend pool (shared by all clips, `engine.blend_workers` threads): pastes faces, converts to YUV.
+A bounded queue of `engine.queue_frames` futures between feeder and caller gives back-pressure; a slow
+caller only slows its own clip. The engine holds no per-session state: the avatar cycle position comes
+in as `cursor` and goes out as `next_cursor`, so consecutive clips of a session continue the avatar's
+motion instead of restarting at frame 0 (upstream MuseTalk restarts every clip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -30,23 +32,22 @@ from typing import NamedTuple, TypeVar
 
 import cv2
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from musetalk.avatar.cache import AvatarCache, cycle_index
-from musetalk.config import AppConfig
-from musetalk.errors import GpuOutOfMemory, InputError
+from musetalk.config import AppConfig, EngineConfig
+from musetalk.errors import InputError
 from musetalk.pipeline.audio import WHISPER_RATE_HZ, AudioSource, load_audio, num_frames, resample
 from musetalk.pipeline.blend import Blender
 from musetalk.pipeline.encode import write_clip
-from musetalk.pipeline.generate import FaceJob, FaceSource, PendingFaces
+from musetalk.pipeline.generate import FaceSource
+from musetalk.pipeline.scheduler import FrameScheduler, Utterance, UtteranceCancelled
 from musetalk.pipeline.silence import face_weights, frame_rms_db
 from musetalk.types import Audio, Clip
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_BATCHES_IN_FLIGHT = 2  # the GPU works on batch k+1 while the host collects batch k
 _POLL_S = 0.1
 _ABANDONED_AFTER_S = 120.0  # a full queue nobody drains for this long means the consumer is gone
 
@@ -76,17 +77,6 @@ class FramePlan:
         return (self.cursor + self.n_frames) % (2 * n_source_frames)
 
 
-def split_batches(frame_ids: NDArray[np.int64], first: int, size: int) -> list[NDArray[np.int64]]:
-    """Frame ids in order, as one batch of `first` then batches of `size`."""
-    out: list[NDArray[np.int64]] = []
-    start = 0
-    while start < len(frame_ids):
-        step = first if not out else size
-        out.append(frame_ids[start : start + step])
-        start += step
-    return out
-
-
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
@@ -96,7 +86,9 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
     """Blended frames of one clip, in order, produced in the background; use as a context manager.
 
     Yields BGR (H, W, 3) uint8 frames, or I420 (H·3/2, W) uint8 with `yuv=True`. The first frame is
-    available as soon as the first (small) batch is generated and blended.
+    available as soon as the scheduler's first (small) batch for this clip is generated and blended.
+    A feeder thread takes the clip's faces from the scheduler in frame order and hands each frame to the
+    shared blend pool; a bounded queue of `engine.queue_frames` futures gives back-pressure.
     """
 
     def __init__(
@@ -114,16 +106,20 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         self.n_frames = plan.n_frames
         self.next_cursor = plan.next_cursor(cache.n_frames)
         self.timings_ms = timings_ms
-        self._samples_16k = samples_16k
         self._t_start = t_start
         self._yuv = yuv
         self._queue: queue.Queue[Future[NDArray[np.uint8]] | _Failure] = queue.Queue(engine.cfg.engine.queue_frames)
         self._stop = threading.Event()
         self._blend_s: list[float] = []
         self._emitted = 0
-        # Generation runs on the engine's one long-lived GPU thread: a fresh thread per clip would pay for
-        # new cuBLAS/cuDNN handles (~170 ms measured on an H100) before its first frame.
-        self._producer = engine.gpu_thread.submit(self._produce)
+        needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
+        self.utterance: Utterance | None = None
+        if len(needed):
+            self.utterance = engine.scheduler.submit(
+                cache, samples_16k, plan.n_frames, needed, plan.source_ids[needed], audio.phonemes
+            )
+        self._feeder = threading.Thread(target=self._feed, name="musetalk-feed", daemon=True)
+        self._feeder.start()
 
     # consumer side
 
@@ -135,8 +131,8 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                 item = self._queue.get(timeout=_POLL_S)
                 break
             except queue.Empty:
-                if self._producer.done() and self._queue.empty():
-                    raise RuntimeError("frame producer stopped without finishing the clip") from None
+                if not self._feeder.is_alive() and self._queue.empty():
+                    raise RuntimeError("frame feeder stopped without finishing the clip") from None
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
@@ -146,17 +142,21 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         if self._emitted == 1:
             self.timings_ms["first_frame_ms"] = now_ms
         if self._emitted == self.n_frames:
-            wait([self._producer])
+            self._feeder.join()
             self.timings_ms["frames_ms"] = now_ms
             self.timings_ms["blend_ms"] = sum(self._blend_s) * 1000
+            if self.utterance is not None:
+                self.timings_ms.update(self.utterance.timings_ms())
         return frame
 
     def close(self) -> None:
-        """Stop producing (if still running) and wait for this clip's generation to end."""
+        """Stop producing (if still running): the scheduler drops this clip's remaining frames."""
         self._stop.set()
-        while not self._producer.done():
+        if self.utterance is not None:
+            self.engine.scheduler.cancel(self.utterance)
+        while self._feeder.is_alive():
             with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=_POLL_S)  # unblock a producer waiting on a full queue
+                self._queue.get(timeout=_POLL_S)  # unblock a feeder waiting on a full queue
 
     def __enter__(self) -> FrameStream:
         return self
@@ -164,7 +164,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    # producer side
+    # feeder side
 
     def _put(self, item: Future[NDArray[np.uint8]] | _Failure) -> bool:
         deadline = time.monotonic() + _ABANDONED_AFTER_S
@@ -174,9 +174,11 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                 return True
             except queue.Full:
                 if time.monotonic() > deadline:
-                    # Nobody consumes (a stream dropped without close()): free the GPU for other calls.
+                    # Nobody consumes (a stream dropped without close()): free the GPU for other clips.
                     log.warning("frame stream abandoned by its consumer; stopping generation")
                     self._stop.set()
+                    if self.utterance is not None:
+                        self.engine.scheduler.cancel(self.utterance)
         return False
 
     def _blend(self, index: int, face: NDArray[np.uint8] | None, weight: float) -> NDArray[np.uint8]:
@@ -189,45 +191,31 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         self._blend_s.append(time.perf_counter() - t0)  # list.append is atomic under the GIL
         return frame
 
-    def _produce(self) -> None:
-        job: FaceJob | None = None
-        t0 = time.perf_counter()
+    def _next_face(self) -> NDArray[np.uint8] | None:
+        """The clip's next face from the scheduler; None once this stream is stopped."""
+        assert self.utterance is not None
+        while not self._stop.is_set():
+            try:
+                return self.utterance.next_face(timeout_s=_POLL_S)
+            except TimeoutError:
+                continue
+        return None
+
+    def _feed(self) -> None:
         try:
-            plan, src = self.plan, self.engine.source
-            needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
-            if len(needed):
-                job = src.start(self.cache, self._samples_16k, plan.n_frames, self.audio.phonemes)
-            batches = deque(split_batches(needed, src.first_batch_size, src.batch_size))
-            in_flight: deque[tuple[NDArray[np.int64], PendingFaces]] = deque()
-            faces: dict[int, NDArray[np.uint8]] = {}
-            faces_seen = False
-            for i in range(plan.n_frames):
-                weight = float(plan.weights[i])
+            for i in range(self.plan.n_frames):
+                weight = float(self.plan.weights[i])
                 face = None
                 if weight > 0:
-                    assert job is not None
-                    while i not in faces:
-                        # Alone until the first faces are back: launching batch 2 (slow in eager mode)
-                        # must not delay the first frame.
-                        depth = _BATCHES_IN_FLIGHT if faces_seen else 1
-                        while batches and len(in_flight) < depth:
-                            ids = batches.popleft()
-                            in_flight.append((ids, job.submit(ids.tolist(), plan.source_ids[ids].tolist())))
-                        ids, pending = in_flight.popleft()
-                        faces.update(zip(ids.tolist(), pending.wait(), strict=True))
-                        faces_seen = True
-                    face = faces.pop(i)
+                    face = self._next_face()
+                    if face is None:
+                        return
                 if not self._put(self.engine.pool.submit(self._blend, i, face, weight)):
                     return
-            self.timings_ms["generate_wall_ms"] = (time.perf_counter() - t0) * 1000
-        except torch.cuda.OutOfMemoryError as exc:
-            self._put(_Failure(GpuOutOfMemory(f"GPU out of memory: {exc}")))
+        except UtteranceCancelled:
+            return
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(_Failure(exc))
-        finally:
-            if job is not None:
-                self.timings_ms.update(job.timings_ms())
-                job.close()
 
 
 class Engine:
@@ -236,9 +224,16 @@ class Engine:
     def __init__(self, cfg: AppConfig, source: FaceSource) -> None:
         self.cfg = cfg
         self.source = source
+        if cfg.engine.switch_interval_ms > 0:
+            # Process-wide, on purpose: every thread of a serving process is part of this pipeline.
+            sys.setswitchinterval(cfg.engine.switch_interval_ms / 1000)
         self.blender = Blender(cfg.blend, cfg.prep.expand, cfg.engine.mask_cache_frames)
-        self.pool = ThreadPoolExecutor(cfg.engine.blend_workers, thread_name_prefix="musetalk-blend")
-        self.gpu_thread = ThreadPoolExecutor(1, thread_name_prefix="musetalk-gpu")  # owns all model calls
+        self.pool = ThreadPoolExecutor(blend_workers(cfg.engine), thread_name_prefix="musetalk-blend")
+        # The scheduler's thread owns every model call (and so CUDA), for all clips of all sessions; one
+        # long-lived thread also keeps cuBLAS/cuDNN handles warm (a fresh thread per clip cost ~170 ms).
+        self.scheduler = FrameScheduler(
+            source, cfg.fps, cfg.engine.queue_frames, cfg.engine.start_budget_ms / 1000
+        )
         self._warned_fps: set[str] = set()
 
     def plan(self, samples_16k: NDArray[np.float32], cache: AvatarCache, cursor: int = 0) -> FramePlan:
@@ -284,10 +279,15 @@ class Engine:
         return RenderResult(replace(clip, timings_ms=timings), stream.next_cursor)
 
     def on_gpu_thread(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the engine's GPU thread and wait for it (warm-up must happen there too)."""
-        return self.gpu_thread.submit(fn).result()
+        """Run `fn` on the scheduler's GPU thread, between batches, and wait for it."""
+        return self.scheduler.call(fn)
 
     def close(self) -> None:
-        """Stop the blend and GPU threads."""
+        """Stop the scheduler and the blend threads."""
+        self.scheduler.close()
         self.pool.shutdown(wait=True)
-        self.gpu_thread.shutdown(wait=True)
+
+
+def blend_workers(cfg: EngineConfig) -> int:
+    """Blend threads: engine.blend_workers, or (0 = auto) every core but one, at least 2."""
+    return cfg.blend_workers or max(2, (os.cpu_count() or 2) - 1)

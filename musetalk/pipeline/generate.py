@@ -1,25 +1,29 @@
 """Face sources: who turns audio + avatar frame positions into 256×256 faces.
 
-`FaceSource` is the seam between "produce faces" and "blend + encode": the MuseTalk UNet+VAE here,
-a weight-free preview renderer later. A source starts one job per clip (computing its conditioning
-once), then serves batches asynchronously: `submit` returns at once, `wait` returns the faces.
+`FaceSource` is the seam between "produce faces" and "blend + encode": the MuseTalk UNet+VAE here, the
+weight-free preview in musetalk/render/preview.py. A source prepares each utterance's conditioning once
+(`prepare`), then generates batches of `FaceRequest`s — which may mix frames of several utterances,
+sessions and avatars — asynchronously: `submit` returns at once, `wait` returns the faces. The frame
+scheduler (pipeline/scheduler.py) is the only caller while serving; `ClipJob` drives one clip alone.
 
-MuseTalk math (facts §0, §2.3, §3.2), batched: UNet at timestep 0 on the cached 8-channel latents of
-each frame's source image with that frame's 50 audio tokens; its 4-channel output is the clean
-latent; × 1/0.18215, VAE-decode, (x/2 + 0.5).clamp(0, 1) in the VAE dtype, then float32 × 255, round,
-uint8, RGB → BGR. On CUDA the two networks can be replayed as CUDA graphs (one pair per batch size;
-the timestep lives on the device so capture needs no host copy) and/or torch.compiled; results are
-copied to pinned host memory without blocking, so the GPU computes batch k+1 while the CPU blends k.
+MuseTalk math, batched: UNet at timestep 0 on the cached 8-channel latents of each frame's source image
+with that frame's 50 audio tokens; its 4-channel output is the clean latent; × 1/0.18215, VAE-decode,
+(x/2 + 0.5).clamp(0, 1) in the VAE dtype, then float32 × 255, round, uint8, RGB → BGR — exactly as
+upstream MuseTalk's realtime script. On CUDA the two networks can be replayed as CUDA graphs (one pair
+per batch shape; the timestep lives on the device so capture needs no host copy) and/or torch.compiled;
+results are copied to pinned host memory without blocking, so the GPU computes batch k+1 while the CPU
+blends k.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +32,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
-from musetalk.config import AppConfig
+from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Phonemes = tuple[tuple[float, str], ...]  # (start_s, espeak-ng mnemonic), as in Audio.phonemes
-LATENT_CHANNELS_IN = 8  # [masked lower half ‖ reference] (facts §3.1)
+LATENT_CHANNELS_IN = 8  # [masked lower half ‖ reference]
 _MAX_DEVICE_AVATARS = 8  # avatars whose latents stay on the device
 _GRAPH_WARMUP_RUNS = 3
 
@@ -54,37 +58,61 @@ class PendingFaces(Protocol):
         ...
 
 
-class FaceJob(Protocol):
-    """Faces for one clip; used by one thread; `close` must be called."""
+class FaceRequest(NamedTuple):
+    """One face to generate: frame `frame_id` of the utterance whose conditioning is `cond`, shown on avatar
+    source frame `source_id`. Requests of different utterances (and avatars) can share a batch."""
 
-    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> PendingFaces:
-        """Start generating faces for clip frames `frame_ids` shown on avatar source frames `source_ids`."""
-        ...
-
-    def timings_ms(self) -> dict[str, float]:
-        """Stage times so far (e.g. features, unet, vae)."""
-        ...
-
-    def close(self) -> None:
-        """Release the source for the next job."""
-        ...
+    cond: Any  # what FaceSource.prepare returned for that utterance
+    frame_id: int
+    source_id: int
 
 
 class FaceSource(Protocol):
-    """Produces 256×256 faces for frame positions of a clip."""
+    """Produces 256×256 faces for frame positions of utterances; used by one thread (the scheduler's)."""
 
     name: str
     first_batch_size: int  # smaller first batch: the first frame arrives sooner
     batch_size: int
 
-    def start(
+    def prepare(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
-    ) -> FaceJob:
-        """Begin a clip: compute the conditioning for `n_frames` frames from 16 kHz mono audio.
+    ) -> Any:
+        """Per-utterance conditioning for `n_frames` frames from 16 kHz mono audio (MuseTalk: audio tokens).
 
         `phonemes` ((start_s, name), when the TTS reported them) may shape the mouth; MuseTalk needs none.
         """
         ...
+
+    def submit(self, requests: Sequence[FaceRequest]) -> PendingFaces:
+        """Start generating at most `batch_size` faces without waiting for them."""
+        ...
+
+    def accelerated(self) -> dict[int, str]:
+        """How each fixed batch shape runs now (e.g. {4: "graphs", 16: "eager"}); {} = any size, eager."""
+        ...
+
+
+class ClipJob:
+    """The faces of one clip, batch by batch, without a scheduler (tests, benchmarks, one-off tools)."""
+
+    def __init__(self, source: FaceSource, cond: Any) -> None:
+        self.source, self.cond = source, cond
+
+    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> PendingFaces:
+        """Start faces for clip frames `frame_ids` shown on avatar source frames `source_ids`."""
+        if not frame_ids or len(frame_ids) != len(source_ids) or len(frame_ids) > self.source.batch_size:
+            raise ValueError(
+                f"batch of {len(frame_ids)} frames (with {len(source_ids)} sources; max {self.source.batch_size})"
+            )
+        return self.source.submit([FaceRequest(self.cond, f, s) for f, s in zip(frame_ids, source_ids, strict=True)])
+
+    def timings_ms(self) -> dict[str, float]:
+        """Stage times of this clip so far (when the source keeps them)."""
+        timings = getattr(self.cond, "timings_ms", None)
+        return dict(timings()) if callable(timings) else {}
+
+    def close(self) -> None:
+        """Nothing to release (kept so a job can be used as before in a try/finally)."""
 
 
 class _Denoise(nn.Module):
@@ -119,15 +147,15 @@ class _Decode(nn.Module):
 
 
 @dataclass
-class _StageClock:
-    """Accumulated stage times of one job."""
+class StageClock:
+    """Accumulated stage times of one utterance (GPU time of shared batches is split by frame share)."""
 
     features: float = 0.0
     unet: float = 0.0
     vae: float = 0.0
     batches: int = 0
     frames: int = 0
-    padded_frames: int = 0
+    padded_frames: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """Stage times (ms) and counters for the clip's timings."""
@@ -137,14 +165,34 @@ class _StageClock:
             "vae_ms": self.vae,
             "batches": float(self.batches),
             "generated_frames": float(self.frames),
-            "padded_frames": float(self.padded_frames),
+            "padded_frames": self.padded_frames,
         }
+
+
+@dataclass
+class MuseTalkConditioning:
+    """One utterance's inputs on the device: audio tokens per clip frame, latents per avatar source frame."""
+
+    tokens: torch.Tensor  # (T, 50, C) in the model dtype, positional encoding added
+    latents: torch.Tensor  # (N, 8, 32, 32) the avatar's [masked ‖ reference] latents in the model dtype
+    clock: StageClock
+
+    def timings_ms(self) -> dict[str, float]:
+        """Stage times of the utterance so far."""
+        return self.clock.as_dict()
 
 
 class _Graphs:
     """UNet and decoder captured as CUDA graphs for one batch size (static inputs/outputs)."""
 
-    def __init__(self, denoise: nn.Module, decode: nn.Module, latents: torch.Tensor, tokens: torch.Tensor) -> None:
+    def __init__(
+        self,
+        denoise: nn.Module,
+        decode: nn.Module,
+        latents: torch.Tensor,
+        tokens: torch.Tensor,
+        exclusive: threading.Lock,
+    ) -> None:
         self.latents, self.tokens = latents, tokens  # static inputs, filled before each replay
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -152,16 +200,35 @@ class _Graphs:
             for _ in range(_GRAPH_WARMUP_RUNS):  # cuDNN autotuning, lazy init, compilation: not in the graph
                 decode(denoise(latents, tokens))
         torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        # thread_local: CUDA calls of other threads (e.g. another component of the server) cannot
-        # invalidate this capture; only this thread's calls are checked.
-        self.unet_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.unet_graph, capture_error_mode="thread_local"):
-            self.pred = denoise(latents, tokens)
-        self.vae_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.vae_graph, pool=self.unet_graph.pool(), capture_error_mode="thread_local"):
-            self.faces = decode(self.pred)
-        torch.cuda.synchronize()
+        side.synchronize()
+        # While a stream captures, CUDA refuses some calls of other threads (cuDNN's eager convolutions in
+        # the scheduler failed with "operation not permitted when stream is capturing"), so the capture
+        # holds the source's `exclusive` lock, which every launch and wait of the serving thread takes too.
+        # The slow part above (warm-up runs, cuDNN autotuning, compilation) runs beside serving.
+        with exclusive:
+            self.unet_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.unet_graph, capture_error_mode="thread_local"):
+                self.pred = denoise(latents, tokens)
+            self.vae_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.vae_graph, pool=self.unet_graph.pool(), capture_error_mode="thread_local"):
+                self.faces = decode(self.pred)
+            torch.cuda.current_stream().synchronize()
+
+
+def _time_replays(graphs: _Graphs, runs: int = 5) -> float:
+    """Median GPU ms of one UNet + decoder replay."""
+    stream = torch.cuda.Stream()
+    times = []
+    with torch.cuda.stream(stream):
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs.unet_graph.replay()
+            graphs.vae_graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _device_index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -175,103 +242,44 @@ def _device_index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
 class _Pending:
     """A batch in flight: faces land in (pinned) host memory; CUDA events time the two networks."""
 
-    def __init__(self, job: _MuseTalkJob, host: torch.Tensor, n: int, events: tuple[torch.cuda.Event, ...] | None):
-        self._job, self._host, self._n, self._events = job, host, n, events
+    def __init__(
+        self,
+        host: torch.Tensor,
+        n: int,
+        shares: list[tuple[StageClock, int]],
+        events: tuple[torch.cuda.Event, ...] | None,
+        cpu_ms: tuple[float, float] = (0.0, 0.0),
+        exclusive: threading.Lock | None = None,
+    ) -> None:
+        self._host, self._n, self._shares, self._events = host, n, shares, events
+        self._cpu_ms = cpu_ms
+        self._exclusive = exclusive
         self._done = False
 
     def wait(self) -> NDArray[np.uint8]:
         """Block until this batch's copy landed → (B, 256, 256, 3) BGR uint8 view of pinned memory."""
         if not self._done:
+            unet_ms, vae_ms = self._cpu_ms
             if self._events is not None:
                 start, mid, end, copied = self._events
-                copied.synchronize()
-                self._job.clock.unet += start.elapsed_time(mid)
-                self._job.clock.vae += mid.elapsed_time(end)
+                assert self._exclusive is not None
+                with self._exclusive:
+                    copied.synchronize()
+                    unet_ms, vae_ms = start.elapsed_time(mid), mid.elapsed_time(end)
+            for clock, count in self._shares:  # each utterance pays for its share of the batch
+                clock.unet += unet_ms * count / self._n
+                clock.vae += vae_ms * count / self._n
             self._done = True
         return self._host[: self._n].numpy()  # (B, 256, 256, 3) BGR uint8
 
 
-class _MuseTalkJob:
-    """One clip's generation; holds the source's lock until closed."""
-
-    def __init__(self, owner: MuseTalkFaces, tokens: torch.Tensor, latents: torch.Tensor, clock: _StageClock) -> None:
-        self.owner, self.tokens, self.latents, self.clock = owner, tokens, latents, clock
-        self._closed = False
-
-    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> PendingFaces:
-        """Launch one batch (at most batch_size frames) without waiting for it."""
-        owner = self.owner
-        n = len(frame_ids)
-        if n == 0 or n != len(source_ids) or n > owner.batch_size:
-            raise ValueError(f"batch of {n} frames (with {len(source_ids)} sources; max {owner.batch_size})")
-        with torch.inference_mode():
-            return self._submit(frame_ids, source_ids, n)
-
-    def _submit(self, frame_ids: Sequence[int], source_ids: Sequence[int], n: int) -> PendingFaces:
-        owner = self.owner
-        dev = owner.device
-        lat = self.latents.index_select(0, _device_index(source_ids, dev))  # (n, 8, 32, 32)
-        tok = self.tokens.index_select(0, _device_index(frame_ids, dev))  # (n, T, C)
-        self.clock.batches += 1
-        self.clock.frames += n
-        try:
-            if dev.type != "cuda":
-                t0 = time.perf_counter()
-                pred = owner.denoise(lat, tok)
-                t1 = time.perf_counter()
-                faces = owner.decode(pred)
-                self.clock.unet += (t1 - t0) * 1000
-                self.clock.vae += (time.perf_counter() - t1) * 1000
-                return _Pending(self, faces, n, None)
-            return self._submit_cuda(lat, tok, n)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise GpuOutOfMemory(f"GPU out of memory generating a batch of {n} frames") from exc
-
-    def _submit_cuda(self, lat: torch.Tensor, tok: torch.Tensor, n: int) -> PendingFaces:
-        owner = self.owner
-        size = owner.padded_size(n)
-        self.clock.padded_frames += size - n
-        events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(4))
-        start, mid, end, copied = events
-        graphs = owner.graphs(size) if owner.use_graphs else None
-        if graphs is not None:
-            graphs.latents[:n].copy_(lat)
-            graphs.tokens[:n].copy_(tok)
-            start.record()
-            graphs.unet_graph.replay()
-            mid.record()
-            graphs.vae_graph.replay()
-            end.record()
-            out = graphs.faces
-        else:
-            if size > n:  # fixed shapes keep cuDNN's autotuned kernels (repeat the last frame)
-                lat = torch.cat([lat, lat[-1:].expand(size - n, *lat.shape[1:])])
-                tok = torch.cat([tok, tok[-1:].expand(size - n, *tok.shape[1:])])
-            if owner.channels_last:
-                lat = lat.contiguous(memory_format=torch.channels_last)
-            start.record()
-            pred = owner.denoise(lat, tok)
-            mid.record()
-            out = owner.decode(pred)
-            end.record()
-        host = torch.empty((n, FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=torch.uint8, pin_memory=True)
-        host.copy_(out[:n], non_blocking=True)  # ordered before the next replay overwrites `out`
-        copied.record()
-        return _Pending(self, host, n, events)
-
-    def timings_ms(self) -> dict[str, float]:
-        """Stage times so far."""
-        return self.clock.as_dict()
-
-    def close(self) -> None:
-        """Release the source's lock (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self.owner._lock.release()
-
-
 class MuseTalkFaces:
-    """The MuseTalk v1.5 face source: Whisper tokens → UNet (t = 0) → VAE decode, batched."""
+    """The MuseTalk v1.5 face source: Whisper tokens → UNet (t = 0) → VAE decode, batched across utterances.
+
+    On CUDA every batch is padded to one of a few fixed shapes (`batch_shapes`); each shape runs eagerly
+    until `accelerate` has captured its CUDA graphs (and, with runtime.compile, compiled it), which the
+    server does in the background so that it can serve as soon as the weights are on the GPU.
+    """
 
     name = "musetalk"
 
@@ -301,15 +309,26 @@ class MuseTalkFaces:
             bundle.vae.to(memory_format=torch.channels_last)
         self.denoise: nn.Module = _Denoise(bundle.unet, timestep, vae_dtype).eval()
         self.decode: nn.Module = _Decode(bundle.vae, bundle.vae_scale).eval()
-        if cuda and cfg.runtime.compile:
+        # What `accelerate` runs: compiled copies when asked for; the eager modules above keep serving meanwhile.
+        self._fast_denoise, self._fast_decode = self.denoise, self.decode
+        self.compiles = cuda and cfg.runtime.compile
+        if self.compiles:
+            # Compiled kernels persist between starts (inductor's default is a temp folder).
+            cache_dir = project_path(cfg.runtime.compile_cache_dir)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+            os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
             # One specialised graph per batch size (a handful), no dynamic shapes.
             if cfg.runtime.compile_modules in ("unet", "both"):
-                self.denoise = torch.compile(self.denoise, dynamic=False)  # type: ignore[assignment]
+                self._fast_denoise = torch.compile(self.denoise, dynamic=False)  # type: ignore[assignment]
             if cfg.runtime.compile_modules in ("vae", "both"):
-                self.decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
-        self._graphs: dict[int, _Graphs] = {}
-        self._lock = threading.Lock()
+                self._fast_decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
+        self._graphs: dict[int, _Graphs] = {}  # replaced whole per shape, read without a lock (atomic)
+        self.batch_ms: dict[int, float] = {}  # measured GPU time of one batch per accelerated shape
+        self._compiled: set[int] = set()  # shapes whose compiled modules have run (compile without graphs)
+        self._state: dict[int, str] = {size: "eager" for size in self.batch_shapes} if cuda else {}
         self._device_latents: dict[int, tuple[AvatarCache, torch.Tensor]] = {}
+        self._latents_lock = threading.Lock()
+        self._exclusive = threading.Lock()  # no CUDA call of the serving thread while a graph is captured
 
     def _zero_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(size, 8, 32, 32) latents and (size, T, C) tokens of zeros, in the model dtype and layout."""
@@ -320,42 +339,96 @@ class MuseTalkFaces:
         return lat, tok
 
     @property
+    def batch_shapes(self) -> list[int]:
+        """The batch sizes run on CUDA (a batch is padded up to one of them): first batch, doublings, full."""
+        if self.device.type != "cuda":
+            return []
+        shapes = {self.first_batch_size, self.batch_size}
+        size = self.first_batch_size * 2
+        while size < self.batch_size:
+            shapes.add(size)
+            size *= 2
+        return sorted(shapes)
+
+    @property
     def batch_sizes(self) -> list[int]:
-        """The batch shapes run on CUDA (partial batches are padded up to one of them)."""
-        return sorted({self.first_batch_size, self.batch_size})
+        """Alias of batch_shapes (the name the benchmarks use)."""
+        return self.batch_shapes
 
     def padded_size(self, n: int) -> int:
         """Smallest fixed batch size holding n frames (CUDA); n itself on CPU."""
         if self.device.type != "cuda":
             return n
-        return next(s for s in self.batch_sizes if s >= n)
+        return next(s for s in self.batch_shapes if s >= n)
+
+    def accelerated(self) -> dict[int, str]:
+        """How each batch shape runs now: eager | graphs | compiled | compiled+graphs ({} on CPU)."""
+        return dict(self._state)
 
     def graphs(self, size: int) -> _Graphs:
-        """The CUDA graphs for a batch size, captured on first use."""
+        """The CUDA graphs for a batch size, captured now if missing (from the compiled modules if any)."""
         g = self._graphs.get(size)
         if g is None:
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                g = _Graphs(self.denoise, self.decode, *self._zero_inputs(size))
-            log.info("captured CUDA graphs for batch %d in %.0f ms", size, (time.perf_counter() - t0) * 1000)
-            self._graphs[size] = g
+            self._accelerate_shape(size, self.compiles)
+            g = self._graphs[size]
         return g
 
-    @torch.inference_mode()
-    def warmup(self) -> None:
-        """Run every batch shape once (and capture graphs) so the first request pays nothing extra."""
-        with self._lock:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            audio_tokens(np.zeros(16000, np.float32), self.spec, *self._audio_models())
+    def _accelerate_shape(self, size: int, compiled: bool) -> None:
+        denoise, decode = (self._fast_denoise, self._fast_decode) if compiled else (self.denoise, self.decode)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
             if self.use_graphs:
-                for size in self.batch_sizes:
-                    self.graphs(size)
-                return
-            for size in self.batch_sizes if self.device.type == "cuda" else [1]:
-                self.decode(self.denoise(*self._zero_inputs(size)))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                graphs = _Graphs(denoise, decode, *self._zero_inputs(size), exclusive=self._exclusive)
+                self.batch_ms[size] = _time_replays(graphs)  # before publishing: nobody else replays it yet
+                self._graphs[size] = graphs
+            else:
+                side = torch.cuda.Stream()
+                with torch.cuda.stream(side):
+                    decode(denoise(*self._zero_inputs(size)))  # compiles (and autotunes) this shape
+                side.synchronize()
+                self._compiled.add(size)
+        label = ("compiled+graphs" if self.use_graphs else "compiled") if compiled else "graphs"
+        self._state[size] = label
+        log.info("batch %d: %s ready in %.0f ms", size, label, (time.perf_counter() - t0) * 1000)
+
+    def accelerate(self) -> None:
+        """Capture CUDA graphs (and compile) every batch shape, smallest first; safe beside eager serving.
+
+        With both graphs and compile on, plain graphs are captured first (seconds), then each shape is
+        compiled and captured again (a minute cold, seconds with a warm compile cache).
+        """
+        if self.device.type != "cuda" or not (self.use_graphs or self.compiles):
+            return
+        torch.cuda.set_device(self.device)  # current device is per thread
+        if self.use_graphs:
+            for size in self.batch_shapes:
+                if size not in self._graphs:
+                    self._accelerate_shape(size, compiled=False)
+        if self.compiles:
+            for size in self.batch_shapes:
+                self._accelerate_shape(size, compiled=True)
+
+    @torch.inference_mode()
+    def warm_audio(self) -> None:
+        """Run the audio encoder once (its kernels and handles load on the calling thread)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with self._exclusive:
+            audio_tokens(np.zeros(16000, np.float32), self.spec, *self._audio_models())
+
+    def warmup(self) -> None:
+        """Warm the audio path and accelerate every batch shape now (blocking): the first request pays nothing."""
+        self.warm_audio()
+        if self.device.type == "cuda" and (self.use_graphs or self.compiles):
+            self.accelerate()
+        elif self.device.type == "cuda":
+            with torch.inference_mode():
+                for size in self.batch_shapes:
+                    self.decode(self.denoise(*self._zero_inputs(size)))
+            torch.cuda.synchronize(self.device)
+        else:
+            with torch.inference_mode():
+                self.decode(self.denoise(*self._zero_inputs(1)))
 
     def _audio_models(self) -> tuple[WhisperEncoder, WhisperFeatureExtractor, PositionalEncoding]:
         b = self.bundle
@@ -364,9 +437,10 @@ class MuseTalkFaces:
 
     def latents_on_device(self, cache: AvatarCache) -> torch.Tensor:
         """The avatar's (N, 8, 32, 32) latents in the model dtype on the device, moved once per avatar."""
-        hit = self._device_latents.get(id(cache))
-        if hit is not None and hit[0] is cache:
-            return hit[1]
+        with self._latents_lock:
+            hit = self._device_latents.get(id(cache))
+            if hit is not None and hit[0] is cache:
+                return hit[1]
         if cache.latents is None:
             raise AvatarNotPrepared(
                 f"avatar {cache.avatar_id!r} has no latents (preview-only cache); rebuild it with "
@@ -376,33 +450,113 @@ class MuseTalkFaces:
         if lat.ndim != 4 or lat.shape[1] != LATENT_CHANNELS_IN or lat.shape[0] != cache.n_frames:
             raise AvatarNotPrepared(f"avatar {cache.avatar_id!r}: latents {tuple(lat.shape)} do not fit the cache")
         dev = lat.to(device=self.device, dtype=self.dtype)
-        if len(self._device_latents) >= _MAX_DEVICE_AVATARS:
-            self._device_latents.clear()
-        self._device_latents[id(cache)] = (cache, dev)
+        with self._latents_lock:
+            if len(self._device_latents) >= _MAX_DEVICE_AVATARS:
+                self._device_latents.clear()
+            self._device_latents[id(cache)] = (cache, dev)
         return dev
+
+    def prepare(
+        self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
+    ) -> MuseTalkConditioning:
+        """Audio tokens (T, 50, C) of the utterance and the avatar's latents, on the device."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # current device is per thread
+        clock = StageClock()
+        t0 = time.perf_counter()
+        try:
+            with self._exclusive, torch.inference_mode():
+                tokens = audio_tokens(samples_16k, self.spec, *self._audio_models())  # (T, 50, C)
+                latents = self.latents_on_device(cache)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GpuOutOfMemory("GPU out of memory computing audio features") from exc
+        clock.features = (time.perf_counter() - t0) * 1000
+        if tokens.shape[0] != n_frames:
+            raise ValueError(f"audio gives {tokens.shape[0]} frames, caller expects {n_frames}")
+        return MuseTalkConditioning(tokens, latents, clock)
 
     def start(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
-    ) -> FaceJob:
-        """Lock the source for this clip, compute its audio tokens (T, 50, C) and fetch the latents."""
-        self._lock.acquire()
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # current device is per thread
-            clock = _StageClock()
+    ) -> ClipJob:
+        """One clip's faces without a scheduler: `prepare`, then batches through the returned job."""
+        return ClipJob(self, self.prepare(cache, samples_16k, n_frames, phonemes))
+
+    def submit(self, requests: Sequence[FaceRequest]) -> PendingFaces:
+        """Launch one batch (at most batch_size frames, from any utterances) without waiting for it."""
+        n = len(requests)
+        if n == 0 or n > self.batch_size:
+            raise ValueError(f"batch of {n} frames (max {self.batch_size})")
+        with self._exclusive, torch.inference_mode():
+            try:
+                return self._submit(requests, n)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise GpuOutOfMemory(f"GPU out of memory generating a batch of {n} frames") from exc
+
+    def _gather(
+        self, requests: Sequence[FaceRequest], lat: torch.Tensor, tok: torch.Tensor
+    ) -> list[tuple[StageClock, int]]:
+        """Copy each request's latents and tokens into rows of `lat` (S, 8, 32, 32) and `tok` (S, T, C)."""
+        groups: dict[int, tuple[MuseTalkConditioning, list[int], list[int], list[int]]] = {}
+        for row, req in enumerate(requests):
+            cond = req.cond
+            group = groups.setdefault(id(cond), (cond, [], [], []))
+            group[1].append(row)
+            group[2].append(req.frame_id)
+            group[3].append(req.source_id)
+        shares = []
+        for cond, rows, frame_ids, source_ids in groups.values():
+            dst = _device_index(rows, self.device)
+            lat.index_copy_(0, dst, cond.latents.index_select(0, _device_index(source_ids, self.device)))
+            tok.index_copy_(0, dst, cond.tokens.index_select(0, _device_index(frame_ids, self.device)))
+            cond.clock.batches += 1
+            cond.clock.frames += len(rows)
+            shares.append((cond.clock, len(rows)))
+        return shares
+
+    def _submit(self, requests: Sequence[FaceRequest], n: int) -> PendingFaces:
+        size = self.padded_size(n)
+        graphs = self._graphs.get(size) if self.use_graphs else None
+        if graphs is not None:
+            lat, tok = graphs.latents, graphs.tokens
+        else:
+            lat, tok = self._zero_inputs(size) if size > n else self._empty_inputs(size)
+        shares = self._gather(requests, lat, tok)
+        for clock, count in shares:
+            clock.padded_frames += (size - n) * count / n
+        if self.device.type != "cuda":
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                tokens = audio_tokens(samples_16k, self.spec, *self._audio_models())  # (T, 50, C)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-            clock.features = (time.perf_counter() - t0) * 1000
-            if tokens.shape[0] != n_frames:
-                raise ValueError(f"audio gives {tokens.shape[0]} frames, caller expects {n_frames}")
-            latents = self.latents_on_device(cache)
-            return _MuseTalkJob(self, tokens, latents, clock)
-        except torch.cuda.OutOfMemoryError as exc:
-            self._lock.release()
-            raise GpuOutOfMemory("GPU out of memory computing audio features") from exc
-        except BaseException:
-            self._lock.release()
-            raise
+            pred = self.denoise(lat, tok)
+            t1 = time.perf_counter()
+            faces = self.decode(pred)
+            cpu_ms = ((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+            return _Pending(faces, n, shares, None, cpu_ms)
+        events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(4))
+        start, mid, end, copied = events
+        if graphs is not None:
+            start.record()
+            graphs.unet_graph.replay()
+            mid.record()
+            graphs.vae_graph.replay()
+            end.record()
+            out = graphs.faces
+        else:
+            # Padding rows stay zero: fixed shapes keep cuDNN's autotuned kernels (padded frames are dropped).
+            compiled = size in self._compiled
+            denoise, decode = (self._fast_denoise, self._fast_decode) if compiled else (self.denoise, self.decode)
+            start.record()
+            pred = denoise(lat, tok)
+            mid.record()
+            out = decode(pred)
+            end.record()
+        host = torch.empty((n, FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=torch.uint8, pin_memory=True)
+        host.copy_(out[:n], non_blocking=True)  # ordered before the next replay overwrites `out`
+        copied.record()
+        return _Pending(host, n, shares, events, exclusive=self._exclusive)
+
+    def _empty_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised inputs, every row of which _gather fills."""
+        lat = torch.empty(size, LATENT_CHANNELS_IN, 32, 32, dtype=self.dtype, device=self.device)
+        if self.channels_last:
+            lat = lat.contiguous(memory_format=torch.channels_last)
+        tok = torch.empty(size, self.tokens_per_frame, self.bundle.audio_dim, dtype=self.dtype, device=self.device)
+        return lat, tok

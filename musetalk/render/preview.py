@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ from numpy.typing import NDArray
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
 from musetalk.avatar.geometry import apply_affine, invert_affine, warp_crop
+from musetalk.pipeline.generate import ClipJob, FaceRequest
 from musetalk.pipeline.silence import frame_rms_db
 from musetalk.types import Audio
 
@@ -166,31 +168,17 @@ class _Ready:
         return self._faces
 
 
-class _PreviewJob:
-    """Faces of one clip: the avatar's own upright crop with its mouth opened per frame."""
+@dataclass
+class PreviewConditioning:
+    """One utterance: its avatar and the mouth opening of every clip frame."""
 
-    def __init__(self, cache: AvatarCache, openings: NDArray[np.float32]) -> None:
-        self.cache, self.openings = cache, openings
-        self._warp_ms = 0.0
-
-    def submit(self, frame_ids: Sequence[int], source_ids: Sequence[int]) -> _Ready:
-        """Warp the crops of `source_ids` to the openings of clip frames `frame_ids`."""
-        t0 = time.perf_counter()
-        faces = np.empty((len(frame_ids), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
-        for k, (frame_id, source_id) in enumerate(zip(frame_ids, source_ids, strict=True)):
-            to_frame = self.cache.face_to_frame[source_id]
-            crop = warp_crop(self.cache.frames[source_id], to_frame, FACE_SIZE_PX, cv2.INTER_LINEAR)
-            landmarks = apply_affine(invert_affine(to_frame), self.cache.landmarks[source_id]).astype(np.float32)
-            faces[k] = open_mouth(crop, landmarks, float(self.openings[frame_id]))
-        self._warp_ms += (time.perf_counter() - t0) * 1000
-        return _Ready(faces)
+    cache: AvatarCache
+    openings: NDArray[np.float32]  # (T,) in [0, 1]
+    warp_ms: float = 0.0
 
     def timings_ms(self) -> dict[str, float]:
         """Time spent warping mouths."""
-        return {"preview_ms": self._warp_ms}
-
-    def close(self) -> None:
-        """Nothing to release."""
+        return {"preview_ms": self.warp_ms}
 
 
 class PreviewFaces:
@@ -203,13 +191,39 @@ class PreviewFaces:
         self.first_batch_size = 1
         self.batch_size = batch_size
 
+    def prepare(
+        self,
+        cache: AvatarCache,
+        samples_16k: NDArray[np.float32],
+        n_frames: int,
+        phonemes: tuple[tuple[float, str], ...] = (),
+    ) -> PreviewConditioning:
+        """Per-frame openings from the 16 kHz audio (and phoneme timings); the cache needs landmarks only."""
+        return PreviewConditioning(cache, mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps))
+
+    def submit(self, requests: Sequence[FaceRequest]) -> _Ready:
+        """Warp the source crops of each request to its frame's opening (synchronously)."""
+        faces = np.empty((len(requests), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
+        for k, (cond, frame_id, source_id) in enumerate(requests):
+            t0 = time.perf_counter()
+            cache = cond.cache
+            to_frame = cache.face_to_frame[source_id]
+            crop = warp_crop(cache.frames[source_id], to_frame, FACE_SIZE_PX, cv2.INTER_LINEAR)
+            landmarks = apply_affine(invert_affine(to_frame), cache.landmarks[source_id]).astype(np.float32)
+            faces[k] = open_mouth(crop, landmarks, float(cond.openings[frame_id]))
+            cond.warp_ms += (time.perf_counter() - t0) * 1000
+        return _Ready(faces)
+
+    def accelerated(self) -> dict[int, str]:
+        """No fixed shapes: any batch size runs as it is."""
+        return {}
+
     def start(
         self,
         cache: AvatarCache,
         samples_16k: NDArray[np.float32],
         n_frames: int,
         phonemes: tuple[tuple[float, str], ...] = (),
-    ) -> _PreviewJob:
-        """Per-frame openings from the 16 kHz audio (and phoneme timings); the cache needs landmarks only."""
-        openings = mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps)
-        return _PreviewJob(cache, openings)
+    ) -> ClipJob:
+        """One clip's faces without a scheduler."""
+        return ClipJob(self, self.prepare(cache, samples_16k, n_frames, phonemes))

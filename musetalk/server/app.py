@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -23,10 +24,11 @@ from musetalk.server.middleware import AccessLog, BearerAuth, BodySizeLimit
 from musetalk.server.renderer import RendererFactory, renderer_factory
 from musetalk.server.routes import router
 from musetalk.server.service import SpeakService
-from musetalk.server.worker import GpuWorker
+from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
-from musetalk.utils.logs import kv
+from musetalk.types import Renderer
+from musetalk.utils.logs import kv, process_age_s
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,30 @@ def configured_avatars(cfg: AppConfig) -> list[str]:
 async def start_services(
     cfg: AppConfig, factory: RendererFactory | None = None, voice: VoiceEngine | None = None
 ) -> Services:
-    """Build the voice engine, the renderer (on the GPU thread), check the avatars, warm up."""
-    worker = GpuWorker(max_pending=cfg.server.queue_size, retry_after_s=cfg.server.retry_after_s)
+    """Build the voice engine and the renderer, check the avatars, warm up, start the render threads."""
+    # serial = one clip at a time, start to encoded clip (the behaviour before the frame scheduler).
+    threads = 1 if cfg.engine.scheduler == "serial" else cfg.server.queue_size
+    worker = RenderPool(max_pending=cfg.server.queue_size, retry_after_s=cfg.server.retry_after_s, threads=threads)
     worker.start()
+    renderer: Renderer | None = None
     try:
         voice = voice or create_voice_engine(cfg.tts)
         build = factory or renderer_factory(cfg)
-        renderer, _, load_ms = await worker.run(build, cfg)
+        t0 = time.perf_counter()
+        renderer = await asyncio.to_thread(build, cfg)
+        load_ms = (time.perf_counter() - t0) * 1000
         for avatar_id in configured_avatars(cfg):
             renderer.check_avatar(avatar_id)
-        _, _, warm_ms = await worker.run(renderer.warm_up)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(renderer.warm_up)
+        warm_ms = (time.perf_counter() - t0) * 1000
         results_dir = project_path(cfg.server.results_dir)
         store = SessionStore(results_dir, cfg.server.default_session, cfg.fps, cfg.encode)
         speaker = SpeakService(cfg, renderer, voice, store, worker)
     except BaseException:
         worker.stop()
+        if renderer is not None:
+            _close_renderer(renderer)
         raise
     info = renderer.describe()
     log.info(
@@ -68,10 +79,24 @@ async def start_services(
             tts=voice.name,
             load_ms=round(load_ms, 1),
             warmup_ms=round(warm_ms, 1),
+            since_start_s=round(process_age_s() or 0.0, 2),
+            capacity=_max_live_sessions(renderer),
             results=results_dir,
         ),
     )
     return Services(cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, ready=True)
+
+
+def _max_live_sessions(renderer: Renderer) -> int | None:
+    capacity = getattr(renderer, "capacity", None)
+    return capacity().get("max_live_sessions") if callable(capacity) else None
+
+
+def _close_renderer(renderer: Renderer) -> None:
+    """Stop a renderer's threads if it has any (the built-in one has a scheduler and blend pool)."""
+    close = getattr(renderer, "close", None)
+    if callable(close):
+        close()
 
 
 def create_app(
@@ -100,6 +125,7 @@ def create_app(
         finally:
             services.ready = False
             services.worker.stop()
+            _close_renderer(services.renderer)
             services.store.close()
             log.info("stopped")
 

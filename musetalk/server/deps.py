@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from musetalk.config import AppConfig
 from musetalk.errors import Busy
 from musetalk.server.service import SpeakService
-from musetalk.server.worker import GpuWorker
+from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
 from musetalk.types import Renderer
@@ -24,7 +24,7 @@ class Services:
     renderer: Renderer
     voice: VoiceEngine
     store: SessionStore
-    worker: GpuWorker
+    worker: RenderPool
     speaker: SpeakService
     ready: bool = False
 

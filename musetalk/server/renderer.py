@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from musetalk.avatar import AvatarCache, load_avatar, prepare_avatar
 from musetalk.avatar.store import avatar_dir
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotFound, AvatarNotPrepared, ConfigError, WeightsMissing
-from musetalk.models import load_models, missing_files
+from musetalk.models import ModelBundle, load_models, missing_files
 from musetalk.pipeline.engine import Engine
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
 from musetalk.render.preview import PreviewFaces
@@ -30,6 +31,7 @@ from musetalk.types import Audio, Clip, Renderer
 log = logging.getLogger(__name__)
 
 RendererFactory = Callable[[AppConfig], Renderer]
+CAPACITY_HEADROOM = 0.8  # auto max_live_sessions keeps this share of the measured frames/s
 BUILT_IN = ("auto", "musetalk", "preview")
 SWITCH_HINT = "preview renderer (no MuseTalk weights): run `make weights`, then restart, to serve MuseTalk"
 
@@ -56,7 +58,7 @@ def _ensure_prepared(cfg: AppConfig, avatar_id: str) -> AvatarCache:
 
 
 class EngineRenderer:
-    """The server's Renderer over the warm Engine, with the avatars it can render."""
+    """The server's Renderer over the warm Engine, with the avatars it can render; thread-safe."""
 
     def __init__(self, cfg: AppConfig, engine: Engine, avatars: dict[str, AvatarCache], device: str, dtype: str):
         self.cfg, self.engine = cfg, engine
@@ -64,6 +66,9 @@ class EngineRenderer:
         self._avatars = dict(avatars)
         self._lock = threading.Lock()
         self._device, self._dtype = device, dtype
+        self._host_ms_per_frame: float | None = None  # CPU ms per frame (blend + encode [+ CPU faces]), warm-up
+        self._gen_fps: float | None = None  # face generation frames/s, warm-up (GPU: full-batch replay)
+        self._accelerator: threading.Thread | None = None
         self.ready = False
 
     def describe(self) -> dict[str, Any]:
@@ -102,19 +107,79 @@ class EngineRenderer:
         self._cache(avatar_id)
 
     def warm_up(self) -> None:
-        """Warm the model (CUDA graphs) and run one short clip through blending and encoding."""
-        if isinstance(self.engine.source, MuseTalkFaces):
-            self.engine.on_gpu_thread(self.engine.source.warmup)
+        """Warm the audio path, start accelerating the batch shapes, render one short clip end to end.
+
+        With runtime.background_accelerate (default) CUDA graphs are captured and modules compiled in a
+        background thread while the server already serves eagerly; else all of it happens here first.
+        The warm-up clip also measures the host's cost per frame, from which capacity() is estimated.
+        """
+        source = self.engine.source
+        if isinstance(source, MuseTalkFaces):
+            self.engine.on_gpu_thread(source.warm_audio)
+            if self.cfg.runtime.background_accelerate:
+                self._accelerator = threading.Thread(target=self._accelerate, name="musetalk-accelerate", daemon=True)
+                self._accelerator.start()
+            else:
+                self.engine.on_gpu_thread(source.accelerate)
+                self._gen_fps = _full_batch_fps(source)
         rng = np.random.default_rng(0)
         audio = Audio((0.05 * rng.standard_normal(8000)).astype(np.float32), 16000)  # 0.5 s of noise
         with tempfile.TemporaryDirectory() as tmp:
-            self.engine.render(audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0)
+            clip = self.engine.render(audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0).clip
+        t = clip.timings_ms
+        frames = max(clip.n_frames, 1)
+        gpu_faces = self._device.startswith("cuda")
+        faces_ms = 0.0 if gpu_faces else t.get("unet_ms", 0.0) + t.get("vae_ms", 0.0) + t.get("preview_ms", 0.0)
+        self._host_ms_per_frame = (t.get("blend_ms", 0.0) + t.get("encode_ms", 0.0) + faces_ms) / frames
+        if not gpu_faces and faces_ms > 0:
+            self._gen_fps = 1000.0 * frames / faces_ms
         self.ready = True
 
+    def _accelerate(self) -> None:
+        source = self.engine.source
+        assert isinstance(source, MuseTalkFaces)
+        try:
+            source.accelerate()
+            self._gen_fps = _full_batch_fps(source)
+            log.info("all batch shapes accelerated: %s", source.accelerated())
+        except Exception:  # the server keeps serving with whatever shapes are ready (eager otherwise)
+            log.exception("background acceleration failed; serving with %s", source.accelerated())
+
+    def capacity(self) -> dict[str, Any]:
+        """Estimated frames/s this renderer sustains (faces vs host blend+encode) and sessions that fit."""
+        host_fps = None
+        if self._host_ms_per_frame:
+            host_fps = (os.cpu_count() or 1) * 1000.0 / self._host_ms_per_frame
+        known = [f for f in (self._gen_fps, host_fps) if f]
+        fps = min(known) if known else None
+        configured = self.cfg.server.max_live_sessions
+        sessions = configured or (max(1, int(fps * CAPACITY_HEADROOM / self.cfg.fps)) if fps else None)
+        return {
+            "max_live_sessions": sessions,
+            "source": "config" if configured else "measured",
+            "frames_per_s": fps,
+            "generate_fps": self._gen_fps,
+            "host_fps": host_fps,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The scheduler's live figures and how each batch shape runs."""
+        return {**self.engine.scheduler.stats(), "accelerated": self.engine.source.accelerated()}
+
     def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
-        """One clip of `avatar_id` from `cursor`; returns it and the next cursor."""
+        """One clip of `avatar_id` from `cursor`; returns it and the next cursor (callable from many threads)."""
         result = self.engine.render(audio, self._cache(avatar_id), out_path, cursor)
         return result.clip, result.next_cursor
+
+    def close(self) -> None:
+        """Stop the engine's threads."""
+        self.engine.close()
+
+
+def _full_batch_fps(source: MuseTalkFaces) -> float | None:
+    """Frames/s of a full batch, from the replay time measured when its shape was accelerated."""
+    ms = source.batch_ms.get(source.batch_size)
+    return 1000.0 * source.batch_size / ms if ms else None
 
 
 def build_renderer(cfg: AppConfig) -> Renderer:
@@ -129,9 +194,13 @@ def build_renderer(cfg: AppConfig) -> Renderer:
         if missing:
             raise WeightsMissing(missing)
     avatars = {a: _ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
+    return engine_renderer(cfg, avatars, load_models(cfg) if name == "musetalk" else None)
+
+
+def engine_renderer(cfg: AppConfig, avatars: dict[str, AvatarCache], bundle: ModelBundle | None) -> EngineRenderer:
+    """The engine renderer over loaded avatars: MuseTalk with a model bundle, the preview without one."""
     source: FaceSource
-    if name == "musetalk":
-        bundle = load_models(cfg)
+    if bundle is not None:
         source = MuseTalkFaces(bundle, cfg)
         device, dtype = str(bundle.device), str(bundle.dtype).removeprefix("torch.")
     else:
@@ -140,6 +209,7 @@ def build_renderer(cfg: AppConfig) -> Renderer:
     renderer = EngineRenderer(cfg, Engine(cfg, source), avatars, device, dtype)
     for cache in avatars.values():
         renderer.check_avatar(cache.avatar_id)
+    name = source.name
     log.info("renderer: %s on %s (%s)%s", name, device, dtype, f"; {SWITCH_HINT}" if name == "preview" else "")
     return renderer
 

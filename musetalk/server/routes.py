@@ -94,6 +94,8 @@ async def health(request: Request) -> JSONResponse | HealthResponse:
     if services is None or not services.ready:
         return JSONResponse(HealthResponse(ready=False).model_dump(), status_code=503)
     info = services.renderer.describe()
+    capacity = getattr(services.renderer, "capacity", None)
+    stats = getattr(services.renderer, "stats", None)
     return HealthResponse(
         ready=services.renderer.ready,
         renderer=info,
@@ -103,4 +105,7 @@ async def health(request: Request) -> JSONResponse | HealthResponse:
         tts=services.voice.name,
         in_flight=services.speaker.in_flight,
         queue_size=services.cfg.server.queue_size,
+        live_sessions=services.speaker.live_sessions,
+        capacity=capacity() if callable(capacity) else {"max_live_sessions": services.speaker.max_live_sessions()},
+        scheduler=stats() if callable(stats) else {},
     )

@@ -64,6 +64,12 @@ class HealthResponse(BaseModel):
     tts: str | None = None
     in_flight: int = 0
     queue_size: int = 0
+    live_sessions: int = 0  # sessions with a request in progress
+    # max_live_sessions (new sessions beyond it get 503), where it comes from, the frames/s it rests on
+    capacity: dict[str, Any] = Field(default_factory=dict)
+    # live_utterances, frames_per_s and lateness_p95_ms over the last 10 s, and how each batch shape runs
+    # ("eager", "graphs", "compiled+graphs", ...)
+    scheduler: dict[str, Any] = Field(default_factory=dict)
 
 
 class ErrorResponse(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from musetalk.config import AppConfig, is_valid_id
 from musetalk.errors import Busy, InputError, MuseTalkError, SessionConflict, TTSFailed
-from musetalk.server.worker import GpuWorker
+from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
 from musetalk.types import Audio, Clip, Renderer
@@ -92,7 +92,7 @@ class SpeakService:
         renderer: Renderer,
         voice: VoiceEngine,
         store: SessionStore,
-        worker: GpuWorker,
+        worker: RenderPool,
     ) -> None:
         self.cfg = cfg
         self.renderer = renderer
@@ -120,10 +120,31 @@ class SpeakService:
         self.renderer.check_avatar(aid)  # 404 unknown / 409 not prepared, before any work
         return aid
 
-    def _admit(self) -> None:
+    @property
+    def live_sessions(self) -> int:
+        """Sessions with a request in progress (a session's requests render one after another)."""
+        return len(self._turnstiles)
+
+    def max_live_sessions(self) -> int | None:
+        """server.max_live_sessions, or (0 = auto) what the renderer measured it can keep real-time."""
+        capacity = getattr(self.renderer, "capacity", None)
+        if callable(capacity):
+            sessions = capacity().get("max_live_sessions")
+            return int(sessions) if sessions else None
+        return self.cfg.server.max_live_sessions or None
+
+    def _admit(self, session_id: str) -> None:
         if self._in_flight >= self.cfg.server.queue_size:
             raise Busy(
                 f"{self._in_flight} speak requests in progress (server.queue_size); retry later",
+                self.cfg.server.retry_after_s,
+            )
+        limit = self.max_live_sessions()
+        if limit is not None and session_id not in self._turnstiles and self.live_sessions >= limit:
+            # A new session beyond capacity is refused instead of making every session fall behind.
+            raise Busy(
+                f"{self.live_sessions} sessions are speaking, the capacity is {limit} "
+                "(server.max_live_sessions); retry shortly",
                 self.cfg.server.retry_after_s,
             )
         self._in_flight += 1
@@ -156,7 +177,7 @@ class SpeakService:
         if len(text) > self.cfg.server.max_text_chars:
             raise InputError(f"text has {len(text)} characters; the limit is {self.cfg.server.max_text_chars}")
         sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
-        self._admit()
+        self._admit(sid)
         turnstile = self._turnstile(sid)
         ticket = turnstile.take()
         try:
@@ -174,7 +195,7 @@ class SpeakService:
         t0 = time.perf_counter()
         self._check_audio(audio)
         sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
-        self._admit()
+        self._admit(sid)
         turnstile = self._turnstile(sid)
         ticket = turnstile.take()
         try:
@@ -253,8 +274,8 @@ class SpeakService:
             raise
         t_end = time.perf_counter()
         new = appended.state
+        timings.update(_stage_timings(clip.timings_ms, queued_ms))
         timings.update(
-            gpu_queue=queued_ms,
             render=render_ms,
             append=appended.timings_ms["append_total"],
             total=(t_end - t0) * 1000,
@@ -283,6 +304,15 @@ class SpeakService:
             ),
         )
         return result
+
+
+def _stage_timings(clip_ms: dict[str, float], render_queue_ms: float) -> dict[str, float]:
+    """Per-utterance stage times for the response and the log: queued (for a render thread and for the GPU),
+    first_frame (audio in → first blended frame), generate, blend, encode — the keys a client can rely on."""
+    keys = {"first_frame": "first_frame_ms", "generate": "generate_ms", "blend": "blend_ms", "encode": "encode_ms"}
+    out = {"queued": render_queue_ms + clip_ms.get("queued_ms", 0.0)}
+    out.update({name: clip_ms[key] for name, key in keys.items() if key in clip_ms})
+    return out
 
 
 def _remove_clip_files(clip: Clip) -> None:

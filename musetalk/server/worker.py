@@ -1,4 +1,9 @@
-"""One thread owns the GPU: every render (and the renderer's construction and warm-up) runs on it, in order."""
+"""Render threads: each admitted clip renders on one (generation is batched across them by the engine's scheduler).
+
+A render call spends its time waiting for faces from the frame scheduler, blending (in the engine's blend
+pool) and x264-encoding, all of which release the GIL, so clips of different sessions render side by
+side. `threads=1` reproduces the one-clip-at-a-time server (engine.scheduler: serial).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ T = TypeVar("T")
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a CUDA (or other accelerator) out-of-memory error from torch."""
+    if isinstance(exc, GpuOutOfMemory):
+        return True
     torch = sys.modules.get("torch")  # only loaded if the renderer uses it
     if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return True
@@ -31,12 +38,13 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class GpuWorker:
-    """A single worker thread with a bounded number of pending jobs (queued or running)."""
+class RenderPool:
+    """`threads` worker threads with a bounded number of pending jobs (queued or running)."""
 
-    def __init__(self, max_pending: int, retry_after_s: int) -> None:
+    def __init__(self, max_pending: int, retry_after_s: int, threads: int = 1) -> None:
         self.max_pending = max_pending
         self.retry_after_s = retry_after_s
+        self.threads = threads
         self._pending = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -46,12 +54,12 @@ class GpuWorker:
         return self._pending
 
     def start(self) -> None:
-        """Start the thread (idempotent)."""
+        """Start the threads (idempotent)."""
         if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="render")
 
     def stop(self) -> None:
-        """Finish the running job and stop; queued jobs are cancelled."""
+        """Finish the running jobs and stop; queued jobs are cancelled."""
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -64,6 +72,8 @@ class GpuWorker:
             if is_out_of_memory(exc):
                 _release_gpu_memory()
                 log.error("GPU out of memory in %s: %s", getattr(fn, "__name__", fn), exc)
+                if isinstance(exc, GpuOutOfMemory):
+                    raise
                 raise GpuOutOfMemory(
                     "the GPU ran out of memory for this request; retry shortly", self.retry_after_s
                 ) from exc
@@ -71,9 +81,9 @@ class GpuWorker:
         return result, (started - submitted) * 1000, (time.perf_counter() - started) * 1000
 
     async def run(self, fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
-        """Run fn(*args) on the worker thread → (result, queued_ms, run_ms); Busy when the queue is full."""
+        """Run fn(*args) on a render thread → (result, queued_ms, run_ms); Busy when the queue is full."""
         if self._executor is None:
-            raise Busy("the GPU worker is not running", self.retry_after_s)
+            raise Busy("the render threads are not running", self.retry_after_s)
         if self._pending >= self.max_pending:
             raise Busy(f"{self._pending} renders pending; retry later", self.retry_after_s)
         self._pending += 1

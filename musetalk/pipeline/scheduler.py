@@ -1,0 +1,399 @@
+"""The frame scheduler: one GPU thread generates the faces of every utterance in flight, batched across sessions.
+
+Each utterance (one clip being rendered, of any session and avatar) hands the scheduler the frames that
+need a generated face (silent frames never do) and gets its faces back, in frame order, through its own
+`Utterance` handle. The scheduler's single thread owns the face source (and so CUDA):
+
+    request threads ──submit──▶ inbox ──▶ GPU thread: prepare (audio tokens) ─▶ batches ─▶ faces ──▶ Utterance
+                                                 ▲ earliest deadline first, fixed shapes          (per utterance,
+                                                 └── only utterances whose consumer keeps up       in order)
+
+Batches are formed earliest-deadline-first: frame i of an utterance that started at t0 is due at
+t0 + start_budget + i / fps, so every session plays in real time and frames of different sessions share
+batches. An utterance that has not had a face yet goes first with a small batch (its first frame is what a
+listener waits for); with several new utterances at once each gets a share of one batch. An utterance
+whose consumer has `queue_frames` faces it has not taken yet is skipped until it catches up, so a slow or
+stalled consumer never holds up anyone else. Cancelling drops an utterance's remaining frames; an error in
+a batch (e.g. GPU out of memory) fails only the utterances that had frames in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from musetalk.avatar.cache import AvatarCache
+from musetalk.errors import GpuOutOfMemory
+from musetalk.pipeline.generate import FaceRequest, FaceSource, PendingFaces, Phonemes
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STATS_WINDOW_S = 10.0  # frames/s and lateness in /health cover this much recent time
+_MAX_IN_FLIGHT = 2  # the GPU works on batch k+1 while the host collects batch k
+
+
+class UtteranceCancelled(Exception):
+    """The utterance was cancelled before all its faces were generated."""
+
+
+class Utterance:
+    """The faces of one clip, handed from the scheduler's thread to one consumer thread, in frame order."""
+
+    def __init__(
+        self,
+        uid: int,
+        cache: AvatarCache,
+        samples_16k: NDArray[np.float32],
+        n_frames: int,
+        phonemes: Phonemes,
+        frame_ids: NDArray[np.int64],
+        source_ids: NDArray[np.int64],
+        due_s: NDArray[np.float64],
+        cv: threading.Condition,
+    ) -> None:
+        self.uid = uid
+        self.cache, self.samples_16k, self.n_frames, self.phonemes = cache, samples_16k, n_frames, phonemes
+        self.frame_ids = frame_ids  # (F,) clip frames that need a face, ascending
+        self.source_ids = source_ids  # (F,) avatar source frame of each
+        self.due_s = due_s  # (F,) monotonic deadline of each
+        self.cond: Any = None  # the face source's conditioning, set on the GPU thread
+        self.scheduled = 0  # frames handed to batches (they are scheduled in order)
+        self.delivered = 0  # faces generated
+        self.taken = 0  # faces the consumer took
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.t_submit = time.perf_counter()
+        self.t_prepared: float | None = None
+        self.t_first_batch: float | None = None
+        self.t_last_face: float | None = None
+        self._faces: deque[NDArray[np.uint8]] = deque()
+        self._cv = cv  # the scheduler's condition: one lock for all shared state
+
+    @property
+    def n_needed(self) -> int:
+        """Frames that need a generated face."""
+        return len(self.frame_ids)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will be generated (all delivered, failed or cancelled)."""
+        return self.cancelled or self.error is not None or self.delivered >= self.n_needed
+
+    def next_face(self, timeout_s: float | None = None) -> NDArray[np.uint8]:
+        """The next face in frame order (256, 256, 3) BGR uint8; blocks; raises the utterance's error.
+
+        TimeoutError if none arrived within `timeout_s` (the caller may check its own stop flag and retry).
+        """
+        with self._cv:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while not self._faces:
+                if self.error is not None:
+                    raise self.error
+                if self.cancelled:
+                    raise UtteranceCancelled(f"utterance {self.uid} was cancelled")
+                if self.taken >= self.n_needed:
+                    raise IndexError("all faces of this utterance were taken")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError
+                self._cv.wait(remaining)
+            face = self._faces.popleft()
+            self.taken += 1
+            self._cv.notify_all()  # the scheduler may be waiting for this consumer to catch up
+            return face
+
+    def timings_ms(self) -> dict[str, float]:
+        """Queueing and generation times of this utterance, plus the face source's own stage times."""
+        out: dict[str, float] = {}
+        timings = getattr(self.cond, "timings_ms", None)
+        if callable(timings):
+            out.update(timings())
+        if self.t_prepared is not None:
+            out["prepare_ms"] = (self.t_prepared - self.t_submit) * 1000
+        if self.t_first_batch is not None:
+            out["queued_ms"] = (self.t_first_batch - self.t_submit) * 1000
+            if self.t_last_face is not None:
+                out["generate_ms"] = (self.t_last_face - self.t_first_batch) * 1000
+        return out
+
+
+class _Batch:
+    def __init__(self, items: list[tuple[Utterance, int]], pending: PendingFaces, first: bool) -> None:
+        self.items, self.pending, self.first = items, pending, first
+
+
+class FrameScheduler:
+    """Owns the face source on one thread; batches the due frames of every utterance in flight."""
+
+    def __init__(
+        self,
+        source: FaceSource,
+        fps: int,
+        queue_frames: int,
+        start_budget_s: float,
+        thread_name: str = "musetalk-gpu",
+    ) -> None:
+        self.source = source
+        self.fps = fps
+        self.queue_frames = queue_frames
+        self.start_budget_s = start_budget_s
+        self._cv = threading.Condition()
+        self._inbox: deque[Utterance] = deque()
+        self._active: list[Utterance] = []
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._stopping = False
+        self._next_uid = 0
+        self._delivered: deque[tuple[float, int]] = deque()  # (time, frames) of recent batches
+        self._lateness: deque[tuple[float, float]] = deque()  # (time, ms behind deadline) of recent faces
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self._thread.start()
+
+    # ---- request side -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        cache: AvatarCache,
+        samples_16k: NDArray[np.float32],
+        n_frames: int,
+        frame_ids: NDArray[np.int64],
+        source_ids: NDArray[np.int64],
+        phonemes: Phonemes = (),
+    ) -> Utterance:
+        """Queue the faces of clip frames `frame_ids` (ascending) shown on avatar frames `source_ids`."""
+        t0 = time.monotonic()
+        due = t0 + self.start_budget_s + frame_ids.astype(np.float64) / self.fps  # (F,)
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the frame scheduler is stopped")
+            utt = Utterance(
+                self._next_uid, cache, samples_16k, n_frames, phonemes, frame_ids, source_ids, due, self._cv
+            )
+            self._next_uid += 1
+            self._inbox.append(utt)
+            self._cv.notify_all()
+        return utt
+
+    def cancel(self, utt: Utterance) -> None:
+        """Stop generating for `utt` (idempotent); its consumer gets UtteranceCancelled."""
+        with self._cv:
+            if not utt.finished:
+                utt.cancelled = True
+            self._cv.notify_all()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the scheduler's thread, between batches, and wait for it (warm-up, CUDA set-up)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future[T] = Future()
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the frame scheduler is stopped")
+            self._calls.append((fn, future))
+            self._cv.notify_all()
+        return future.result()
+
+    def close(self) -> None:
+        """Fail what is still queued and stop the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def stats(self) -> dict[str, Any]:
+        """Live utterances, frames/s and p95 lateness over the last STATS_WINDOW_S, full-batch capacity."""
+        now = time.perf_counter()
+        with self._cv:
+            self._prune(now)
+            frames = sum(n for _, n in self._delivered)
+            late = sorted(ms for _, ms in self._lateness)
+            live = sum(1 for u in self._active if not u.finished) + len(self._inbox)
+        window = min(STATS_WINDOW_S, max(now - self._delivered[0][0], 1e-3)) if self._delivered else STATS_WINDOW_S
+        p95 = late[min(len(late) - 1, math.ceil(0.95 * len(late)) - 1)] if late else 0.0
+        return {
+            "live_utterances": live,
+            "frames_per_s": frames / window if frames else 0.0,
+            "lateness_p95_ms": max(p95, 0.0),
+        }
+
+    def _prune(self, now: float) -> None:
+        while self._delivered and now - self._delivered[0][0] > STATS_WINDOW_S:
+            self._delivered.popleft()
+        while self._lateness and now - self._lateness[0][0] > STATS_WINDOW_S:
+            self._lateness.popleft()
+
+    # ---- the GPU thread -----------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._calls or self._inbox) or any(self._schedulable(u) for u in self._active)
+
+    def _schedulable(self, u: Utterance) -> bool:
+        # Faces handed out but not taken, plus frames in flight, stay within queue_frames.
+        return (
+            u.cond is not None
+            and not u.finished
+            and u.scheduled < u.n_needed
+            and u.scheduled - u.taken < self.queue_frames
+        )
+
+    def _run(self) -> None:
+        in_flight: deque[_Batch] = deque()
+        while True:
+            with self._cv:
+                while not (self._stopping or self._has_work() or in_flight):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                new = list(self._inbox)
+                self._inbox.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+            for utt in new:
+                self._prepare(utt)
+            batch = None
+            # A batch of first frames goes out alone: its faces are what new listeners are waiting for.
+            if not (in_flight and in_flight[-1].first) and len(in_flight) < _MAX_IN_FLIGHT:
+                with self._cv:
+                    items, first = self._form_batch()
+                if items:
+                    batch = self._launch(items, first)
+                    if batch is not None:
+                        in_flight.append(batch)
+            if in_flight and (batch is None or len(in_flight) >= _MAX_IN_FLIGHT or in_flight[0].first):
+                self._collect(in_flight.popleft())
+        for pending in in_flight:
+            self._collect(pending)
+        with self._cv:
+            for utt in [*self._inbox, *self._active]:
+                if not utt.finished:
+                    utt.error = RuntimeError("the frame scheduler stopped")
+            self._cv.notify_all()
+            for _, future in self._calls:
+                future.cancel()
+
+    def _prepare(self, utt: Utterance) -> None:
+        try:
+            cond = self.source.prepare(utt.cache, utt.samples_16k, utt.n_frames, utt.phonemes)
+        except BaseException as exc:
+            with self._cv:
+                utt.error = _as_gpu_error(exc)
+                self._cv.notify_all()
+            return
+        with self._cv:
+            utt.cond = cond
+            utt.t_prepared = time.perf_counter()
+            if utt.cancelled:
+                return
+            self._active.append(utt)
+
+    def _form_batch(self) -> tuple[list[tuple[Utterance, int]], bool]:
+        """(utterance, index into its frame_ids) pairs for the next batch, and whether it is a first batch."""
+        self._active = [u for u in self._active if not u.finished]
+        ready = [u for u in self._active if self._schedulable(u)]
+        if not ready:
+            return [], False
+        size = self.source.batch_size
+        new = sorted((u for u in ready if u.scheduled == 0), key=lambda u: u.due_s[0])
+        items: list[tuple[Utterance, int]] = []
+        if new:
+            share = max(1, min(self.source.first_batch_size, size // len(new)))
+            for u in new:
+                take = min(share, u.n_needed, size - len(items))
+                items.extend((u, k) for k in range(take))
+                if len(items) >= size:
+                    break
+            first = True
+        else:
+            candidates: list[tuple[float, int, int, Utterance]] = []
+            for u in ready:
+                room = min(size, u.n_needed - u.scheduled, self.queue_frames - (u.scheduled - u.taken))
+                candidates.extend((float(u.due_s[k]), u.uid, k, u) for k in range(u.scheduled, u.scheduled + room))
+            candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+            items = [(u, k) for _, _, k, u in candidates[:size]]
+            first = False
+        for u, k in items:
+            u.scheduled = max(u.scheduled, k + 1)
+        return items, first
+
+    def _launch(self, items: list[tuple[Utterance, int]], first: bool) -> _Batch | None:
+        requests = [FaceRequest(u.cond, int(u.frame_ids[k]), int(u.source_ids[k])) for u, k in items]
+        now = time.perf_counter()
+        for u, _ in items:
+            if u.t_first_batch is None:
+                u.t_first_batch = now
+        try:
+            pending = self.source.submit(requests)
+        except BaseException as exc:
+            self._fail(items, exc)
+            return None
+        return _Batch(items, pending, first)
+
+    def _collect(self, batch: _Batch) -> None:
+        try:
+            faces = batch.pending.wait()  # (B, 256, 256, 3)
+        except BaseException as exc:
+            self._fail(batch.items, exc)
+            return
+        now = time.perf_counter()
+        mono = time.monotonic()
+        with self._cv:
+            for (u, k), face in zip(batch.items, faces, strict=True):
+                if u.finished:
+                    continue  # cancelled or failed meanwhile: drop its faces
+                u._faces.append(face)
+                u.delivered += 1
+                u.t_last_face = now
+                self._lateness.append((now, (mono - float(u.due_s[k])) * 1000))
+            self._delivered.append((now, len(batch.items)))
+            self._prune(now)
+            self._cv.notify_all()
+
+    def _fail(self, items: Sequence[tuple[Utterance, int]], exc: BaseException) -> None:
+        """An error in one batch fails the utterances that had frames in it, nobody else."""
+        error = _as_gpu_error(exc)
+        if isinstance(error, GpuOutOfMemory):
+            _release_cached_memory()
+        log.error("batch of %d frames failed: %s: %s", len(items), type(exc).__name__, exc)
+        with self._cv:
+            for u, _ in items:
+                if not u.finished:
+                    u.error = error
+            self._cv.notify_all()
+
+
+def _as_gpu_error(exc: BaseException) -> BaseException:
+    """CUDA out-of-memory (raised as torch's error or a RuntimeError) becomes GpuOutOfMemory (HTTP 503)."""
+    if isinstance(exc, GpuOutOfMemory):
+        return exc
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    if (oom_type and isinstance(exc, oom_type)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
+        error = GpuOutOfMemory("the GPU ran out of memory for this request; retry shortly")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _release_cached_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
