@@ -200,27 +200,3 @@ def test_browser_plays_and_seeks_the_session_video_at_every_committed_length(tmp
     assert served[1][1].startswith(served[0][1]) and served[2][1].startswith(served[1][1])  # never rewritten
     assert on_disk["error"] is None and on_disk["ended"] is True
     assert on_disk["duration"] == pytest.approx(served[-1][0]["session_duration_s"], abs=0.03)
-
-
-def test_two_servers_on_one_session_the_second_is_refused(tmp_path: Path) -> None:
-    video = tmp_path / "results" / "full_session.mp4"
-    with _server(tmp_path, "first") as (first, base1, _):
-        assert httpx.post(f"{base1}/speak", json={"text": "the first server speaks"}, timeout=30).status_code == 200
-        with _server(tmp_path, "second") as (_, base2, _):
-            before = video.read_bytes()
-            refused = httpx.post(f"{base2}/speak", json={"text": "the second server tries"}, timeout=30)
-            assert refused.status_code == 409 and refused.json()["error"] == "SessionLocked"
-            assert f"in use by another process (pid {first.pid} on" in refused.json()["detail"]
-            assert httpx.get(f"{base2}/reset", timeout=30).status_code == 409
-            assert video.read_bytes() == before
-            # The second server still serves the committed video, and has sessions of its own.
-            assert httpx.get(f"{base2}/sessions/default/video", timeout=30).content == httpx.get(
-                f"{base1}/sessions/default/video", timeout=30
-            ).content
-            own = httpx.post(f"{base2}/speak", json={"text": "mine", "session_id": "other"}, timeout=30)
-            assert own.status_code == 200
-        assert httpx.post(f"{base1}/speak", json={"text": "and again"}, timeout=30).json()["n_clips"] == 2
-    paths = SessionPaths(video=video, workdir=tmp_path / "results" / "sessions" / "default")
-    state = read_state(paths)
-    assert state is not None and len(state.clips) == 2
-    assert _decoded_frames(video)[0] == state.total_frames

@@ -171,3 +171,40 @@ def test_a_second_process_is_refused_while_one_holds_the_session(results: Path, 
         if holder.poll() is None:
             holder.kill()
         holder.wait(timeout=60)
+
+
+def test_the_server_answers_409_while_another_process_holds_the_session(results: Path) -> None:
+    from doubles import SyntheticTestRenderer
+    from fastapi.testclient import TestClient
+
+    from musetalk.config import load_config
+    from musetalk.server.app import create_app
+    from musetalk.tts.tone import ToneTTS
+
+    holder = _child(results, 2, "--hold")
+    try:
+        _lines_until(holder, "holding")
+        cfg = load_config(overrides=[f"server.results_dir={results}", "tts.engine=tone", "encode.preset=ultrafast"])
+        app = create_app(cfg, renderer=SyntheticTestRenderer, voice=ToneTTS(cfg.tts))
+        with TestClient(app, raise_server_exceptions=False) as client:
+            before = (results / "full_session.mp4").read_bytes()
+            for r in (client.post("/speak", json={"text": "hello"}), client.get("/reset")):
+                assert r.status_code == 409 and r.json()["error"] == "SessionLocked"
+                assert f"in use by another process (pid {holder.pid} on " in r.json()["detail"]
+            assert (results / "full_session.mp4").read_bytes() == before
+            served = client.get("/sessions/default/video")  # reading needs no lock
+            assert served.status_code == 200 and before.startswith(served.content)
+            assert client.post("/speak", json={"text": "mine", "session_id": "other"}).status_code == 200
+            assert holder.stdin is not None
+            holder.stdin.write("done\n")
+            holder.stdin.flush()
+            assert holder.wait(timeout=60) == 0
+            r = client.post("/speak", json={"text": "now it is free"})
+            assert r.status_code == 200 and r.json()["n_clips"] == 3
+        n_video, _ = _decode(results / "full_session.mp4")
+        state = read_state(SessionStore(results, "default", FPS, EncodeConfig()).paths("default"))
+        assert state is not None and n_video == state.total_frames
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=60)
