@@ -238,6 +238,10 @@ def test_damaged_commit_record_is_a_conflict(store: SessionStore) -> None:
 
     paths.video.rename(paths.video.with_name("elsewhere.mp4"))  # the video is gone, the record remains
     refused("No such file or directory: full_session.mp4")
+    foreign = bytes(range(256)) * 400  # another (longer) file put in its place: refused, not cut
+    paths.video.write_bytes(foreign)
+    refused("reset")
+    assert paths.video.read_bytes() == foreign
     paths.video.with_name("elsewhere.mp4").rename(paths.video)
     paths.commit_record.write_bytes(bytes(8192))  # both slots unreadable
     refused("no valid commit record")

@@ -81,7 +81,7 @@ SLOT_BYTES = 4096  # one commit slot; the state JSON is a few hundred bytes what
 _SLOT_HEADER = struct.Struct(">8sQII")  # magic, sequence number, CRC-32 of the payload, payload length
 _SLOT_MAGIC = b"MTSCOMIT"
 # Test-only fault injection: "<step>:<n>" SIGKILLs the process at that step of the append that makes
-# the session n clips long (tests/test_session_crash.py). Steps, in order:
+# the session n clips long (tests/test_session_process.py). Steps, in order:
 FAULT_ENV = "MUSETALK_TEST_FAULT"
 APPEND_STEPS = ("before_write", "during_write", "after_write", "before_commit", "during_commit", "after_commit")
 
@@ -432,12 +432,13 @@ def open_session(paths: SessionPaths, empty: SessionState) -> SessionState:
             size = f.seek(0, 2)
             if size < layout.committed_bytes:
                 raise ValueError(f"the video has {size} bytes, {layout.committed_bytes} were committed")
+            state = _with_clips(paths, f, record, seq)  # checked before anything is cut: never cut a foreign file
             if size > layout.committed_bytes:
                 log.info("session %s: cutting %d bytes after the committed end", paths.session_id,
                          size - layout.committed_bytes)  # fmt: skip
                 f.truncate(layout.committed_bytes)
                 os.fsync(f.fileno())
-            return _with_clips(paths, f, record, seq)
+            return state
     except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
         raise _damaged(paths, _why(exc)) from exc
 
