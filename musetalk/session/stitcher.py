@@ -325,16 +325,16 @@ def _write_commit(paths: SessionPaths, seq: int, state_json: str, n_clips: int) 
 def _scan_records(f: BinaryIO, end: int) -> tuple[list[ClipEntry], _Record | None]:
     """All clips listed by the record boxes in the first `end` bytes, and the last record."""
     clips: list[ClipEntry] = []
-    last: _Record | None = None
+    last_text: str | None = None
     for kind, offset, size in fmp4.top_level_boxes(f, end):
         if kind != b"free" or size < 8 + len(RECORD_MAGIC):
             continue
         f.seek(offset + 8)
         payload = f.read(size - 8)
         if payload.startswith(RECORD_MAGIC):
-            last = _parse_state(payload[len(RECORD_MAGIC) :].decode("utf-8"))
-            clips.extend(last.clips)
-    return clips, last
+            last_text = payload[len(RECORD_MAGIC) :].decode("utf-8")
+            clips.extend(ClipEntry(str(n), int(k)) for n, k in json.loads(last_text).get("clips", []))
+    return clips, None if last_text is None else _parse_state(last_text)
 
 
 def _read_legacy(video: Path) -> SessionState | None:
@@ -673,11 +673,13 @@ def _new_bytes(
 
 def concat_list_text(paths: SessionPaths, state: SessionState) -> str:
     """The seed's concat_list.txt: one `file '<absolute path>'` line per clip, for `ffmpeg -f concat`."""
-    return "".join(_concat_line(paths, entry) for entry in state.clips)
+    clips_dir = paths.clips_dir.resolve()
+    return "".join(_concat_line(clips_dir, entry) for entry in state.clips)
 
 
-def _concat_line(paths: SessionPaths, entry: ClipEntry) -> str:
-    quoted = str((paths.clips_dir / entry.name).resolve()).replace("'", "'\\''")
+def _concat_line(clips_dir: Path, entry: ClipEntry) -> str:
+    """One concat list line; `clips_dir` already resolved (absolute, no symlinks)."""
+    quoted = str(clips_dir / entry.name).replace("'", "'\\''")
     return f"file '{quoted}'\n"
 
 
@@ -792,7 +794,7 @@ def append_clip(
             f.seek(new.layout.committed_bytes)
             f.write(new.provisional)
         with paths.concat_list.open("a", encoding="utf-8") as f:
-            f.write(_concat_line(paths, entry))
+            f.write(_concat_line(paths.clips_dir.resolve(), entry))
     except OSError as exc:  # the session is committed; both are rebuilt on the next open
         log.warning("session %s: after the commit: %s", sid, exc)
     t_end = time.perf_counter()

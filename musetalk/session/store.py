@@ -128,7 +128,7 @@ class SessionStore:
             stale.unlink(missing_ok=True)
         state = open_session(paths, self._empty())
         if paths.clips_dir.is_dir():
-            keep = {c.name for c in state.clips} | {Path(c.name).with_suffix(".wav").name for c in state.clips}
+            keep = {c.name for c in state.clips} | {os.path.splitext(c.name)[0] + ".wav" for c in state.clips}
             for orphan in paths.clips_dir.iterdir():
                 if orphan.name not in keep:
                     log.info("removing %s (not part of session %s)", orphan, session_id)
