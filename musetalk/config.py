@@ -190,11 +190,6 @@ class EngineConfig(_Section):
     start_budget_ms: float = Field(default=150.0, ge=0)
     blend_workers: int = Field(default=0, ge=0, le=256)  # CPU threads pasting faces; 0 = auto: cores - 1, >= 2
     queue_frames: int = Field(default=64, ge=1, le=4096)  # per utterance: frames in flight to its consumer
-    # Python's GIL switch interval while the engine runs. Blending and encoding many clips at once means
-    # many threads each making short C calls that release the GIL; with Python's default 5 ms a thread
-    # that wants it back can wait that long behind a busy one (measured: 1080p blending 6-13x slower
-    # beside one CPU-bound thread). 0 = leave Python's setting alone.
-    switch_interval_ms: float = Field(default=0.25, ge=0, le=100)
     mask_cache_frames: int = Field(default=2048, ge=1)  # per-frame blend alpha maps kept in memory
     output_dir: Path = Path("results/clips")  # where run() writes clips when no path is given
 

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -224,9 +223,6 @@ class Engine:
     def __init__(self, cfg: AppConfig, source: FaceSource) -> None:
         self.cfg = cfg
         self.source = source
-        if cfg.engine.switch_interval_ms > 0:
-            # Process-wide, on purpose: every thread of a serving process is part of this pipeline.
-            sys.setswitchinterval(cfg.engine.switch_interval_ms / 1000)
         self.blender = Blender(cfg.blend, cfg.prep.expand, cfg.engine.mask_cache_frames)
         self.pool = ThreadPoolExecutor(blend_workers(cfg.engine), thread_name_prefix="musetalk-blend")
         # The scheduler's thread owns every model call (and so CUDA), for all clips of all sessions; one
