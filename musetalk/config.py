@@ -62,6 +62,7 @@ class ModelsConfig(_Section):
     face_alignment: str = "face-alignment"  # torch hub dir: checkpoints/{s3fd-619a316812.pth,2DFAN4-cd938726ad.zip}
     dwpose: str = "dwpose/dw-ll_ucoco_384.pth"
     gfpgan: str = "gfpgan/GFPGANv1.4.pth"
+    syncnet: str = "syncnet/latentsync_syncnet.pt"  # LatentSync's SyncNet: scripts.evaluate's LSE-C/LSE-D
 
     def root(self) -> Path:
         """The weights folder, resolved."""
@@ -130,7 +131,8 @@ class PrepConfig(_Section):
     """Avatar preparation (facts §6-§7)."""
 
     extra_margin: int = Field(default=10, ge=0, le=80)
-    parsing_mode: Literal["jaw", "raw"] = "jaw"
+    parsing_mode: Literal["jaw", "raw", "raw_nose"] = "jaw"  # raw_nose: raw + nose (upstream's nostril fix)
+    keep_upper_lip: bool = False  # blend mask starts where the lips meet: upper lip and philtrum from the source
     left_cheek_width: int = Field(default=90, ge=0, le=256)
     right_cheek_width: int = Field(default=90, ge=0, le=256)
     expand: float = Field(default=1.5, ge=1.0, le=3.0)
@@ -144,6 +146,18 @@ class PrepConfig(_Section):
     # feather kernel up to that size fits inside the stored box (upstream realtime uses 0.1).
     mask_pad_ratio: float = Field(default=0.1, ge=0, le=0.5)
     dwpose_config: Path | None = None  # mmpose config; default: RTMPose-l wholebody 384x288 shipped with mmpose
+    face: str = Field(default="largest", pattern=r"^(largest|center|[0-9]{1,3})$")  # whom to track: N = N-th from left
+    # UNet reference latent, applied when a cache loads: same_frame (upstream), closed_mouth (picked by
+    # force_prep), fixed:<frame>.
+    reference_frame: str = Field(default="same_frame", pattern=r"^(same_frame|closed_mouth|fixed:[0-9]+)$")
+    # Landmark sets farther than this (Procrustes distance to the mean face shape) are not faces.
+    max_shape_distance: float = Field(default=0.12, gt=0, le=1)
+
+    @field_validator("face", mode="before")
+    @classmethod
+    def _face_text(cls, v: object) -> object:
+        """`--set prep.face=1` arrives as a YAML int: the index is kept as text."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class BlendConfig(_Section):
@@ -153,6 +167,8 @@ class BlendConfig(_Section):
     subpixel_enabled: bool = True
     feather_ratio: float = Field(default=0.05, gt=0, le=0.5)  # blur kernel / crop width (upstream 0.05-0.1)
     color_match: bool = False
+    # Motion-adaptive smoothing of generated faces across consecutive frames (0 = off; see pipeline/temporal.py).
+    temporal_smoothing: float = Field(default=0.0, ge=0, lt=1)
 
 
 class AudioConfig(_Section):

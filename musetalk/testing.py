@@ -9,6 +9,7 @@ models) for GPU benchmarks. Layout (facts §1):
     <root>/sd-vae/{config.json,diffusion_pytorch_model.bin}   pre-0.14 attention key names
     <root>/whisper/{config.json,pytorch_model.bin,preprocessor_config.json}   'model.' prefixed
     <root>/face-parse-bisent/79999_iter.pth            legacy (non-zip) pickle, upstream names
+    <root>/syncnet/latentsync_syncnet.pt               {"state_dict", "global_step"} pickle (tiny only)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from musetalk.models.bisenet import BiSeNet
+from musetalk.models.syncnet import AUDIO_STRIDES, VISUAL_STRIDES, SyncNetShape, write_syncnet
 
 Size = Literal["tiny", "full"]
 
@@ -66,6 +68,9 @@ REAL_VAE_CONFIG: dict[str, Any] = {
 }
 
 TINY_AUDIO_DIM = 32
+# Same blocks and strides as the real SyncNet (inputs and 1×1 codes keep their shapes); GroupNorm(32) needs
+# 32 channels, and 64 on the last block, whose 1×1 output must hold more than one value per group.
+TINY_SYNCNET = SyncNetShape((32,) * (len(AUDIO_STRIDES) - 1) + (64,), (32,) * (len(VISUAL_STRIDES) - 1) + (64,))
 
 TINY_UNET_CONFIG: dict[str, Any] = {
     **REAL_UNET_CONFIG,
@@ -164,6 +169,8 @@ def write_models(root: Path, size: Size = "tiny", seed: int = 0, versions: tuple
     WhisperFeatureExtractor(feature_size=wcfg.num_mel_bins).save_pretrained(str(wdir))
 
     write_bisenet(root / "face-parse-bisent" / "79999_iter.pth", seed + 4)
+    if size == "tiny":  # the full-size SyncNet is 1.5 GB and only scores videos: write_syncnet(..., full) on demand
+        write_syncnet(root / "syncnet" / "latentsync_syncnet.pt", TINY_SYNCNET, seed + 5)
     return root
 
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(DEFAULT_GROUPS))
-    parser.add_argument("--with-training", action="store_true", help="also fetch SyncNet (training only)")
+    parser.add_argument("--with-training", action="store_true", help="also fetch SyncNet (training, evaluate)")
     parser.add_argument("--check", action="store_true", help="verify offline; exit 1 if anything is missing")
     parser.add_argument("--no-hash", action="store_true", help="with --check: skip checksum verification")
     args = parser.parse_args(argv)

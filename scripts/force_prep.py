@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bbox-shift", type=int, help="px to move the mask boundary, + = down (default: config bbox_shift)"
     )
+    parser.add_argument(
+        "--face", help="whom to track when several faces show: largest, center or N (N-th from the left, 0-based)"
+    )
+    parser.add_argument(
+        "--allow-gaps", action="store_true", help="accept a video where over 20 %% of the frames have no trackable face"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when an up-to-date cache exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step decides")
@@ -53,8 +59,13 @@ def _summary(result: object) -> str:
         f"{result.size_hw[1]}x{result.size_hw[0]}, detector {result.detector}, parser {result.parser}"
         + ("" if result.latents else ", PREVIEW ONLY (no VAE latents)"),
     ]
-    if result.n_interpolated:
-        lines.append(f"  {result.n_interpolated} frame(s) had no face and were interpolated")
+    t = result.tracking
+    if t:
+        lines.append(
+            f"  face track: {t['n_detected']} frame(s) detected, {t['n_rejected']} rejected, "
+            f"{t['n_interpolated']} interpolated; largest jump {100 * t['max_jump_ratio']:.1f} % of the face width "
+            f"(stabilised box: {100 * t['max_box_jump_ratio']:.1f} %); {t['n_faces']} face(s) seen"
+        )
     for stage in STAGES:
         if stage in result.seconds:
             s = result.seconds[stage]
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"avatar_id={args.avatar_id}")
     if args.bbox_shift is not None:
         overrides.append(f"bbox_shift={args.bbox_shift}")
+    if args.face is not None:
+        overrides.append(f"prep.face={args.face}")
     try:
         cfg = config_from_args(argparse.Namespace(config=args.config, overrides=overrides))
     except ConfigError as exc:
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from musetalk.avatar.prep import prepare_avatar
 
     try:
-        result = prepare_avatar(cfg, video=video, force=args.force, progress=not args.quiet)
+        result = prepare_avatar(cfg, video=video, force=args.force, progress=not args.quiet, allow_gaps=args.allow_gaps)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

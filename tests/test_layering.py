@@ -12,7 +12,7 @@ RANKS = {
     "config": 0, "errors": 0, "types": 0, "utils": 0, "cli": 0, "weights": 0, "tasklists": 0,
     "models": 1, "testing": 1, "tts": 1, "faces": 1, "enhance": 1,
     "audio": 2, "avatar": 2,
-    "pipeline": 3, "render": 3,
+    "pipeline": 3, "render": 3, "evaluation": 3,
     "session": 4,
     "server": 5,
 }

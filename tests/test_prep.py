@@ -25,6 +25,7 @@ from musetalk.config import AppConfig, load_config, with_overrides
 from musetalk.errors import AvatarCacheStale, AvatarNotPrepared
 from musetalk.faces.dlib_detector import DlibDetector
 from musetalk.faces.parsing import LandmarkParser
+from musetalk.faces.tracking import FaceCandidate
 from musetalk.models import load_models
 from musetalk.utils.files import sha256_file
 
@@ -324,9 +325,9 @@ def test_frames_without_a_face_are_interpolated(no_weights: Path, short_video: S
         def __init__(self) -> None:
             self.calls = 0
 
-        def detect(self, frame_bgr: np.ndarray) -> np.ndarray | None:
+        def detect_faces(self, frame_bgr: np.ndarray) -> list[FaceCandidate]:
             self.calls += 1
-            return None if self.calls in (4, 5) else real.detect(frame_bgr)
+            return [] if self.calls in (4, 5) else real.detect_faces(frame_bgr)
 
         def weight_files(self) -> list[Path]:
             return real.weight_files()

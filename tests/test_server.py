@@ -405,3 +405,26 @@ def test_startup_with_the_real_engine_names_what_is_missing(tmp_path: Path) -> N
     with pytest.raises(WeightsMissing, match="make weights") as info, TestClient(app):
         pass
     assert any(p.name == "unet.pth" for p in info.value.missing)
+
+
+def test_admission_refuses_new_sessions_beyond_capacity(tmp_path: Path) -> None:
+    gated: list[GatedRenderer] = []
+
+    def factory(cfg: AppConfig) -> GatedRenderer:
+        gated.append(GatedRenderer(cfg))
+        return gated[0]
+
+    with _client(tmp_path, "server.max_live_sessions=1", renderer=factory) as client:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/speak", json={"text": "speaking", "session_id": "a"})
+            assert gated[0].started.wait(10)
+            busy = client.post("/speak", json={"text": "a new session", "session_id": "b"})
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+            assert "max_live_sessions" in busy.json()["detail"]
+            health = client.get("/health").json()
+            assert health["live_sessions"] == 1 and health["capacity"]["max_live_sessions"] == 1
+            # The live session itself may queue its next sentence.
+            second = pool.submit(client.post, "/speak", json={"text": "and more", "session_id": "a"})
+            gated[0].gate.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert client.post("/speak", json={"text": "room again", "session_id": "b"}).status_code == 200

@@ -45,6 +45,9 @@ class AvatarCache:
     mask_boxes: NDArray[np.int32]  # (N, 4) x1, y1, x2, y2 (end-exclusive) in frame px, inside the frame
     latents: torch.Tensor | None  # (N, 8, 32, 32) float32 [masked ‖ reference] scaled VAE latents; None = preview only
     manifest: dict[str, Any] = field(default_factory=dict)
+    # (N, 68, 2) landmarks as detected (before smoothing; the smoothed ones where no face was accepted), or None.
+    # Smoothing flattens fast lip motion, so whatever measures the mouth reads these.
+    raw_landmarks: NDArray[np.float32] | None = None
 
     @property
     def n_frames(self) -> int:

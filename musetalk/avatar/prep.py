@@ -2,7 +2,9 @@
 
 Stages (each with a progress bar and a timing in the manifest):
   read     decode any video (resampled to cfg.fps by timestamp) or one photo → frames.npy
-  detect   68 landmarks per frame (FaceDetector plugin); frames without a face are interpolated
+  detect   every face candidate per frame (FaceDetector plugin) with 68 landmarks, then one identity
+           tracked through the video (musetalk.faces.tracking.track_faces): non-face shapes and
+           outliers rejected, frames without an accepted face interpolated
   track    LK roll (M_affine), upright boxes from landmarks (upstream v1.5 rule), One-Euro on the
            box corners, scale lock, sub-pixel crop → frame affines
   latents  VAE mean latents of the 256² crops, [masked lower half ‖ reference], batched
@@ -58,7 +60,8 @@ from musetalk.avatar.store import (
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import NoFaceDetected
 from musetalk.faces.base import FaceDetector, FaceParser
-from musetalk.faces.parsing import PARSE_SIZE_PX
+from musetalk.faces.parsing import PARSE_SIZE_PX, keep_upper_lip
+from musetalk.faces.tracking import FaceCandidate, check_reliable, closed_mouth_frame, track_faces
 from musetalk.utils.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,7 @@ class PrepResult:
     parser: str
     latents: bool
     n_interpolated: int = 0
+    tracking: dict[str, Any] = field(default_factory=dict)  # TrackStats.as_dict() + max_box_jump_ratio
     seconds: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # why it was (re)built, or why it was reused
 
@@ -221,20 +225,28 @@ def _read_stage(cfg: AppConfig, video: Path, tmp: Path, progress: bool) -> tuple
 
 
 def _detect_stage(
-    frames: NpyFrames, detector: FaceDetector, batch: int, progress: bool, video: Path
-) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    frames: NpyFrames, detector: FaceDetector, progress: bool, video: Path
+) -> list[list[FaceCandidate]]:
+    """Every face candidate of every frame (the tracker picks among them)."""
     n = len(frames)
-    found = np.zeros(n, dtype=bool)
-    raw = np.zeros((n, 68, 2), dtype=np.float32)
+    out: list[list[FaceCandidate]] = []
     with _bar(progress, "detect", n) as bar:
-        for idx in _batches(n, batch):
-            for i, lm in zip(idx, detector.detect_batch([frames[i] for i in idx]), strict=True):
-                if lm is not None:
-                    raw[i], found[i] = np.asarray(lm, dtype=np.float32).reshape(68, 2), True
-            bar.update(len(idx))
-    if not found.any():
+        for i in range(n):
+            out.append(detector.detect_faces(frames[i]))
+            bar.update(1)
+    if not any(out):
         raise NoFaceDetected(f"{video}: no face found in any of its {n} frame(s)")
-    return raw, found
+    return out
+
+
+def box_jump_ratio(boxes: NDArray[np.floating]) -> float:
+    """Largest frame-to-frame move of a (N, 4) box track's centre, in box widths."""
+    b = np.asarray(boxes, dtype=np.float64)
+    if len(b) < 2:
+        return 0.0
+    centres = (b[:, :2] + b[:, 2:]) / 2
+    widths = np.maximum(b[:, 2] - b[:, 0], 1e-6)
+    return float((np.linalg.norm(np.diff(centres, axis=0), axis=1) / widths[1:]).max())
 
 
 @dataclass(frozen=True)
@@ -349,6 +361,8 @@ def _masks_stage(
                     sq, side_px = squares[k]
                     keep = lower_face_keep(PARSE_SIZE_PX, track.sizes[i] * PARSE_SIZE_PX / side_px)
                     mask_sq = np.where(keep, parsed[k], 0).astype(np.uint8)
+                    if cfg.prep.keep_upper_lip:
+                        mask_sq = keep_upper_lip(mask_sq, lms[k])
                     corners = geo.apply_affine(track.face_to_frame[i], lower_half)
                     box = geo.padded_int_box(corners, math.ceil(cfg.prep.mask_pad_ratio * side_px), hw)
                     # square px → mask-box px (forward map; OpenCV inverts it to sample)
@@ -383,12 +397,14 @@ def prepare_avatar(
     detector: FaceDetector | None = None,
     parser: FaceParser | None = None,
     vae_bundle: Any = None,
+    allow_gaps: bool = False,
 ) -> PrepResult:
     """Build (or reuse) the cache of one avatar. Defaults come from cfg (avatar_id, video_path, bbox_shift).
 
     Reuses an existing cache when it was built from the same source file (SHA-256), bbox_shift,
     shaping config and model files, unless force. Raises InputError / NoFaceDetected for bad
-    sources (nothing is left behind), WeightsMissing / PluginUnavailable for unusable plugins.
+    sources (nothing is left behind), TrackingUnreliable when more than 20 % of the frames have no
+    acceptable face (unless allow_gaps), WeightsMissing / PluginUnavailable for unusable plugins.
     """
     avatar_id = avatar_id or cfg.avatar_id
     root = avatar_dir(cfg, avatar_id)
@@ -407,7 +423,8 @@ def prepare_avatar(
                 avatar_id, root, True, int(manifest["n_frames"]), int(manifest["fps"]),
                 (int(manifest["frame_size_hw"][0]), int(manifest["frame_size_hw"][1])), dir_bytes(root),
                 str(comps.get("detector")), str(comps.get("parser")), bool(comps.get("latents")),
-                int(manifest.get("stats", {}).get("n_interpolated", 0)), {}, "same source, config and models",
+                int(manifest.get("stats", {}).get("n_interpolated", 0)), dict(manifest.get("tracking", {})), {},
+                "same source, config and models",
             )  # fmt: skip
     log.info("avatar %s: building cache (%s)", avatar_id, reason)
 
@@ -427,18 +444,31 @@ def prepare_avatar(
         batch = cfg.prep.batch_size
 
         t0 = time.perf_counter()
-        raw_lm, found = _detect_stage(frames, comp.detector, batch, progress, source)
-        landmarks = stab.interpolate_missing(raw_lm, found)
+        candidates = _detect_stage(frames, comp.detector, progress, source)
+        tracked = track_faces(
+            candidates, info.size_hw, cfg.fps, cfg.prep.face, max_shape_distance=cfg.prep.max_shape_distance
+        )
+        if not allow_gaps:
+            check_reliable(tracked.stats)
+        found = tracked.detected
+        landmarks = tracked.landmarks
+        raw_lm = np.where(found[:, None, None], landmarks, 0.0).astype(np.float32)
         if not found.all():
             log.warning(
-                "avatar %s: no face in %d of %d frames; interpolated from neighbours", avatar_id, int((~found).sum()), n
-            )
+                "avatar %s: no acceptable face in %d of %d frames (%d rejected); interpolated from neighbours",
+                avatar_id, int((~found).sum()), n, tracked.stats.n_rejected,
+            )  # fmt: skip
         seconds["detect"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with _bar(progress, "track", n if cfg.stabilize.lk_enabled else None) as bar:
             track = stabilise(cfg, frames, landmarks, found, shift, on_frame=lambda: bar.update(1))
         seconds["track"] = time.perf_counter() - t0
+        tracking = {
+            **tracked.stats.as_dict(),
+            "max_box_jump_ratio": round(box_jump_ratio(track.boxes), 4),
+            "closed_mouth_frame": closed_mouth_frame(landmarks, found),  # for prep.reference_frame=closed_mouth
+        }
 
         latents = None
         if comp.vae is not None:
@@ -496,6 +526,7 @@ def prepare_avatar(
                 "coords": COORDS,
             },
             "stats": {"n_detected": int(found.sum()), "n_interpolated": int((~found).sum()), "seconds": seconds},
+            "tracking": {**tracking, "face": cfg.prep.face, "allow_gaps": allow_gaps},
             "command": prep_command(avatar_id, source, shift),
         }
         write_json_atomic(tmp / MANIFEST, manifest)
@@ -508,7 +539,7 @@ def prepare_avatar(
         raise
     result = PrepResult(
         avatar_id, root, False, n, cfg.fps, info.size_hw, dir_bytes(root), comp.detector.name, comp.parser.name,
-        latents is not None, int((~found).sum()), seconds, reason,
+        latents is not None, int((~found).sum()), tracking, seconds, reason,
     )  # fmt: skip
     log.info("avatar %s: %d frames cached at %s (%.1f MB)", avatar_id, n, root, result.cache_bytes / 1e6)
     return result

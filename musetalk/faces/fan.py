@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from musetalk.errors import PluginUnavailable, WeightsMissing
 from musetalk.faces.base import DetectorBase, largest
+from musetalk.faces.tracking import FaceCandidate
 
 # Names face_alignment 1.4-1.5 derives from its URLs (with torch versions it has no table for).
 FAN_FILES = ("s3fd-619a316812.pth", "2DFAN4-cd938726ad.zip")
@@ -74,6 +75,17 @@ class FaceAlignmentDetector(DetectorBase):
             return None
         best = largest(np.asarray(boxes)) if boxes is not None and len(boxes) == len(landmarks) else 0
         return np.asarray(landmarks[best], dtype=np.float32)[:, :2]
+
+    def detect_faces(self, frame_bgr: NDArray[np.uint8]) -> list[FaceCandidate]:
+        """Every S3FD face with its FAN landmarks and detection score."""
+        rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
+        landmarks, _, boxes = self._fa.get_landmarks_from_image(rgb, return_bboxes=True)
+        if not landmarks:
+            return []
+        scores = [float(b[4]) if b is not None and len(b) > 4 else 1.0 for b in (boxes or [None] * len(landmarks))]
+        return [
+            FaceCandidate(np.asarray(lm, dtype=np.float32)[:, :2], s) for lm, s in zip(landmarks, scores, strict=True)
+        ]
 
     def weight_files(self) -> list[Path]:
         """S3FD and FAN files."""

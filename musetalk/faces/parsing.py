@@ -22,6 +22,8 @@ PARSE_SIZE_PX = 512  # upstream parses every crop at 512×512; cheek widths are 
 SKIN, L_BROW, R_BROW, L_EYE, R_EYE = 1, 2, 3, 4, 5
 NOSE_LABEL, MOUTH, U_LIP, L_LIP = 10, 11, 12, 13
 RAW_LABELS = (SKIN, MOUTH, U_LIP, L_LIP)
+# raw + the nose: upstream maintainers' fix for nostrils misaligned after the paste (the nose comes from the model).
+RAW_NOSE_LABELS = (*RAW_LABELS, NOSE_LABEL)
 LIP_LABELS = (MOUTH, U_LIP, L_LIP)
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,13 +63,13 @@ def cheek_erode_kernel() -> NDArray[np.uint8]:
 def labels_to_mask(
     labels: NDArray[np.integer], mode: str, left_cheek_width: int, right_cheek_width: int
 ) -> NDArray[np.uint8]:
-    """Label map (S, S) → 0/255 mask. raw: skin + mouth + lips. jaw: skin dilated by the jaw kernel
-    in the central band and eroded on the cheeks, minus the nose, plus mouth and lips."""
+    """Label map (S, S) → 0/255 mask. raw: skin + mouth + lips; raw_nose: raw + nose. jaw: skin dilated by the
+    jaw kernel in the central band and eroded on the cheeks, minus the nose, plus mouth and lips."""
     lab = np.asarray(labels)
-    if mode == "raw":
-        return np.where(np.isin(lab, RAW_LABELS), 255, 0).astype(np.uint8)
+    if mode in ("raw", "raw_nose"):
+        return np.where(np.isin(lab, RAW_LABELS if mode == "raw" else RAW_NOSE_LABELS), 255, 0).astype(np.uint8)
     if mode != "jaw":
-        raise ValueError(f"unknown parsing mode {mode!r}; choose jaw or raw")
+        raise ValueError(f"unknown parsing mode {mode!r}; choose jaw, raw or raw_nose")
     skin = np.where(lab == SKIN, 255, 0).astype(np.uint8)
     dilated = cv2.dilate(skin, jaw_kernel(), iterations=1)
     eroded = cv2.erode(dilated, cheek_erode_kernel(), iterations=2)
@@ -75,6 +77,21 @@ def labels_to_mask(
     region = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(dilated, cv2.bitwise_not(cheeks)))
     keep = ((region == 255) & (lab != NOSE_LABEL)) | np.isin(lab, LIP_LABELS)
     return np.where(keep, 255, 0).astype(np.uint8)
+
+
+def keep_upper_lip(mask: NDArray[np.uint8], landmarks: NDArray[np.floating]) -> NDArray[np.uint8]:
+    """Clear the (S, S) mask above the line where the lips meet (inner upper lip 60-64, extended sideways), so
+    the upper lip and philtrum are pasted from the source and only the lower lip and jaw are generated."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    line = lm[[60, 61, 62, 63, 64]]
+    size = mask.shape[1]
+    cols = np.arange(size) + 0.5
+    xs = np.concatenate([[0.0], line[:, 0], [float(size)]])
+    ys = np.concatenate([[line[0, 1]], line[:, 1], [line[-1, 1]]])
+    order = np.argsort(xs, kind="stable")
+    limit = np.interp(cols, xs[order], ys[order])  # (S,) first kept row per column
+    rows = np.arange(mask.shape[0])[:, None] + 0.5
+    return np.where(rows >= limit[None, :], mask, 0).astype(np.uint8)
 
 
 class BiSeNetParser:

@@ -15,6 +15,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from musetalk.config import AppConfig, ModelsConfig
 from musetalk.errors import ConfigError, WeightsMissing
 from musetalk.models.bisenet import BiSeNet, load_bisenet
+from musetalk.models.syncnet import SyncNet, load_syncnet
 from musetalk.models.unet import PositionalEncoding, load_unet
 from musetalk.models.vae import VAE_WEIGHT_NAMES, load_vae, vae_weights_file
 from musetalk.models.whisper import WHISPER_FILES, WHISPER_WEIGHT_NAMES, load_whisper_encoder, whisper_weights_file
@@ -22,7 +23,7 @@ from musetalk.models.whisper import WHISPER_FILES, WHISPER_WEIGHT_NAMES, load_wh
 log = logging.getLogger(__name__)
 
 SERVE_PARTS = frozenset({"unet", "vae", "whisper"})
-ALL_PARTS = frozenset({"unet", "vae", "whisper", "face_parser"})
+ALL_PARTS = frozenset({"unet", "vae", "whisper", "face_parser", "syncnet"})
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelBundle:
     pe: PositionalEncoding | None
     face_parser: BiSeNet | None
     version: str
+    syncnet: SyncNet | None = None  # lip-sync scorer for the evaluator (float32, never on the serving path)
 
     @property
     def vae_scale(self) -> float:
@@ -88,6 +90,8 @@ def required_files(models: ModelsConfig, parts: Collection[str] = SERVE_PARTS) -
         need += [(wsp / n,) for n in WHISPER_FILES] + [tuple(wsp / n for n in WHISPER_WEIGHT_NAMES)]
     if "face_parser" in parts:
         need.append((root / models.face_parser,))
+    if "syncnet" in parts:
+        need.append((root / models.syncnet,))
     return need
 
 
@@ -97,7 +101,7 @@ def missing_files(models: ModelsConfig, parts: Collection[str] = SERVE_PARTS) ->
 
 
 def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBundle:
-    """Load the requested parts (unet, vae, whisper, face_parser) onto the configured device/dtype."""
+    """Load the requested parts (unet, vae, whisper, face_parser, syncnet) onto the configured device/dtype."""
     unknown = set(parts) - ALL_PARTS
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {sorted(ALL_PARTS)}")
@@ -108,7 +112,7 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
     dtype = resolve_dtype(cfg.runtime.dtype, device)
     root = cfg.models.root()
 
-    unet = vae = whisper = extractor = pe = parser = None
+    unet = vae = whisper = extractor = pe = parser = syncnet = None
     if "unet" in parts:
         unet = load_unet(*cfg.models.unet_files(), dtype=dtype).to(device)
     if "vae" in parts:
@@ -120,6 +124,9 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
     if "face_parser" in parts:
         # Parsing runs once per avatar at prep time; float32 keeps argmax labels stable.
         parser = load_bisenet(root / cfg.models.face_parser).to(device=device)
+    if "syncnet" in parts:
+        # Scores are cosine distances between unit vectors: float32 keeps them comparable across devices.
+        syncnet = load_syncnet(root / cfg.models.syncnet).to(device=device)
     log.info("models loaded: parts=%s device=%s dtype=%s", sorted(parts), device, dtype)
     return ModelBundle(
         device=device,
@@ -131,6 +138,7 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
         pe=pe,
         face_parser=parser,
         version=cfg.models.version,
+        syncnet=syncnet,
     )
 
 

@@ -213,3 +213,43 @@ def audio_tokens(
     hidden = whisper_hidden_states(samples_16k, encoder, extractor)
     with torch.inference_mode():
         return pe(frame_windows(hidden, len(samples_16k), spec))
+
+
+CONTEXT_MAX_S = 2.0  # left context kept when sentences are rendered one by one
+
+
+def context_samples(
+    left_context_16k: NDArray[np.float32] | None, fps: int, max_s: float = CONTEXT_MAX_S
+) -> NDArray[np.float32]:
+    """The trailing whole video frames (at most max_s) of the audio that preceded a clip → (k·16000/fps,) float32.
+
+    Whole frames keep the clip's first frame on a frame boundary of the joined audio, so its windows line up
+    exactly with the ones it would have in one long rendering.
+    """
+    if left_context_16k is None or len(left_context_16k) == 0:
+        return np.zeros(0, dtype=np.float32)
+    per_frame = WHISPER_RATE_HZ // fps
+    if per_frame * fps != WHISPER_RATE_HZ:
+        raise ValueError(f"left context needs a whole number of 16 kHz samples per frame; {fps} fps has none")
+    n_frames = min(len(left_context_16k) // per_frame, int(max_s * fps))
+    return np.ascontiguousarray(left_context_16k[len(left_context_16k) - n_frames * per_frame :], dtype=np.float32)
+
+
+def audio_tokens_with_context(
+    samples_16k: NDArray[np.float32],
+    left_context_16k: NDArray[np.float32] | None,
+    spec: WindowSpec,
+    encoder: WhisperEncoder,
+    extractor: WhisperFeatureExtractor,
+    pe: PositionalEncoding,
+) -> torch.Tensor:
+    """audio_tokens of a clip whose preceding audio (the previous sentence) Whisper also hears → (T, rows·L, C).
+
+    Rendered alone, a sentence's first frames see zero padding and a Whisper encoder that has heard nothing
+    before; with the context, they get the tokens one long rendering of both sentences would give them.
+    """
+    ctx = context_samples(left_context_16k, spec.fps)
+    joined = np.concatenate([ctx, np.asarray(samples_16k, dtype=np.float32)])
+    k = num_frames(len(ctx), spec.fps)
+    tokens = audio_tokens(joined, spec, encoder, extractor, pe)
+    return tokens[k : k + num_frames(len(samples_16k), spec.fps)]

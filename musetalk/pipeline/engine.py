@@ -36,12 +36,20 @@ from numpy.typing import NDArray
 from musetalk.avatar.cache import AvatarCache, cycle_index
 from musetalk.config import AppConfig, EngineConfig
 from musetalk.errors import InputError
-from musetalk.pipeline.audio import WHISPER_RATE_HZ, AudioSource, load_audio, num_frames, resample
+from musetalk.pipeline.audio import (
+    WHISPER_RATE_HZ,
+    AudioSource,
+    context_samples,
+    load_audio,
+    num_frames,
+    resample,
+)
 from musetalk.pipeline.blend import Blender
 from musetalk.pipeline.encode import write_clip
 from musetalk.pipeline.generate import FaceSource
 from musetalk.pipeline.scheduler import FrameScheduler, Utterance, UtteranceCancelled
 from musetalk.pipeline.silence import face_weights, frame_rms_db
+from musetalk.pipeline.temporal import TemporalSmoother
 from musetalk.types import Audio, Clip
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         t_start: float,
         timings_ms: dict[str, float],
         yuv: bool,
+        context_16k: NDArray[np.float32] | None = None,
     ) -> None:
         self.engine, self.cache, self.audio, self.plan = engine, cache, audio, plan
         self.n_frames = plan.n_frames
@@ -114,8 +123,13 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
         self.utterance: Utterance | None = None
         if len(needed):
+            # Left context (the previous sentence): the source hears it first; clip frame i is its frame k + i.
+            ctx = context_16k if context_16k is not None else np.zeros(0, np.float32)
+            k = num_frames(len(ctx), engine.cfg.fps)
+            joined = np.concatenate([ctx, samples_16k]) if k else samples_16k
+            phonemes = tuple((t + k / engine.cfg.fps, p) for t, p in audio.phonemes)
             self.utterance = engine.scheduler.submit(
-                cache, samples_16k, plan.n_frames, needed, plan.source_ids[needed], audio.phonemes
+                cache, joined, k + plan.n_frames, needed + k, plan.source_ids[needed], phonemes, first_frame=k
             )
         self._feeder = threading.Thread(target=self._feed, name="musetalk-feed", daemon=True)
         self._feeder.start()
@@ -202,6 +216,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
 
     def _feed(self) -> None:
         try:
+            smooth = TemporalSmoother(self.engine.cfg.blend.temporal_smoothing)  # this utterance's faces, in order
             for i in range(self.plan.n_frames):
                 weight = float(self.plan.weights[i])
                 face = None
@@ -209,6 +224,9 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                     face = self._next_face()
                     if face is None:
                         return
+                    face = smooth(face)
+                else:
+                    smooth.reset()  # a silent gap: the next face starts fresh
                 if not self._put(self.engine.pool.submit(self._blend, i, face, weight)):
                     return
         except UtteranceCancelled:
@@ -245,8 +263,21 @@ class Engine:
         weights = face_weights(frame_rms_db(samples_16k, n, fps, WHISPER_RATE_HZ), self.cfg.audio)
         return FramePlan(cursor=cursor, source_ids=source_ids, weights=weights)
 
-    def frames(self, audio: AudioSource, cache: AvatarCache, cursor: int = 0, *, yuv: bool = False) -> FrameStream:
-        """Start a clip; returns its frame iterator at once (audio errors raise here, as InputError)."""
+    def frames(
+        self,
+        audio: AudioSource,
+        cache: AvatarCache,
+        cursor: int = 0,
+        *,
+        yuv: bool = False,
+        left_context_16k: NDArray[np.float32] | None = None,
+    ) -> FrameStream:
+        """Start a clip; returns its frame iterator at once (audio errors raise here, as InputError).
+
+        left_context_16k: 16 kHz audio that preceded this clip (the previous sentence); its last whole frames
+        (≤ 2 s) are heard by the face source first, so the clip's first frames are conditioned as in one
+        continuous rendering. It adds no frames to the clip.
+        """
         t0 = time.perf_counter()
         if cache.fps != self.cfg.fps and cache.avatar_id not in self._warned_fps:
             self._warned_fps.add(cache.avatar_id)
@@ -261,12 +292,21 @@ class Engine:
             "frames": float(plan.n_frames),
             "silent_frames": float(np.sum(plan.weights == 0)),
         }
-        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv)
+        context = context_samples(left_context_16k, self.cfg.fps)
+        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv, context)
 
-    def render(self, audio: AudioSource, cache: AvatarCache, out_path: Path, cursor: int = 0) -> RenderResult:
+    def render(
+        self,
+        audio: AudioSource,
+        cache: AvatarCache,
+        out_path: Path,
+        cursor: int = 0,
+        *,
+        left_context_16k: NDArray[np.float32] | None = None,
+    ) -> RenderResult:
         """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip."""
         t0 = time.perf_counter()
-        with self.frames(audio, cache, cursor, yuv=True) as stream:
+        with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k) as stream:
             clip = write_clip(stream, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p")
             timings = {**stream.timings_ms, **clip.timings_ms}
         total_ms = (time.perf_counter() - t0) * 1000

@@ -168,10 +168,14 @@ class FrameScheduler:
         frame_ids: NDArray[np.int64],
         source_ids: NDArray[np.int64],
         phonemes: Phonemes = (),
+        first_frame: int = 0,
     ) -> Utterance:
-        """Queue the faces of clip frames `frame_ids` (ascending) shown on avatar frames `source_ids`."""
+        """Queue the faces of frames `frame_ids` (ascending) shown on avatar frames `source_ids`.
+
+        `first_frame`: the frame id that is played first (frames before it are audio context, never shown).
+        """
         t0 = time.monotonic()
-        due = t0 + self.start_budget_s + frame_ids.astype(np.float64) / self.fps  # (F,)
+        due = t0 + self.start_budget_s + (frame_ids - first_frame).astype(np.float64) / self.fps  # (F,)
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the frame scheduler is stopped")

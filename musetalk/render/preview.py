@@ -1,10 +1,16 @@
 """Weight-free preview mouth: opens the avatar's own mouth in time with the audio loudness.
 
-No model is involved: below the line where the lips meet, the lower lip, lower teeth and jaw of the
-upright 256×256 face crop move down (a landmark-anchored displacement field applied with cv2.remap),
-and the gap that opens between the lips is filled with a soft, dark inner mouth. The amount of opening
-per video frame comes from the audio's RMS envelope. The result goes through the same blending and
-encoding path as MuseTalk's generated faces.
+No model is involved. The amount of opening per video frame comes from the audio's RMS envelope (shaped
+by phoneme timings when the TTS reports them). Two ways to show it:
+
+- real mouths (videos in which the person talks): the source frames are ranked by their landmark-measured
+  mouth opening; each output frame takes the source frame whose opening matches the wanted one, aligns it
+  to the current face on the rigid landmarks (eyes, nose) and blends its lower face in with a feathered mask;
+- warp (photos, idle videos — the fallback): below the line where the lips meet, the lower lip, lower teeth
+  and jaw of the upright 256×256 face crop move down (a landmark-anchored displacement field applied with
+  cv2.remap), and the gap between the lips is filled with a soft, dark inner mouth.
+
+The result goes through the same blending and encoding path as MuseTalk's generated faces.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from numpy.typing import NDArray
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
 from musetalk.avatar.geometry import apply_affine, invert_affine, warp_crop
+from musetalk.faces.tracking import mouth_opening
 from musetalk.pipeline.generate import ClipJob, FaceRequest
 from musetalk.pipeline.silence import frame_rms_db
 from musetalk.types import Audio
@@ -157,6 +164,53 @@ def open_mouth(face: NDArray[np.uint8], landmarks: NDArray[np.float32], opening:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+# A video "shows the person talking" when its mouth opening (inner-lip gap / eye distance) spans at least this
+# much between its 5th and 95th percentile frames; an idle or still avatar spans ~0.01.
+TALKING_RANGE = 0.08
+MIN_MOUTH_FRAMES = 10
+_RIGID = np.r_[27:36, 36:48]  # nose and eyes: they do not move with the mouth
+_LOWER_FACE = np.r_[2:15, 31:36]  # jaw from cheek to cheek, closed over the nostrils
+
+
+class MouthBank:
+    """The avatar's own frames ranked by mouth opening, when its video shows the person talking."""
+
+    def __init__(self, landmarks: NDArray[np.float32]) -> None:
+        self.opening = mouth_opening(landmarks)  # (N,) eye distances
+        self.low, self.high = (float(v) for v in np.percentile(self.opening, [5, 95]))
+        self.usable = len(self.opening) >= MIN_MOUTH_FRAMES and self.high - self.low >= TALKING_RANGE
+
+    def donor(self, wanted: float) -> int:
+        """Source frame whose opening is nearest to `wanted` in [0, 1] of the video's own range."""
+        target = self.low + float(np.clip(wanted, 0.0, 1.0)) * (self.high - self.low)
+        return int(np.argmin(np.abs(self.opening - target)))
+
+
+def paste_mouth(
+    face: NDArray[np.uint8],
+    landmarks: NDArray[np.float32],
+    donor: NDArray[np.uint8],
+    donor_landmarks: NDArray[np.float32],
+) -> NDArray[np.uint8]:
+    """Blend the donor crop's lower face (S, S, 3), aligned on the rigid landmarks, into `face` (same size)."""
+    size_y, size_x = face.shape[:2]
+    m, _ = cv2.estimateAffinePartial2D(
+        np.asarray(donor_landmarks, np.float32)[_RIGID], np.asarray(landmarks, np.float32)[_RIGID], method=cv2.LMEDS
+    )
+    if m is None:
+        return face.copy()
+    warped = cv2.warpAffine(donor, m, (size_x, size_y), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    moved = apply_affine(np.asarray(m, np.float64), np.asarray(donor_landmarks, np.float64))
+    # Both lower faces: wherever either jaw reaches, the donor's pixels (lips, teeth, chin or neck) belong.
+    pts = np.concatenate([np.asarray(landmarks, np.float64)[_LOWER_FACE], moved[_LOWER_FACE]])
+    mask = np.zeros((size_y, size_x), np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(pts * 4).astype(np.int32)), 255, lineType=cv2.LINE_AA, shift=2)
+    face_w = float(np.ptp(np.asarray(landmarks)[:17, 0]))
+    alpha = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(1.0, 0.04 * face_w)).astype(np.float32)[..., None] / 255.0
+    out = face.astype(np.float32) * (1.0 - alpha) + warped.astype(np.float32) * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 class _Ready:
     """A batch that was computed synchronously."""
 
@@ -174,7 +228,15 @@ class PreviewConditioning:
 
     cache: AvatarCache
     openings: NDArray[np.float32]  # (T,) in [0, 1]
+    bank: MouthBank  # the avatar's own mouths, when its video shows talking
     warp_ms: float = 0.0
+
+    def crop(self, source_id: int) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
+        """Upright 256² crop of a source frame and its landmarks in crop px."""
+        to_frame = self.cache.face_to_frame[source_id]
+        crop = warp_crop(self.cache.frames[source_id], to_frame, FACE_SIZE_PX, cv2.INTER_LINEAR)
+        landmarks = apply_affine(invert_affine(to_frame), self.cache.landmarks[source_id]).astype(np.float32)
+        return crop, landmarks
 
     def timings_ms(self) -> dict[str, float]:
         """Time spent warping mouths."""
@@ -199,18 +261,22 @@ class PreviewFaces:
         phonemes: tuple[tuple[float, str], ...] = (),
     ) -> PreviewConditioning:
         """Per-frame openings from the 16 kHz audio (and phoneme timings); the cache needs landmarks only."""
-        return PreviewConditioning(cache, mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps))
+        openings = mouth_openings(Audio(samples_16k, 16000, phonemes), n_frames, self.fps)
+        bank = MouthBank(cache.raw_landmarks if cache.raw_landmarks is not None else cache.landmarks)
+        return PreviewConditioning(cache, openings, bank)
 
     def submit(self, requests: Sequence[FaceRequest]) -> _Ready:
-        """Warp the source crops of each request to its frame's opening (synchronously)."""
+        """Each request's crop with its frame's opening: one of the avatar's own mouths, or the warp (synchronously)."""
         faces = np.empty((len(requests), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
         for k, (cond, frame_id, source_id) in enumerate(requests):
             t0 = time.perf_counter()
-            cache = cond.cache
-            to_frame = cache.face_to_frame[source_id]
-            crop = warp_crop(cache.frames[source_id], to_frame, FACE_SIZE_PX, cv2.INTER_LINEAR)
-            landmarks = apply_affine(invert_affine(to_frame), cache.landmarks[source_id]).astype(np.float32)
-            faces[k] = open_mouth(crop, landmarks, float(cond.openings[frame_id]))
+            crop, landmarks = cond.crop(source_id)
+            wanted = float(cond.openings[frame_id])
+            if cond.bank.usable:
+                donor = cond.bank.donor(wanted)
+                faces[k] = crop if donor == source_id else paste_mouth(crop, landmarks, *cond.crop(donor))
+            else:
+                faces[k] = open_mouth(crop, landmarks, wanted)
             cond.warp_ms += (time.perf_counter() - t0) * 1000
         return _Ready(faces)
 

@@ -1,0 +1,187 @@
+"""The frame scheduler: frames of concurrent utterances never mix, shared batches, back-pressure, cancel, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from musetalk.avatar.cache import AvatarCache
+from musetalk.errors import GpuOutOfMemory
+from musetalk.pipeline.generate import FaceRequest, PendingFaces
+from musetalk.pipeline.scheduler import FrameScheduler, Utterance
+from musetalk.pipeline.synthetic import synthetic_avatar
+
+
+class _Done:
+    def __init__(self, faces: np.ndarray) -> None:
+        self._faces = faces
+
+    def wait(self) -> np.ndarray:
+        return self._faces
+
+
+class Tagged:
+    """A FaceSource whose every face says whose it is: pixel (0,0) = utterance tag, (0,1) = frame id."""
+
+    name = "tagged"
+
+    def __init__(self, first: int = 2, size: int = 4, poison: int | None = None) -> None:
+        self.first_batch_size, self.batch_size = first, size
+        self.poison = poison  # batches holding a frame of this tag fail with CUDA out-of-memory
+        self.batches: list[list[tuple[int, int]]] = []  # (tag, frame_id) per batch
+        self.lock = threading.Lock()
+
+    def prepare(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> int:
+        return int(samples_16k[0])  # the test puts the utterance's tag in its first sample
+
+    def submit(self, requests: Sequence[FaceRequest]) -> PendingFaces:
+        with self.lock:
+            self.batches.append([(r.cond, r.frame_id) for r in requests])
+        if self.poison is not None and any(r.cond == self.poison for r in requests):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        faces = np.zeros((len(requests), 256, 256, 3), np.uint8)
+        for k, r in enumerate(requests):
+            faces[k, 0, 0, 0] = r.cond
+            faces[k, 0, 1, 0] = r.frame_id % 256
+        return _Done(faces)
+
+    def accelerated(self) -> dict[int, str]:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def avatar() -> AvatarCache:
+    return synthetic_avatar(n_frames=4, height=48, width=64)
+
+
+def _submit(sched: FrameScheduler, avatar: AvatarCache, tag: int, n: int) -> Utterance:
+    samples = np.full(16000, tag, np.float32)
+    frames = np.arange(n, dtype=np.int64)
+    return sched.submit(avatar, samples, n, frames, frames % avatar.n_frames)
+
+
+def _hold(sched: FrameScheduler) -> threading.Event:
+    """Keep the scheduler's thread busy until the returned gate is set (so several submits queue up)."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def block() -> None:
+        entered.set()
+        gate.wait(20)
+
+    threading.Thread(target=sched.call, args=(block,), daemon=True).start()
+    assert entered.wait(10)
+    return gate
+
+
+def _drain(utt: Utterance) -> list[tuple[int, int]]:
+    out = []
+    for _ in range(utt.n_needed):
+        face = utt.next_face(timeout_s=10)
+        out.append((int(face[0, 0, 0]), int(face[0, 1, 0])))
+    return out
+
+
+def test_concurrent_utterances_get_exactly_their_own_faces_in_order(avatar: AvatarCache) -> None:
+    source = Tagged(first=2, size=4)
+    sched = FrameScheduler(source, fps=25, queue_frames=8, start_budget_s=0.1)
+    try:
+        utts = {tag: _submit(sched, avatar, tag, n) for tag, n in ((1, 23), (2, 9), (3, 31), (4, 1))}
+        got: dict[int, list[tuple[int, int]]] = {}
+        threads = [threading.Thread(target=lambda t=t, u=u: got.__setitem__(t, _drain(u))) for t, u in utts.items()]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+    finally:
+        sched.close()
+    for tag, utt in utts.items():
+        assert got[tag] == [(tag, i % 256) for i in range(utt.n_needed)]
+    # Frames of different utterances shared batches, and no batch was larger than the source's batch size.
+    assert any(len({t for t, _ in b}) > 1 for b in source.batches)
+    assert all(len(b) <= 4 for b in source.batches)
+
+
+def test_new_utterances_share_a_small_first_batch(avatar: AvatarCache) -> None:
+    source = Tagged(first=4, size=8)
+    sched = FrameScheduler(source, fps=25, queue_frames=64, start_budget_s=0.1)
+    gate = _hold(sched)  # all four are queued before the scheduler looks
+    try:
+        utts = [_submit(sched, avatar, tag, 20) for tag in (1, 2, 3, 4)]
+    finally:
+        gate.set()
+    try:
+        for u in utts:
+            _drain(u)
+    finally:
+        sched.close()
+    first = source.batches[0]
+    # Four new utterances, batch of 8: each gets two frames in the very first batch.
+    assert sorted(first) == [(t, i) for t in (1, 2, 3, 4) for i in (0, 1)]
+
+
+def test_a_consumer_that_stops_reading_does_not_stall_the_others(avatar: AvatarCache) -> None:
+    source = Tagged(first=2, size=4)
+    sched = FrameScheduler(source, fps=25, queue_frames=6, start_budget_s=0.1)
+    try:
+        stalled = _submit(sched, avatar, 1, 200)
+        stalled.next_face(timeout_s=10)  # takes one face, then never reads again
+        busy = _submit(sched, avatar, 2, 150)
+        assert _drain(busy) == [(2, i) for i in range(150)]
+        # The stalled one was generated only up to its queue limit, not to the end.
+        made_for_stalled = sum(1 for b in source.batches for t, _ in b if t == 1)
+        assert made_for_stalled <= 1 + 6 + 4
+        assert sched.stats()["live_utterances"] == 1
+    finally:
+        sched.close()
+
+
+def test_cancelling_frees_the_utterance_frames(avatar: AvatarCache) -> None:
+    source = Tagged(first=1, size=2)
+    sched = FrameScheduler(source, fps=25, queue_frames=4, start_budget_s=0.1)
+    try:
+        utt = _submit(sched, avatar, 7, 500)
+        utt.next_face(timeout_s=10)
+        sched.cancel(utt)
+        made = sum(len(b) for b in source.batches)
+        other = _submit(sched, avatar, 8, 10)
+        assert _drain(other) == [(8, i) for i in range(10)]
+        assert sum(1 for b in source.batches for t, _ in b if t == 7) <= made  # nothing more was made for it
+        assert sched.stats()["live_utterances"] == 0
+    finally:
+        sched.close()
+
+
+def test_out_of_memory_fails_only_the_utterances_in_that_batch(avatar: AvatarCache) -> None:
+    source = Tagged(first=2, size=2, poison=1)
+    sched = FrameScheduler(source, fps=25, queue_frames=64, start_budget_s=0.1)
+    gate = _hold(sched)
+    try:
+        a, b, c = (_submit(sched, avatar, tag, 6) for tag in (1, 2, 3))
+    finally:
+        gate.set()
+    try:
+        # Batch of 2, three new utterances: the first batch holds one frame of a (poisoned) and one of b.
+        with pytest.raises(GpuOutOfMemory):
+            a.next_face(timeout_s=10)
+        with pytest.raises(GpuOutOfMemory):
+            _drain(b)
+        assert _drain(c) == [(3, i) for i in range(6)]
+    finally:
+        sched.close()
+
+
+def test_stats_report_frames_per_second_and_lateness(avatar: AvatarCache) -> None:
+    sched = FrameScheduler(Tagged(), fps=25, queue_frames=64, start_budget_s=0.0)
+    try:
+        _drain(_submit(sched, avatar, 1, 40))
+        time.sleep(0.01)
+        stats = sched.stats()
+    finally:
+        sched.close()
+    assert stats["frames_per_s"] > 0 and stats["live_utterances"] == 0
+    assert stats["lateness_p95_ms"] >= 0
