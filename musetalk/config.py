@@ -293,6 +293,20 @@ class TTSConfig(_Section):
         return v
 
 
+class EnhanceConfig(_Section):
+    """GFPGAN face restoration: enhance.py on whole videos, and the optional server stage on generated faces."""
+
+    enabled: bool = False  # server: restore the generated mouth region of every frame (costs GPU time)
+    weight: float = Field(default=0.5, ge=0, le=1)  # 0 = source, 1 = fully restored (GFPGAN's default 0.5)
+    batch_size: int = Field(default=8, ge=1, le=256)  # faces per GFPGAN forward
+    # off = frame by frame; motion = the detail GFPGAN adds is smoothed over time where the face is
+    # still and follows where it moves (keeps lip flicker near the source's own).
+    temporal: Literal["off", "motion"] = "motion"
+    temporal_tau: float = Field(default=12.0, gt=0)  # grey-level change at which new detail is taken in full
+    temporal_min_follow: float = Field(default=0.2, gt=0, le=1)  # share of new detail taken where still
+    fixed_noise: bool = True  # use GFPGAN's stored noise maps (repeatable); false = fresh noise per frame
+
+
 class AppConfig(_Section):
     """The whole configuration; seed keys stay at the top level."""
 
@@ -313,6 +327,7 @@ class AppConfig(_Section):
     server: ServerConfig = ServerConfig()
     tts: TTSConfig = TTSConfig()
     engine: EngineConfig = EngineConfig()
+    enhance: EnhanceConfig = EnhanceConfig()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -88,3 +88,15 @@ class SessionNotFound(MuseTalkError):
 
 class SessionConflict(MuseTalkError):
     """The request cannot apply to this session as it is (other avatar, other format); reset it first."""
+
+
+class SessionLocked(SessionConflict):
+    """Another process holds the session (its inter-process lock); this one must not write it."""
+
+
+class RangeNotSatisfiable(InputError):
+    """An HTTP Range that lies wholly outside the resource; carries the resource's length."""
+
+    def __init__(self, message: str, size_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        super().__init__(message)

@@ -9,6 +9,7 @@ models) for GPU benchmarks. Layout:
     <root>/sd-vae/{config.json,diffusion_pytorch_model.bin}   pre-0.14 attention key names
     <root>/whisper/{config.json,pytorch_model.bin,preprocessor_config.json}   'model.' prefixed
     <root>/face-parse-bisent/79999_iter.pth            legacy (non-zip) pickle, upstream names
+    <root>/gfpgan/GFPGANv1.4.pth                       {"params_ema": state dict}, upstream names
     <root>/syncnet/latentsync_syncnet.pt               {"state_dict", "global_step"} pickle (tiny only)
 """
 
@@ -24,6 +25,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from musetalk.models.bisenet import BiSeNet
+from musetalk.models.gfpgan import GFPGANSpec, GFPGANv1Clean
 from musetalk.models.syncnet import AUDIO_STRIDES, VISUAL_STRIDES, SyncNetShape, write_syncnet
 
 Size = Literal["tiny", "full"]
@@ -171,6 +173,7 @@ def write_models(root: Path, size: Size = "tiny", seed: int = 0, versions: tuple
     write_bisenet(root / "face-parse-bisent" / "79999_iter.pth", seed + 4)
     if size == "tiny":  # the full-size SyncNet is 1.5 GB and only scores videos: write_syncnet(..., full) on demand
         write_syncnet(root / "syncnet" / "latentsync_syncnet.pt", TINY_SYNCNET, seed + 5)
+    write_gfpgan(root / "gfpgan" / "GFPGANv1.4.pth", size, seed + 6)
     return root
 
 
@@ -179,4 +182,17 @@ def write_bisenet(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     torch.save(BiSeNet().state_dict(), path, _use_new_zipfile_serialization=False)
+    return path
+
+
+# Same key set as v1.4 at 1/16 of the width: still 512 px in and out, so the alignment template is real.
+TINY_GFPGAN_SPEC = GFPGANSpec(num_style_feat=32, narrow=1 / 16)
+
+
+def write_gfpgan(path: Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """Random GFPGAN weights in the release file's format: {"params_ema": state dict with upstream names}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = GFPGANv1Clean(GFPGANSpec() if size == "full" else TINY_GFPGAN_SPEC)
+    torch.save({"params_ema": net.state_dict()}, path)
     return path

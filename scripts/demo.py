@@ -1,8 +1,11 @@
 """`make demo`: start the server, speak two sentences through the HTTP API, print the session video, stop.
 
-    python -m scripts.demo [--config FILE] [--set key=value ...] [--port 8765]
+    python -m scripts.demo [--config FILE] [--set key=value ...] [--port 8765] [--session-id demo]
 
 Everything stays on 127.0.0.1. The first run prepares the demo avatar (the server does it at start-up).
+The demo speaks into its own session (`demo`: results/sessions/demo/full_session.mp4), which it resets
+first; the user's default session (results/full_session.mp4) is never touched, so the demo can run
+while `make serve` serves it. If another process holds the demo's session, the demo says so and stops.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from musetalk.cli import add_config_args, config_from_args
-from musetalk.config import PROJECT_ROOT, project_path
+from musetalk.config import PROJECT_ROOT, is_valid_id
 from musetalk.errors import ConfigError
 from musetalk.utils.ffmpeg import probe
 
@@ -28,6 +31,7 @@ SENTENCES = (
     "Every sentence you send is appended to one continuous video of our conversation.",
 )
 START_TIMEOUT_S = 900.0  # first run: avatar preparation (and, with weights, model warm-up)
+DEMO_SESSION = "demo"
 
 
 def _free_port() -> int:
@@ -41,11 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--session-id", default=DEMO_SESSION, help="the session the demo speaks into (reset first)")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
         print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    if not is_valid_id(args.session_id) or args.session_id == cfg.server.default_session:
+        print("demo: --session-id must match ^[A-Za-z0-9_-]{1,64}$ and not be the default session", file=sys.stderr)
         return 2
     port = args.port or _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -76,19 +84,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: ready — renderer {renderer.get('name')} on {health.get('device')}", flush=True)
             if renderer.get("note"):
                 print(f"demo: {renderer['note']}")
-            client.get("/reset")
+            sid = args.session_id
+            reset = client.get("/reset", params={"session_id": sid})
+            if reset.status_code != 200:
+                print(f"demo: cannot reset session {sid!r}: {reset.json().get('detail', reset.text)}", file=sys.stderr)
+                return 1
             speech_s = 0.0
             for text in SENTENCES:
-                r = client.post("/speak", json={"text": text})
+                r = client.post("/speak", json={"text": text, "session_id": sid})
                 if r.status_code != 200:
                     print(f"demo: /speak failed with {r.status_code}: {r.text}", file=sys.stderr)
                     return 1
                 body = r.json()
                 speech_s += float(body["clip_duration_s"])
                 print(f"demo: spoke {body['clip_duration_s']:.2f} s: {text!r}", flush=True)
-        video = project_path(cfg.server.results_dir) / "full_session.mp4"
+        video = Path(body["video_path"])
         info = probe(video)
-        print(f"\nsession video: {Path(video)}")
+        print(f"\nsession video (session {sid!r}): {video}")
         print(f"duration: {info.video_duration_s or info.duration_s:.2f} s (speech: {speech_s:.2f} s)")
         return 0
     finally:

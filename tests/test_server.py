@@ -33,6 +33,7 @@ from musetalk.config import AppConfig, load_config
 from musetalk.errors import AvatarNotPrepared, WeightsMissing
 from musetalk.server.app import create_app
 from musetalk.server.deps import SpeakServiceDep
+from musetalk.session.stitcher import COMMIT_NAME, read_state
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
 from musetalk.tts.tone import ToneTTS
@@ -68,7 +69,8 @@ def _session_video(tmp_path: Path, session: str = "default") -> Path:
 
 
 def _state(tmp_path: Path, session: str = "default") -> Any:
-    return SessionStore(tmp_path / "results", "default", FPS, load_config().encode).state(session)
+    """The committed session as the files hold it, read without taking the session (the server has it)."""
+    return read_state(SessionStore(tmp_path / "results", "default", FPS, load_config().encode).paths(session))
 
 
 def test_speak_three_times_then_reset(tmp_path: Path) -> None:
@@ -278,7 +280,10 @@ def test_speak_audio_uploads(tmp_path: Path) -> None:
 def test_session_video_supports_range_requests(tmp_path: Path) -> None:
     with _client(tmp_path) as client:
         client.post("/speak", json={"text": "some words to fill a clip", "session_id": "r1"})
-        data = _session_video(tmp_path, "r1").read_bytes()
+        state = _state(tmp_path, "r1")
+        on_disk = _session_video(tmp_path, "r1").read_bytes()
+        data = on_disk[: state.layout.committed_bytes]  # the provisional audio tail after it is not served
+        assert len(on_disk) > len(data)
         full = client.get("/sessions/r1/video?v=1")
         assert full.status_code == 200 and full.content == data
         assert full.headers["content-type"] == "video/mp4" and full.headers["accept-ranges"] == "bytes"
@@ -287,8 +292,33 @@ def test_session_video_supports_range_requests(tmp_path: Path) -> None:
         assert part.headers["content-range"] == f"bytes 100-1099/{len(data)}"
         tail = client.get("/sessions/r1/video", headers={"Range": "bytes=-500"})
         assert tail.status_code == 206 and tail.content == data[-500:]
-        assert client.get("/sessions/r1/video", headers={"Range": f"bytes={len(data) + 10}-"}).status_code == 416
-        assert not list((tmp_path / "results" / ".serving").glob("*"))  # per-request links are removed
+        open_end = client.get("/sessions/r1/video", headers={"Range": "bytes=1000-"})
+        assert open_end.status_code == 206 and open_end.content == data[1000:]
+        past_end = client.get("/sessions/r1/video", headers={"Range": f"bytes={len(data) - 10}-{len(data) + 99}"})
+        assert past_end.status_code == 206 and past_end.content == data[-10:]
+        # Unsatisfiable: 416 with the documented JSON body and the length in Content-Range.
+        for spec in (f"bytes={len(data) + 10}-", f"bytes={len(data)}-{len(data) + 5}", "bytes=-0"):
+            r = client.get("/sessions/r1/video", headers={"Range": spec})
+            assert r.status_code == 416, spec
+            assert r.json()["error"] == "RangeNotSatisfiable" and str(len(data)) in r.json()["detail"]
+            assert r.headers["content-range"] == f"bytes */{len(data)}"
+        # Malformed, other units, several ranges, last < first: ignored (RFC 9110), the whole body.
+        for spec in ("bytes=abc", "bytes=5-2", "items=0-5", "bytes=0-1,5-6", "bytes=-", "garbage", "bytes=0x10-"):
+            r = client.get("/sessions/r1/video", headers={"Range": spec})
+            assert r.status_code == 200 and r.content == data, spec
+
+
+def test_damaged_session_is_409_without_server_paths(tmp_path: Path) -> None:
+    with _client(tmp_path) as client:
+        assert client.post("/speak", json={"text": "hello there", "session_id": "d1"}).status_code == 200
+    (tmp_path / "results" / "sessions" / "d1" / COMMIT_NAME).write_bytes(bytes(100))  # both slots unreadable
+    with _client(tmp_path) as client:
+        for r in (client.post("/speak", json={"text": "again", "session_id": "d1"}), client.get("/sessions/d1/video")):
+            assert r.status_code == 409 and r.json()["error"] == "SessionConflict"
+            assert "'d1'" in r.json()["detail"] and "/reset" in r.json()["detail"]
+            assert str(tmp_path) not in r.json()["detail"] and "results" not in r.json()["detail"]
+        assert client.get("/reset?session_id=d1").status_code == 200
+        assert client.post("/speak", json={"text": "fresh", "session_id": "d1"}).json()["clip_index"] == 0
 
 
 def test_bearer_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,8 @@
 """The real composition root: `python server_fast.py` under uvicorn in a subprocess, over HTTP.
 
-Also the crash test: the server is SIGKILLed between writing the new session file and renaming it
-(a test-only fault hook in the stitcher); the previous session video must survive intact and playable,
-and a restarted server continues the session.
+Also the crash test: the server is SIGKILLed after writing an append's bytes and before committing
+them (a test-only fault hook in the stitcher); the session must open with exactly the acknowledged
+clips, and a restarted server continues it.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import av
 import httpx
 import pytest
 
 from musetalk.config import PROJECT_ROOT
-from musetalk.session.stitcher import KILL_BEFORE_RENAME_ENV, read_state
+from musetalk.session.stitcher import FAULT_ENV, SessionPaths, read_state
 from musetalk.utils.ffmpeg import probe
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -51,7 +52,7 @@ def _server_cmd(tmp_path: Path, port: int, *overrides: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != KILL_BEFORE_RENAME_ENV}
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
@@ -99,40 +100,37 @@ def _decoded_frames(path: Path) -> tuple[int, int]:
     return n_video, n_audio
 
 
-def test_killed_between_temp_write_and_rename(tmp_path: Path) -> None:
+def test_killed_between_write_and_commit(tmp_path: Path) -> None:
     video = tmp_path / "results" / "full_session.mp4"
-    with _server(tmp_path, "first", env={KILL_BEFORE_RENAME_ENV: "3"}) as (proc, base, _):
+    paths = SessionPaths(video=video, workdir=tmp_path / "results" / "sessions" / "default")
+    with _server(tmp_path, "first", env={FAULT_ENV: "before_commit:3"}) as (proc, base, _):
         replies = [httpx.post(f"{base}/speak", json={"text": t}, timeout=30) for t in ("one two", "three four five")]
         assert [r.status_code for r in replies] == [200, 200]
-        before = video.read_bytes()
+        committed = httpx.get(f"{base}/sessions/default/video", timeout=30).content
         with pytest.raises(httpx.HTTPError):
             httpx.post(f"{base}/speak", json={"text": "this append dies"}, timeout=30)
         assert proc.wait(timeout=30) == -signal.SIGKILL
-    # It died after the temp file was complete and before the rename.
-    temps = list(video.parent.glob(".full_session.*.tmp.mp4"))
-    crashed = read_state(temps[0]) if len(temps) == 1 else None
-    assert crashed is not None and len(crashed.clips) == 3
-    # The previous session file is untouched and fully playable.
-    assert video.read_bytes() == before
-    state = read_state(video)
+    # It died after the third clip's bytes were written and fsynced, before the commit.
+    assert len(video.read_bytes()) > len(committed) and video.read_bytes().startswith(committed)
+    state = read_state(paths)
     assert state is not None and len(state.clips) == 2
-    n_video, n_audio = _decoded_frames(video)
-    assert n_video == state.total_frames == probe(video).n_video_frames
-    assert abs(n_audio - state.total_samples) < 2048
+    assert state.layout is not None and state.layout.committed_bytes == len(committed)
 
     with _server(tmp_path, "second") as (proc, base, out_path):
         r = httpx.post(f"{base}/speak", json={"text": "after the crash"}, timeout=30)
         assert r.status_code == 200 and r.json()["clip_index"] == 2
-        assert not list(video.parent.glob(".full_session.*.tmp.mp4"))
         got = httpx.get(f"{base}/sessions/default/video", headers={"Range": "bytes=0-9"}, timeout=30)
-        assert got.status_code == 206 and got.content == video.read_bytes()[:10]
+        assert got.status_code == 206 and got.content == committed[:10]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert "stopped" in out_path.read_text() and "Traceback" not in out_path.read_text()
-    final = read_state(video)
-    assert final is not None and probe(video).n_video_frames == final.total_frames
+    final = read_state(paths)
+    assert final is not None and len(final.clips) == 3
+    n_video, n_audio = _decoded_frames(video)
+    assert n_video == final.total_frames == probe(video).n_video_frames
+    assert abs(n_audio - final.total_samples) < 2048
     log_text = (tmp_path / "logs" / "server.log").read_text()
-    assert "path=/speak" in log_text and "render_ms=" in log_text and "removing" in log_text
+    assert "path=/speak" in log_text and "render_ms=" in log_text and "cutting" in log_text
 
 
 def test_refuses_to_start_without_weights(tmp_path: Path) -> None:
@@ -172,25 +170,36 @@ _PLAY_JS = """async () => {
 
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_plays_and_seeks_the_session_video(tmp_path: Path) -> None:
+def test_browser_plays_and_seeks_the_session_video_at_every_committed_length(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    with _server(tmp_path, "browser") as (_, base, _):
-        for text in ("First sentence of the test.", "Second one.", "And the third sentence, a bit longer."):
-            reply = httpx.post(f"{base}/speak", json={"text": text}, timeout=30).json()
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=str(CHROMIUM),
-                args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"],
-            )
-            try:
-                page = browser.new_page()
+    served: list[tuple[dict[str, Any], bytes]] = []
+    with _server(tmp_path, "browser") as (_, base, _), sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"],
+        )
+        try:
+            page = browser.new_page()
+            results = []
+            for text in ("First sentence of the test.", "Second one.", "And the third sentence, a bit longer."):
+                reply = httpx.post(f"{base}/speak", json={"text": text}, timeout=30).json()
+                served.append((reply, httpx.get(f"{base}{reply['video_url']}", timeout=30).content))
                 page.set_content(f'<video id="v" muted preload="auto" src="{base}{reply["video_url"]}"></video>')
-                result = page.evaluate(_PLAY_JS)
-            finally:
-                browser.close()
-    assert result["error"] is None and result["width"] == 64
-    # The browser's duration is the session's (plus at most the 21 ms AAC priming some demuxers count).
-    assert reply["session_duration_s"] - 0.01 <= result["duration"] <= reply["session_duration_s"] + 0.03
-    assert result["seekedTo"] == pytest.approx(result["duration"] - 0.5, abs=0.05)
-    assert result["ended"] is True
+                results.append(page.evaluate(_PLAY_JS))
+            # A player opening the file on disk (committed bytes + the provisional audio tail).
+            page_file = tmp_path / "results" / "page.html"  # beside results/full_session.mp4
+            page_file.write_text('<video id="v" muted preload="auto" src="full_session.mp4"></video>')
+            page.goto(page_file.as_uri())
+            on_disk = page.evaluate(_PLAY_JS)
+        finally:
+            browser.close()
+    for (reply, _data), result in zip(served, results, strict=True):
+        assert result["error"] is None and result["width"] == 64
+        # The browser's duration is the session's (plus at most the 21 ms AAC priming some demuxers count).
+        assert reply["session_duration_s"] - 0.01 <= result["duration"] <= reply["session_duration_s"] + 0.03
+        assert result["seekedTo"] == pytest.approx(result["duration"] - 0.5, abs=0.05)
+        assert result["ended"] is True
+    assert served[1][1].startswith(served[0][1]) and served[2][1].startswith(served[1][1])  # never rewritten
+    assert on_disk["error"] is None and on_disk["ended"] is True
+    assert on_disk["duration"] == pytest.approx(served[-1][0]["session_duration_s"], abs=0.03)

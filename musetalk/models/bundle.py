@@ -15,6 +15,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from musetalk.config import AppConfig, ModelsConfig
 from musetalk.errors import ConfigError, WeightsMissing
 from musetalk.models.bisenet import BiSeNet, load_bisenet
+from musetalk.models.gfpgan import GFPGANv1Clean, load_gfpgan
 from musetalk.models.syncnet import SyncNet, load_syncnet
 from musetalk.models.unet import PositionalEncoding, load_unet
 from musetalk.models.vae import VAE_WEIGHT_NAMES, load_vae, vae_weights_file
@@ -24,7 +25,7 @@ from musetalk.weights import WEIGHT_FILES
 log = logging.getLogger(__name__)
 
 SERVE_PARTS = frozenset({"unet", "vae", "whisper"})
-ALL_PARTS = frozenset({"unet", "vae", "whisper", "face_parser", "syncnet"})
+ALL_PARTS = frozenset({"unet", "vae", "whisper", "face_parser", "gfpgan", "syncnet"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ModelBundle:
     pe: PositionalEncoding | None
     face_parser: BiSeNet | None
     version: str
+    gfpgan: GFPGANv1Clean | None = None  # face restoration (enhance.py, the optional enhance stage)
     syncnet: SyncNet | None = None  # lip-sync scorer for the evaluator (float32, never on the serving path)
 
     @property
@@ -91,6 +93,8 @@ def required_files(models: ModelsConfig, parts: Collection[str] = SERVE_PARTS) -
         need += [(wsp / n,) for n in WHISPER_FILES] + [tuple(wsp / n for n in WHISPER_WEIGHT_NAMES)]
     if "face_parser" in parts:
         need.append((root / models.face_parser,))
+    if "gfpgan" in parts:
+        need.append((root / models.gfpgan,))
     if "syncnet" in parts:
         need.append((root / models.syncnet,))
     return need
@@ -108,7 +112,7 @@ def missing_files(models: ModelsConfig, parts: Collection[str] = SERVE_PARTS) ->
 
 
 def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBundle:
-    """Load the requested parts (unet, vae, whisper, face_parser, syncnet) onto the configured device/dtype."""
+    """Load the requested parts (unet, vae, whisper, face_parser, gfpgan, syncnet) onto the configured device/dtype."""
     unknown = set(parts) - ALL_PARTS
     if unknown:
         raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {sorted(ALL_PARTS)}")
@@ -119,7 +123,7 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
     dtype = resolve_dtype(cfg.runtime.dtype, device)
     root = cfg.models.root()
 
-    unet = vae = whisper = extractor = pe = parser = syncnet = None
+    unet = vae = whisper = extractor = pe = parser = gfpgan = syncnet = None
     if "unet" in parts:
         unet = load_unet(*cfg.models.unet_files(), dtype=dtype).to(device)
     if "vae" in parts:
@@ -131,6 +135,8 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
     if "face_parser" in parts:
         # Parsing runs once per avatar at prep time; float32 keeps argmax labels stable.
         parser = load_bisenet(root / cfg.models.face_parser).to(device=device)
+    if "gfpgan" in parts:
+        gfpgan = load_gfpgan(root / cfg.models.gfpgan, dtype).to(device)
     if "syncnet" in parts:
         # Scores are cosine distances between unit vectors: float32 keeps them comparable across devices.
         syncnet = load_syncnet(root / cfg.models.syncnet).to(device=device)
@@ -145,6 +151,7 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
         pe=pe,
         face_parser=parser,
         version=cfg.models.version,
+        gfpgan=gfpgan,
         syncnet=syncnet,
     )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,7 +31,7 @@ from musetalk.server.middleware import (
     default_allowed_hosts,
 )
 from musetalk.server.renderer import RendererFactory, renderer_factory
-from musetalk.server.routes import SERVING_DIR_NAME, router
+from musetalk.server.routes import router
 from musetalk.server.service import SpeakService
 from musetalk.server.uploads import UploadGate
 from musetalk.server.worker import RenderPool
@@ -74,7 +73,6 @@ async def start_services(
         await asyncio.to_thread(renderer.warm_up)
         warm_ms = (time.perf_counter() - t0) * 1000
         results_dir = project_path(cfg.server.results_dir)
-        shutil.rmtree(results_dir / SERVING_DIR_NAME, ignore_errors=True)  # links left by a previous run
         store = SessionStore(results_dir, cfg.server.default_session, cfg.fps, cfg.encode)
         speaker = SpeakService(cfg, renderer, voice, store, worker)
     except BaseException:
@@ -140,6 +138,7 @@ def create_app(
             services.ready = False
             services.worker.stop()
             _close_renderer(services.renderer)
+            services.store.close()
             log.info("stopped")
 
     app = FastAPI(title="MuseTalk warm server", lifespan=lifespan, docs_url=None, redoc_url=None)

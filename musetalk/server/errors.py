@@ -19,7 +19,9 @@ from musetalk.errors import (
     InputError,
     MuseTalkError,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     SessionConflict,
+    SessionLocked,
     SessionNotFound,
     TTSFailed,
     WeightsMissing,
@@ -32,10 +34,12 @@ log = logging.getLogger(__name__)
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: tuple[tuple[type[MuseTalkError], int], ...] = (
     (PayloadTooLarge, 413),
+    (RangeNotSatisfiable, 416),
     (InputError, 422),
     (AvatarNotFound, 404),
     (SessionNotFound, 404),
     (AvatarNotPrepared, 409),
+    (SessionLocked, 409),
     (SessionConflict, 409),
     (TTSFailed, 502),
     (Busy, 503),
@@ -63,6 +67,8 @@ async def _musetalk_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, Busy):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{exc.size_bytes}"
     if isinstance(exc, FfmpegFailed):
         log.error("ffmpeg failed %s\n%s", kv(path=request.url.path), exc.stderr_tail)
         detail = str(exc).split("\n", 1)[0]  # the tail goes to the log, not to the caller

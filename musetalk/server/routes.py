@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import uuid
-from pathlib import Path as FsPath
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.types import Receive, Scope, Send
+from fastapi import APIRouter, File, Form, Header, Path, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
 
 from musetalk.config import ID_PATTERN
-from musetalk.errors import PayloadTooLarge, SessionNotFound
+from musetalk.errors import PayloadTooLarge
 from musetalk.server.deps import Services, ServicesDep, SpeakServiceDep
 from musetalk.server.schemas import HealthResponse, ResetResponse, SpeakRequest, SpeakResponse
 from musetalk.server.service import SpeakResult
 from musetalk.server.uploads import SLOT_STATE_KEY, UploadSlot
+from musetalk.server.video import CommittedFileResponse, byte_range
 from musetalk.utils.audio_io import decode_audio_file
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-SERVING_DIR_NAME = ".serving"  # per-request hard links of session videos (see session_video)
 SessionIdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]
 
 
@@ -82,46 +78,20 @@ async def reset(speaker: SpeakServiceDep, session_id: SessionIdQuery = None) -> 
     return ResetResponse(session_id=sid, removed=removed)
 
 
-class _SnapshotResponse(FileResponse):
-    """Serves a per-request hard link of the session video and removes the link when done (or aborted)."""
-
-    def __init__(self, link: FsPath, **kwargs: Any) -> None:
-        super().__init__(link, **kwargs)
-        self._link = link
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._link.unlink(missing_ok=True)
-
-
-def _snapshot(serving_dir: FsPath, video: FsPath) -> FsPath | None:
-    """A hard link to the current session video, so that an append renaming a new file into place while
-    the response streams cannot change the bytes under the Content-Length already sent."""
-    link = serving_dir / f"{uuid.uuid4().hex}.mp4"
-    serving_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(video, link)
-    except FileNotFoundError as exc:  # reset between the lookup and the link
-        raise SessionNotFound(f"session video {video.name} was just removed") from exc
-    except OSError:
-        return None  # no hard links on this filesystem: serve the path itself
-    return link
-
-
 @router.get("/sessions/{session_id}/video")
 async def session_video(
-    services: ServicesDep, session_id: Annotated[str, Path(pattern=ID_PATTERN)]
-) -> FileResponse:
-    """The session video (HTTP Range supported, for seeking in a browser)."""
-    video = services.store.video_path(session_id)
-    serving_dir = services.store.results_dir / SERVING_DIR_NAME
-    link = await asyncio.to_thread(_snapshot, serving_dir, video)
-    headers = {"Cache-Control": "no-cache"}
-    if link is None:
-        return FileResponse(video, media_type="video/mp4", headers=headers)
-    return _SnapshotResponse(link, media_type="video/mp4", headers=headers)
+    services: ServicesDep,
+    session_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    range_header: Annotated[str | None, Header(alias="range")] = None,
+) -> Response:
+    """The session video's committed bytes (HTTP Range supported, for seeking in a browser)."""
+    file, size = await asyncio.to_thread(services.store.open_video, session_id)
+    try:
+        span = byte_range(range_header, size)
+    except BaseException:
+        file.close()
+        raise
+    return CommittedFileResponse(file, size, span, media_type="video/mp4")
 
 
 @router.get("/health", response_model=HealthResponse)

@@ -1,22 +1,20 @@
 """A minimal fragmented-MP4 (ISO/IEC 14496-12) writer for session videos: H.264 video + AAC audio.
 
-Why fragmented: in a fragmented file every clip is a self-contained `moof`+`mdat` pair appended at the
-end, so a new session version is the previous version's bytes (copied by the kernel, or cloned for free
-on copy-on-write filesystems) plus the new fragments. A regular MP4 keeps one sample table for the
-whole file and must be remuxed from the first packet on every append.
+Why fragmented: in a fragmented file every clip is a self-contained `moof`+`mdat` pair added at the end,
+so an append writes only the new clip's bytes after the ones already there, which never change again.
+A regular MP4 keeps one sample table for the whole file and must be remuxed on every append.
 
 Layout written here:
     ftyp
-    moov   mvhd, trak(video), trak(audio with an edit list that hides the AAC priming), mvex(mehd, trex x2)
+    moov   mvhd, trak(video), trak(audio with an edit list that hides the AAC priming), mvex(trex x2)
     moof+mdat ...          one fragment per track per append
-    free                   the session's state (JSON), rewritten on every append
-Durations in mvhd/tkhd/elst/mehd are 64-bit fields at fixed offsets, patched in place per version.
+All durations in the init segment are 0 ("as long as the fragments say"): players (FFmpeg, Chromium)
+take the length from the fragments, so nothing written once ever needs patching.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -70,14 +68,6 @@ class Sample:
     cts_offset: int = 0
 
 
-@dataclass(frozen=True)
-class InitSegment:
-    """ftyp + moov bytes, and where the 64-bit duration fields sit in them (absolute file offsets)."""
-
-    data: bytes
-    duration_offsets: tuple[int, ...]
-
-
 def _descriptor(tag: int, payload: bytes) -> bytes:
     """An MPEG-4 descriptor with the 4-byte size form (as most muxers write it)."""
     n = len(payload)
@@ -128,8 +118,8 @@ def _empty_tables() -> bytes:
     )
 
 
-def init_segment(video: VideoTrack, audio: AudioTrack) -> InitSegment:
-    """ftyp + moov for one H.264 and one AAC track, all durations 0 (patch them with patch_durations)."""
+def init_segment(video: VideoTrack, audio: AudioTrack) -> bytes:
+    """ftyp + moov for one H.264 and one AAC track, all durations 0 (the fragments carry the timing)."""
     ftyp = box(b"ftyp", b"isom", struct.pack(">I", 0x200), b"isom", b"iso6", b"avc1", b"mp41")
     avc1 = box(
         b"avc1",
@@ -157,7 +147,7 @@ def init_segment(video: VideoTrack, audio: AudioTrack) -> InitSegment:
         _esds(audio),
     )
     # The edit list starts presentation after the encoder's priming samples (media_time), so decoders
-    # drop them and the audio starts exactly with the video.
+    # drop them and the audio starts exactly with the video; segment_duration 0 = to the end of the media.
     elst = full_box(b"elst", 1, 0, struct.pack(">IQqhh", 1, 0, audio.priming, 1, 0))
     audio_trak = box(
         b"trak",
@@ -176,7 +166,7 @@ def init_segment(video: VideoTrack, audio: AudioTrack) -> InitSegment:
         ),
     )
     trex = [full_box(b"trex", 0, 0, struct.pack(">IIIII", tid, 1, 0, 0, 0)) for tid in (VIDEO_TRACK_ID, AUDIO_TRACK_ID)]
-    mvex = box(b"mvex", full_box(b"mehd", 1, 0, struct.pack(">Q", 0)), *trex)
+    mvex = box(b"mvex", *trex)
     mvhd = full_box(
         b"mvhd",
         1,
@@ -187,51 +177,7 @@ def init_segment(video: VideoTrack, audio: AudioTrack) -> InitSegment:
         bytes(24),
         struct.pack(">I", AUDIO_TRACK_ID + 1),
     )
-    data = ftyp + box(b"moov", mvhd, video_trak, audio_trak, mvex)
-    return InitSegment(data=data, duration_offsets=tuple(_duration_offsets(data)))
-
-
-def _children(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
-    """(type, offset, size) of the boxes in data[start:end]."""
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        if size < 8:
-            raise ValueError(f"bad box size {size} at {pos}")
-        yield kind, pos, size
-        pos += size
-
-
-def _duration_offsets(data: bytes) -> list[int]:
-    """Offsets of the 64-bit duration fields: mvhd, both tkhd, elst segment_duration, mehd."""
-    offsets: list[int] = []
-    for kind, pos, size in _children(data, 0, len(data)):
-        if kind != b"moov":
-            continue
-        for child, cpos, csize in _children(data, pos + 8, pos + size):
-            if child == b"mvhd":
-                offsets.append(cpos + 12 + 16 + 4)  # header, version/flags, 2 times, timescale
-            elif child == b"trak":
-                for sub, spos, ssize in _children(data, cpos + 8, cpos + csize):
-                    if sub == b"tkhd":
-                        offsets.append(spos + 12 + 16 + 8)  # 2 times, track_ID, reserved
-                    elif sub == b"edts":
-                        for edit, epos, _ in _children(data, spos + 8, spos + ssize):
-                            if edit == b"elst":
-                                offsets.append(epos + 12 + 4)  # entry_count
-            elif child == b"mvex":
-                for sub, spos, _ in _children(data, cpos + 8, cpos + csize):
-                    if sub == b"mehd":
-                        offsets.append(spos + 12)
-    return offsets
-
-
-def patch_durations(f: BinaryIO, offsets: tuple[int, ...], duration_ms: int) -> None:
-    """Write the movie duration into every duration field of an init segment already in `f`."""
-    value = struct.pack(">Q", duration_ms)
-    for offset in offsets:
-        f.seek(offset)
-        f.write(value)
+    return ftyp + box(b"moov", mvhd, video_trak, audio_trak, mvex)
 
 
 def fragment(sequence: int, track_id: int, base_decode_time: int, samples: list[Sample]) -> bytes:
@@ -266,10 +212,11 @@ def fragment(sequence: int, track_id: int, base_decode_time: int, samples: list[
     return moof(header_size + 8) + box(b"mdat", *(s.data for s in samples))
 
 
-def top_level_boxes(f: BinaryIO) -> list[tuple[bytes, int, int]]:
-    """(type, offset, size) of every top-level box of a file."""
-    f.seek(0, 2)
-    end = f.tell()
+def top_level_boxes(f: BinaryIO, end: int | None = None) -> list[tuple[bytes, int, int]]:
+    """(type, offset, size) of every top-level box of a file (of its first `end` bytes if given)."""
+    if end is None:
+        f.seek(0, 2)
+        end = f.tell()
     boxes = []
     pos = 0
     while pos + 8 <= end:
