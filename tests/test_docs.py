@@ -11,7 +11,8 @@ from musetalk.config import PROJECT_ROOT
 DOCS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 # Files the docs name that the code writes at run time (outputs, caches, logs) or the user supplies.
 GENERATED_PREFIXES = ("results/", "logs/", "data/", "models/", "tests/artifacts/", "/", "~", ".venv/")
-CHECKED_SUFFIXES = (".py", ".md", ".yaml", ".sh", ".js", ".css", ".html", ".png", ".txt", ".toml")
+# Code, docs, configs and images; not .txt/.json/.mp4, which the docs mostly name as outputs the code writes.
+CHECKED_SUFFIXES = (".py", ".md", ".yaml", ".sh", ".js", ".css", ".html", ".png", ".toml")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _CODE = re.compile(r"`([^`\s]+)`")
 

@@ -161,14 +161,14 @@ def test_errors_name_files_not_server_paths(server: tuple[object, str, Path]) ->
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"not an mp4")
     r = httpx.post(f"{base}/speak", json={"text": "hello", "session_id": "leak"}, timeout=30)
-    assert r.status_code == 409 and "full_session.mp4" in r.json()["detail"]
+    assert r.status_code == 409 and "'leak'" in r.json()["detail"]
     assert str(tmp_path) not in r.text and "/tmp" not in r.text
     job = httpx.post(f"{base}/chat", json={"message": "hello", "session_id": "leak"}).json()
     deadline = time.monotonic() + 30
     while (status := httpx.get(f"{base}{job['status_url']}").json())["status"] not in ("done", "error"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert status["status"] == "error" and "full_session.mp4" in status["error"]
+    assert status["status"] == "error" and "'leak'" in status["error"]
     assert str(tmp_path) not in json.dumps(status) and "/tmp" not in json.dumps(status)
 
 
