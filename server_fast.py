@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             lifespan="on",
             log_config=None,  # uvicorn's loggers go through ours (stderr + logs/server.log)
             access_log=False,  # our AccessLog middleware logs each request with its id and duration
+            timeout_keep_alive=cfg.server.keep_alive_s,  # request bodies are timed by the BodyDeadline middleware
         )
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with the handler that

@@ -302,7 +302,7 @@ class UpstreamAvatar:
 
 
 def upstream_avatar(avatar: AvatarCache, bundle: ModelBundle) -> UpstreamAvatar:
-    """Upstream's cached material from our synthetic cache (facts §7.4, §8.2); realtime blur 0.1·W."""
+    """Upstream's cached material from our synthetic cache; realtime blur 0.1·W."""
     assert avatar.latents is not None
     frames, coords, masks, crops, lats = [], [], [], [], []
     for p in range(2 * avatar.n_frames):

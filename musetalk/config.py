@@ -20,7 +20,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "inference" / "realtime_live.yaml"
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _ID_RE = re.compile(ID_PATTERN)
-VOICE_PATTERN = r"^[A-Za-z0-9_.+-]{1,64}$"  # espeak "en-us", "en+f3"; edge "en-US-AriaNeural"; piper names
+# espeak "en-us", "en+f3"; edge "en-US-AriaNeural"; piper names. The first character is a letter or digit so
+# that "." and ".." (espeak-ng would open its voices folder as a voice) never reach an engine.
+VOICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 
 
 def project_path(path: Path | str) -> Path:
@@ -48,7 +50,7 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    """Where the weights live; `version` picks the UNet checkpoint (facts §1)."""
+    """Where the weights live; `version` picks the UNet checkpoint."""
 
     version: Literal["v15", "v1"] = "v15"
     dir: Path = Path("models")
@@ -128,7 +130,7 @@ class StabilizeConfig(_Section):
 
 
 class PrepConfig(_Section):
-    """Avatar preparation (facts §6-§7)."""
+    """Avatar preparation."""
 
     extra_margin: int = Field(default=10, ge=0, le=80)
     parsing_mode: Literal["jaw", "raw", "raw_nose"] = "jaw"  # raw_nose: raw + nose (upstream's nostril fix)
@@ -172,7 +174,7 @@ class BlendConfig(_Section):
 
 
 class AudioConfig(_Section):
-    """Audio features (facts §4.4) and silence handling."""
+    """Audio features and silence handling."""
 
     pad_left: int = Field(default=2, ge=0, le=8)  # audio_padding_length_left
     pad_right: int = Field(default=2, ge=0, le=8)  # audio_padding_length_right
@@ -207,6 +209,9 @@ class EngineConfig(_Section):
     blend_workers: int = Field(default=0, ge=0, le=256)  # CPU threads pasting faces; 0 = auto: cores - 1, >= 2
     queue_frames: int = Field(default=64, ge=1, le=4096)  # per utterance: frames in flight to its consumer
     mask_cache_frames: int = Field(default=2048, ge=1)  # per-frame blend alpha maps kept in memory
+    # Decoded avatar frames kept in memory, shared by all sessions (H x W x 3 bytes each: 6.2 MB at 1080p).
+    # At the avatar's frame count every frame is decoded once; below it, frames are decoded as they are due.
+    frame_cache_frames: int = Field(default=16, ge=1)
     output_dir: Path = Path("results/clips")  # where run() writes clips when no path is given
 
 
@@ -256,8 +261,17 @@ class ServerConfig(_Section):
     # Sessions rendering at once; a new session's utterance beyond this gets 503 + Retry-After instead of
     # everyone falling behind. 0 = auto: the renderer's measured frames/s × 0.8 / fps.
     max_live_sessions: int = Field(default=0, ge=0)
+    max_concurrent_uploads: int = Field(default=4, ge=1, le=256)  # /speak_audio bodies read + decoded at once
     retry_after_s: int = Field(default=2, ge=1)  # Retry-After of a 503
-    cors_origins: tuple[str, ...] = ()  # e.g. ["http://localhost:3000"]; empty = no CORS headers
+    # Other sites' pages allowed to call the API, e.g. ["http://localhost:3000"] (CORS headers, and their
+    # POSTs and GET /reset pass the cross-site check); empty = same origin and non-browser clients only.
+    cors_origins: tuple[str, ...] = ()
+    # Host names (any port) the server answers to; empty = the bind address, localhost, 127.0.0.1, [::1].
+    # Others get 403 (DNS rebinding). Add the machine's LAN name/IP when binding 0.0.0.0; "*" = any.
+    allowed_hosts: tuple[str, ...] = ()
+    read_timeout_s: float = Field(default=15.0, gt=0)  # a request body idle this long → 408, disconnected
+    body_deadline_s: float = Field(default=300.0, gt=0)  # a whole request body must arrive within this
+    keep_alive_s: int = Field(default=5, ge=1, le=300)  # idle keep-alive connections are closed after this
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
     log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

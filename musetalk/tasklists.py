@@ -1,4 +1,4 @@
-"""Upstream MuseTalk task files (facts §9.2), parsed and checked before anything runs.
+"""Upstream MuseTalk task files, parsed and checked before anything runs.
 
 - realtime (`configs/inference/realtime.yaml`): avatar id → {preparation, bbox_shift, video_path,
   audio_clips: {clip name → audio path}}; each clip becomes `<clip name>.mp4`.

@@ -2,7 +2,7 @@
 
 `write_models(root, "tiny")` gives a layout that `load_models` reads unchanged and that runs the
 whole pipeline on a CPU in seconds; `"full"` writes full-size random weights (same FLOPs as the real
-models) for GPU benchmarks. Layout (facts §1):
+models) for GPU benchmarks. Layout:
 
     <root>/musetalkV15/{musetalk.json,unet.pth}        v1.5 UNet: plain state dict, diffusers names
     <root>/musetalk/{musetalk.json,pytorch_model.bin}  v1.0 UNet: same format
@@ -30,7 +30,7 @@ from musetalk.models.syncnet import AUDIO_STRIDES, VISUAL_STRIDES, SyncNetShape,
 
 Size = Literal["tiny", "full"]
 
-# musetalk.json as published for v1.0 and v1.5 (facts §2.1).
+# musetalk.json as published for v1.0 and v1.5.
 REAL_UNET_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
     "_diffusers_version": "0.6.0.dev0",
@@ -53,7 +53,7 @@ REAL_UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 
-# stabilityai/sd-vae-ft-mse config.json (facts §3).
+# stabilityai/sd-vae-ft-mse config.json.
 REAL_VAE_CONFIG: dict[str, Any] = {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": "0.4.2",
@@ -166,7 +166,7 @@ def write_models(root: Path, size: Size = "tiny", seed: int = 0, versions: tuple
     wdir.mkdir(exist_ok=True)
     wcfg.save_pretrained(str(wdir))
     # torch.save, not save_pretrained: the real repo ships pytorch_model.bin and transformers now
-    # writes safetensors whatever it is asked (facts §16).
+    # writes safetensors whatever it is asked.
     torch.save(whisper.state_dict(), wdir / "pytorch_model.bin")
     WhisperFeatureExtractor(feature_size=wcfg.num_mel_bins).save_pretrained(str(wdir))
 

@@ -6,7 +6,8 @@
 
 Any video container and frame rate (resampled to the configured fps), or a single photo (a still
 avatar). The cache goes to results/avatars/<id>/ (prep.cache_dir). A re-run with the same source,
-bbox shift, config and models reuses the cache; --force rebuilds it.
+bbox shift, config and models reuses the cache; --force rebuilds it. A --video other than the config's
+video_path for the config's avatar id (default "demo") is refused unless --force: use --avatar-id.
 Exit codes: 0 done, 1 environment problem (missing weights/plugin), 2 bad input or config.
 """
 
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from musetalk.cli import add_config_args, config_from_args
+from musetalk.config import AppConfig, project_path, with_overrides
 from musetalk.errors import ConfigError, InputError, MuseTalkError
 from musetalk.weights import human_size
 
@@ -75,6 +77,20 @@ def _summary(result: object) -> str:
     return "\n".join(lines)
 
 
+def _source_mismatch(configured: AppConfig, avatar_id: str, video: Path | None) -> str | None:
+    """Why preparing `avatar_id` from `video` would contradict the config's video_path for that id, or None."""
+    if video is None or avatar_id != configured.avatar_id:
+        return None  # only the configured avatar id has a configured source
+    expected = project_path(configured.video_path).resolve()
+    if video == expected:
+        return None
+    return (
+        f"avatar {avatar_id!r} is configured with video_path {configured.video_path} but --video is {video}; "
+        f"pass --avatar-id NEW_NAME to prepare another avatar, or --force to replace {avatar_id!r} anyway "
+        "(the server will then warn that its cache does not come from video_path)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -82,19 +98,22 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     overrides = list(args.overrides)
-    if args.avatar_id is not None:
-        overrides.append(f"avatar_id={args.avatar_id}")
     if args.bbox_shift is not None:
         overrides.append(f"bbox_shift={args.bbox_shift}")
     if args.face is not None:
         overrides.append(f"prep.face={args.face}")
     try:
-        cfg = config_from_args(argparse.Namespace(config=args.config, overrides=overrides))
+        configured = config_from_args(argparse.Namespace(config=args.config, overrides=overrides))
+        cfg = with_overrides(configured, [f"avatar_id={args.avatar_id}"]) if args.avatar_id else configured
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # A --video on the command line is relative to where the user is, not to the project.
     video = Path(args.video).expanduser().resolve() if args.video else None
+    mismatch = _source_mismatch(configured, cfg.avatar_id, video)
+    if mismatch and not args.force:
+        print(f"error: {mismatch}", file=sys.stderr)
+        return 2
 
     from musetalk.avatar.prep import prepare_avatar
 

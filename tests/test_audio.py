@@ -1,4 +1,4 @@
-"""Audio decoding and the per-frame Whisper windows of MuseTalk v1.5 (facts §4.4, §16)."""
+"""Audio decoding and the per-frame Whisper windows of MuseTalk v1.5."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_frame_count_is_floor_of_duration_times_fps(seconds: float, frames: int)
 
 
 def test_float_boundary_uses_exact_integers_on_purpose() -> None:
-    # Upstream's float math lands just below an integer here (facts §16); we keep the exact count.
+    # Upstream's float math lands just below an integer here; we keep the exact count.
     assert math.floor(36_800 / 16000 * 50) == 114 and feature_length(36_800) == 115  # 2.3 s
     assert math.floor(18_560 / 16000 * 25) == 28 and num_frames(18_560, 25) == 29  # 1.16 s = 29 × 40 ms
     hidden = _row_coded(1500)

@@ -39,7 +39,7 @@ def dlib_detector() -> DlibDetector:
 def test_dlib_finds_the_astronauts_68_landmarks(dlib_detector: DlibDetector) -> None:
     lm = dlib_detector.detect(astronaut_bgr())
     assert lm is not None and lm.shape == (68, 2) and lm.dtype == np.float32
-    # face at (179, 83)-(266, 170) in the photo (deps.md §4); chin is the lowest jaw point, nose below the eyes
+    # face at (179, 83)-(266, 170) in the photo; chin is the lowest jaw point, nose below the eyes
     assert lm[:, 0].min() >= 170 and lm[:, 0].max() <= 280 and lm[:, 1].min() >= 80 and lm[:, 1].max() <= 190
     assert lm[8, 1] == lm[:17, 1].max() and lm[30, 1] > lm[36:48, 1].mean()
     assert dlib_detector.weight_files()[0].name == "shape_predictor_68_face_landmarks.dat"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from musetalk.avatar import load_avatar
+from musetalk.avatar.store import source_mismatch
 from musetalk.avatar.synthetic import SyntheticVideo, write_face_video, write_faceless_video
 from musetalk.config import PROJECT_ROOT, load_config
 from musetalk.errors import AvatarNotPrepared
@@ -103,9 +104,27 @@ def test_bad_config_and_bad_id_exit_2(tmp_path: Path, clip: SyntheticVideo, caps
 def test_missing_detector_weights_exit_1_naming_them(
     tmp_path: Path, clip: SyntheticVideo, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = _args(tmp_path, tmp_path / "cache", "--video", str(clip.path), "--set", "prep.detector=face_alignment")
+    args = _args(
+        tmp_path, tmp_path / "cache", "--avatar-id", "det", "--video", str(clip.path),
+        "--set", "prep.detector=face_alignment",
+    )  # fmt: skip
     assert main(args) == 1
     assert "s3fd-619a316812.pth" in capsys.readouterr().err
+
+
+def test_other_source_for_the_configured_avatar_needs_force(
+    tiny_models_dir: Path, clip: SyntheticVideo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _args(tiny_models_dir, tmp_path, "--video", str(clip.path), "--set", "prep.parser=landmarks")
+    assert main(args) == 2  # no --avatar-id: this would silently replace the configured "demo" avatar
+    err = capsys.readouterr().err
+    assert "'demo'" in err and "data/video/demo.mp4" in err and str(clip.path) in err and "--avatar-id" in err
+    assert not (tmp_path / "demo").exists()
+    assert main([*args, "--force"]) == 0
+    cfg = load_config(overrides=[f"prep.cache_dir={tmp_path}"])
+    warning = source_mismatch(cfg)  # what the server logs at start
+    assert warning is not None and str(clip.path) in warning and "data/video/demo.mp4" in warning
+    assert source_mismatch(load_config(overrides=[f"prep.cache_dir={tmp_path}", f"video_path={clip.path}"])) is None
 
 
 def _env() -> dict[str, str]:

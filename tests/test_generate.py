@@ -42,7 +42,7 @@ def _speech(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def _upstream_faces(bundle: ModelBundle, avatar: AvatarCache, samples: np.ndarray, batch_size: int) -> np.ndarray:
-    """The realtime_inference.py chain (facts §2.3, §3.2, §4, §5) in fp32 with the same modules."""
+    """The realtime_inference.py chain in fp32 with the same modules."""
     assert bundle.unet is not None and bundle.vae is not None and bundle.pe is not None
     assert bundle.whisper is not None and bundle.feature_extractor is not None and avatar.latents is not None
     mel = bundle.feature_extractor(samples, sampling_rate=16000, return_tensors="pt").input_features

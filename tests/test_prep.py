@@ -29,7 +29,9 @@ from musetalk.faces.tracking import FaceCandidate
 from musetalk.models import load_models
 from musetalk.utils.files import sha256_file
 
-CACHE_FILES = ("manifest.json", "frames.npy", "geometry.npz", "masks.npy", "latents.pt", "coords.pkl")
+CACHE_FILES = (
+    "manifest.json", "frames.jpgs", "frames.jpgs.idx.npy", "geometry.npz", "masks.npy", "latents.pt", "coords.pkl",
+)  # fmt: skip
 
 
 def _cfg(models_dir: Path, cache_dir: Path, *extra: str) -> AppConfig:
@@ -85,6 +87,27 @@ def test_loaded_cache_has_the_runtime_fields(prepared_avatar: tuple[AppConfig, P
     np.testing.assert_allclose(np.array(coords), cache.boxes, atol=1e-4)
 
 
+def test_format_1_cache_with_raw_frames_still_loads(prepared_avatar: tuple[AppConfig, PrepResult]) -> None:
+    cfg, result = prepared_avatar
+    new = load_avatar(cfg, "synth")
+    old_root = result.root.parent / "format1"
+    shutil.copytree(result.root, old_root)
+    np.save(old_root / "frames.npy", np.stack([new.frames[i] for i in range(new.n_frames)]))
+    for name in ("frames.jpgs", "frames.jpgs.idx.npy"):
+        (old_root / name).unlink()
+    manifest = json.loads((old_root / "manifest.json").read_text())
+    manifest.update(format_version=1, avatar_id="format1")
+    del manifest["frames_codec"], manifest["files"]["frames_index"]
+    manifest["files"]["frames"] = "frames.npy"
+    (old_root / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        old = load_avatar(cfg, "format1")
+        assert old.n_frames == new.n_frames
+        np.testing.assert_array_equal(old.frames[3], new.frames[3])
+    finally:
+        shutil.rmtree(old_root)
+
+
 def test_masks_are_hard_lower_face_masks_with_room_to_feather(prepared_avatar: tuple[AppConfig, PrepResult]) -> None:
     cfg, _ = prepared_avatar
     cache = load_avatar(cfg, "synth")
@@ -118,7 +141,7 @@ def test_crops_through_face_to_frame_are_the_encoded_latents(
     idx = [0, 17]
     crops = np.stack([geo.warp_crop(cache.frames[i], cache.face_to_frame[i], 256, cv2.INTER_LANCZOS4) for i in idx])
     with torch.inference_mode():
-        x = torch.from_numpy(crops[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(crops[..., ::-1].copy()).permute(0, 3, 1, 2).contiguous().float() / 255
         ref = bundle.vae.encode(x * 2 - 1).latent_dist.mean * bundle.vae_scale
         masked_x = x.clone()
         masked_x[:, :, 128:] = 0

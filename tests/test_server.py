@@ -41,6 +41,7 @@ from musetalk.types import Renderer
 from musetalk.utils.ffmpeg import probe
 
 FPS = 25
+LOCAL = "http://localhost"  # an allowed Host (the default allowlist: loopback names and the bind address)
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> AppConfig:
@@ -58,7 +59,7 @@ def _client(
 ) -> Iterator[TestClient]:
     cfg = _cfg(tmp_path, *overrides)
     app = create_app(cfg, renderer=renderer, voice=voice or ToneTTS(cfg.tts), **create_kwargs)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as client:
         yield client
 
 
@@ -384,7 +385,7 @@ def test_extra_routers_get_the_speak_path(tmp_path: Path) -> None:
 
 def test_real_espeak_speak(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "tts.engine=espeak")
-    with TestClient(create_app(cfg, renderer=SyntheticTestRenderer)) as client:
+    with TestClient(create_app(cfg, renderer=SyntheticTestRenderer), base_url=LOCAL) as client:
         assert client.get("/health").json()["tts"] == "espeak"
         r = client.post("/speak", json={"text": "Hello from the offline voice.", "rate": 1.5})
         assert r.status_code == 200

@@ -26,7 +26,7 @@ from musetalk.utils.ffmpeg import probe
 
 @contextmanager
 def _server(cfg: AppConfig) -> Iterator[TestClient]:
-    with TestClient(create_app(cfg), raise_server_exceptions=False) as client:
+    with TestClient(create_app(cfg), base_url="http://localhost", raise_server_exceptions=False) as client:
         yield client
 
 

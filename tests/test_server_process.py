@@ -59,13 +59,16 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def _server(tmp_path: Path, name: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+def _server(
+    tmp_path: Path, name: str, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """Start server_fast.py, wait until /health is ready; always stop it again."""
     port = _free_port()
     out_path = tmp_path / f"{name}.out"
     with out_path.open("wb") as out:
         proc = subprocess.Popen(
-            _server_cmd(tmp_path, port), cwd=tmp_path, env=_env(**env), stdout=out, stderr=subprocess.STDOUT
+            _server_cmd(tmp_path, port, *overrides), cwd=tmp_path, env=_env(**(env or {})), stdout=out,
+            stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -100,7 +103,7 @@ def _decoded_frames(path: Path) -> tuple[int, int]:
 def test_killed_between_write_and_commit(tmp_path: Path) -> None:
     video = tmp_path / "results" / "full_session.mp4"
     paths = SessionPaths(video=video, workdir=tmp_path / "results" / "sessions" / "default")
-    with _server(tmp_path, "first", **{FAULT_ENV: "before_commit:3"}) as (proc, base, _):
+    with _server(tmp_path, "first", env={FAULT_ENV: "before_commit:3"}) as (proc, base, _):
         replies = [httpx.post(f"{base}/speak", json={"text": t}, timeout=30) for t in ("one two", "three four five")]
         assert [r.status_code for r in replies] == [200, 200]
         committed = httpx.get(f"{base}/sessions/default/video", timeout=30).content

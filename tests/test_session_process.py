@@ -186,7 +186,7 @@ def test_the_server_answers_409_while_another_process_holds_the_session(results:
         _lines_until(holder, "holding")
         cfg = load_config(overrides=[f"server.results_dir={results}", "tts.engine=tone", "encode.preset=ultrafast"])
         app = create_app(cfg, renderer=SyntheticTestRenderer, voice=ToneTTS(cfg.tts))
-        with TestClient(app, raise_server_exceptions=False) as client:
+        with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
             before = (results / "full_session.mp4").read_bytes()
             for r in (client.post("/speak", json={"text": "hello"}), client.get("/reset")):
                 assert r.status_code == 409 and r.json()["error"] == "SessionLocked"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import resource
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk.avatar.frames import NpyAppendWriter, NpyFrames
+from musetalk.avatar.frames import JpegFrames, JpegFrameWriter, NpyAppendWriter, NpyFrames
 from musetalk.avatar.source import SourceInfo, output_size_hw, read_source
 from musetalk.avatar.synthetic import write_video
 from musetalk.errors import InputError
@@ -154,3 +155,50 @@ def test_pread_frames_do_not_grow_the_process_memory(tmp_path: Path) -> None:
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert total == 2 * sum(range(n))
     assert grown_kib < 20_000  # one or two frames (0.9 MB each), not 55 MB
+
+
+def _photo_frames(n: int, h: int = 270, w: int = 480) -> list[np.ndarray]:
+    """Camera-like frames: a photo at video scale, shifted a little per frame, with sensor-like noise."""
+    from skimage import data
+
+    base = cv2.resize(cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), (w + n, h))
+    rng = np.random.default_rng(0)
+    noisy = [base[:, k : k + w].astype(np.float32) + rng.normal(0, 1.5, (h, w, 3)) for k in range(n)]
+    return [np.clip(f, 0, 255).astype(np.uint8) for f in noisy]
+
+
+def test_jpeg_frames_are_visually_lossless_and_safe_to_share(tmp_path: Path) -> None:
+    frames = _photo_frames(12)
+    writer = JpegFrameWriter(tmp_path / "f.jpgs")
+    served = [writer.append(f) for f in frames]
+    assert writer.close() == 12
+    raw_bytes = sum(f.nbytes for f in frames)
+    assert (tmp_path / "f.jpgs").stat().st_size < raw_bytes / 3
+    for src, got in zip(frames, served, strict=True):
+        mse = float(np.mean((src.astype(np.float64) - got) ** 2))
+        assert 10 * np.log10(255**2 / mse) > 39.5  # PSNR, dB (40.5 with this libjpeg-turbo)
+
+    store = JpegFrames(tmp_path / "f.jpgs", (270, 480))
+    assert len(store) == 12 and not store[0].flags.writeable
+    np.testing.assert_array_equal(store[-1], served[-1])
+    with pytest.raises(IndexError):
+        store[12]
+    # Eight readers at different points of the ping-pong cycle, concurrently: every frame is the right one.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from musetalk.avatar.cache import cycle_index
+
+    def play(start: int) -> bool:
+        indices = [cycle_index(p, 12) for p in range(start, start + 60)]
+        return all(np.array_equal(store[i], served[i]) for i in indices)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(play, range(0, 24, 3)))
+    again = pickle.loads(pickle.dumps(store))  # worker processes reopen the file
+    np.testing.assert_array_equal(again[5], served[5])
+    store.close()
+    again.close()
+    # A damaged file is refused when opened, not when a frame is due.
+    (tmp_path / "f.jpgs").write_bytes((tmp_path / "f.jpgs").read_bytes()[:-5])
+    with pytest.raises(ValueError, match="its index expects"):
+        JpegFrames(tmp_path / "f.jpgs", (270, 480))

@@ -119,6 +119,8 @@ def test_decode_rejects_bad_audio() -> None:
         decode_audio_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage", 10)
     with pytest.raises(InputError, match="longer than"):
         decode_audio_bytes(_encoded("WAV", "PCM_16", seconds=3.0), max_duration_s=1.0)
+    with pytest.raises(InputError, match="sample rate 655350 Hz"):  # refused from the header, nothing decoded
+        decode_audio_bytes(_encoded("FLAC", "PCM_16", seconds=0.01, rate=655_350), max_duration_s=120)
     assert sniff_audio_format(b"OggS\x00") == "ogg" and sniff_audio_format(b"ID3\x04") == "mp3"
 
 

@@ -156,7 +156,8 @@ def test_unexpected_exception_in_speak_is_reported_not_lost() -> None:
     app.include_router(app_router)
     with TestClient(app) as client:
         failed = _wait_status(client, _post(client, "hello"), "done", "error")
-        assert failed["error"] == "Internal error at sentence 1: RuntimeError: disk on fire"
+        # The details (which may name server paths) stay in the log.
+        assert failed["error"] == "Internal error at sentence 1; see the server log"
 
 
 def test_unknown_and_expired_jobs_are_404(tmp_path: Path) -> None:

@@ -111,3 +111,13 @@ def test_check_cli_exit_codes(tmp_path: Path, hashless: None, capsys: pytest.Cap
     fetch(tmp_path, ["core"], FakeDownloader(), report=lambda _: None)
     assert download_weights.main(args) == 0
     assert "all 8 files present" in capsys.readouterr().out
+
+
+def test_every_missing_file_named_is_one_make_weights_fetches(tmp_path: Path) -> None:
+    from musetalk.config import load_config
+    from musetalk.models.bundle import ALL_PARTS, missing_files
+
+    cfg = load_config(overrides=[f"models.dir={tmp_path}"])
+    named = {p.relative_to(tmp_path).as_posix() for p in missing_files(cfg.models, ALL_PARTS)}
+    fetched = {wf.dest for wf in WEIGHT_FILES}  # make weights (default groups) or download_weights --groups
+    assert named and named <= fetched, named - fetched

@@ -1,4 +1,4 @@
-"""Reference transcriptions of upstream MuseTalk computations (from musetalk-facts.md), for comparison tests."""
+"""Reference transcriptions of upstream MuseTalk computations, for comparison tests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 def upstream_whisper_chunks(
     feature: torch.Tensor, num_samples: int, fps: int = 25, left: int = 2, right: int = 2
 ) -> torch.Tensor:
-    """MuseTalk's AudioProcessor.get_whisper_chunk, transcribed from facts §4.4 (float math and all)."""
+    """MuseTalk's AudioProcessor.get_whisper_chunk, transcribed from upstream (float math and all)."""
     per_frame = 2 * (left + right + 1)
     multiplier = 50.0 / fps
     n_frames = math.floor((num_samples / 16000) * fps)

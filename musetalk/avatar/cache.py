@@ -62,7 +62,7 @@ class AvatarCache:
 
 
 def cycle_index(position: int, n_frames: int) -> int:
-    """Source frame shown at cycle position `position`: 0,1,…,N-1,N-1,…,1,0,0,1,… (ping-pong, facts §8.2)."""
+    """Source frame shown at cycle position `position`: 0,1,…,N-1,N-1,…,1,0,0,1,… (ping-pong)."""
     if n_frames <= 0:
         raise ValueError("an avatar needs at least one frame")
     p = position % (2 * n_frames)

@@ -1,4 +1,4 @@
-"""Face boxes from landmarks (upstream v1.5 rules, facts §6.2-6.4) and the crop ↔ frame affines.
+"""Face boxes from landmarks (upstream v1.5 rules) and the crop ↔ frame affines.
 
 Pixel convention: integer coordinates are pixel centres (OpenCV's). A box (x1, y1, x2, y2) is in
 continuous coordinates, so a crop of `size` pixels spans it exactly the way `cv2.resize` of the

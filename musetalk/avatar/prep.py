@@ -1,7 +1,8 @@
 """force_prep: all per-avatar computer vision, done once and cached (the server does none).
 
 Stages (each with a progress bar and a timing in the manifest):
-  read     decode any video (resampled to cfg.fps by timestamp) or one photo → frames.npy
+  read     decode any video (resampled to cfg.fps by timestamp) or one photo → frames.jpgs (JPEG q95
+           per frame, the cache's copy) and those frames decoded back into a raw working file for prep
   detect   every face candidate per frame (FaceDetector plugin) with 68 landmarks, then one identity
            tracked through the video (musetalk.faces.tracking.track_faces): non-face shapes and
            outliers rejected, frames without an accepted face interpolated
@@ -37,13 +38,14 @@ from tqdm import tqdm
 from musetalk.avatar import geometry as geo
 from musetalk.avatar import stabilize as stab
 from musetalk.avatar.cache import FACE_SIZE_PX, FrameStore
-from musetalk.avatar.frames import NpyAppendWriter, NpyFrames
+from musetalk.avatar.frames import FRAME_CODEC, JpegFrameWriter, NpyAppendWriter, NpyFrames
 from musetalk.avatar.latents import encode_crops
 from musetalk.avatar.source import SourceInfo, probe_source, read_source
 from musetalk.avatar.store import (
     COORDS,
     FORMAT_VERSION,
     FRAMES,
+    FRAMES_INDEX,
     GEOMETRY,
     LATENTS,
     MANIFEST,
@@ -67,6 +69,7 @@ from musetalk.utils.files import sha256_file
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "detect", "track", "latents", "masks", "write")
+WORK_FRAMES = "work-frames.npy"  # raw decoded frames while prep runs; not part of the published cache
 UPPER_BOUNDARY_RATIO = 0.5  # upstream: the mask keeps rows below this fraction of the blend crop
 
 
@@ -201,14 +204,17 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _read_stage(cfg: AppConfig, video: Path, tmp: Path, progress: bool) -> tuple[SourceInfo, NpyFrames]:
+    """Store the frames compressed (the cache's copy) and, decoded back, raw in a working file for prep."""
     writer: NpyAppendWriter | None = None
+    stored = JpegFrameWriter(tmp / FRAMES)
     bar = _bar(progress, "read", None)
 
     def emit(frame: NDArray[np.uint8]) -> None:
         nonlocal writer
+        served = stored.append(frame)  # what the server will decode: prep works on exactly these pixels
         if writer is None:
-            writer = NpyAppendWriter(tmp / FRAMES, frame.shape)
-        writer.append(frame)
+            writer = NpyAppendWriter(tmp / WORK_FRAMES, served.shape)
+        writer.append(served)
 
     def on_progress(done: int, total: int | None) -> None:
         if total is not None and bar.total != max(total, done):
@@ -219,9 +225,10 @@ def _read_stage(cfg: AppConfig, video: Path, tmp: Path, progress: bool) -> tuple
         info = read_source(video, cfg.fps, cfg.prep.max_side_px, emit, on_progress)
     finally:
         bar.close()
+        stored.close()
         if writer is not None:
             writer.close()
-    return info, NpyFrames(tmp / FRAMES)
+    return info, NpyFrames(tmp / WORK_FRAMES)
 
 
 def _detect_stage(
@@ -518,8 +525,10 @@ def prepare_avatar(
             "config": shaping_config(cfg),
             "components": {"detector": comp.detector.name, "parser": comp.parser.name, "latents": latents is not None},
             "models": current_model_records(cfg, comp.detector.name, comp.parser.name),
+            "frames_codec": FRAME_CODEC,
             "files": {
                 "frames": FRAMES,
+                "frames_index": FRAMES_INDEX,
                 "geometry": GEOMETRY,
                 "masks": MASKS,
                 "latents": LATENTS if latents is not None else None,
@@ -531,6 +540,7 @@ def prepare_avatar(
         }
         write_json_atomic(tmp / MANIFEST, manifest)
         frames.close()
+        (tmp / WORK_FRAMES).unlink()
         _publish(tmp, root)
     except BaseException:
         if frames is not None:

@@ -2,7 +2,7 @@
 
 Video frames are picked by timestamp: output frame k shows the source frame nearest to k / fps, so
 a 30 fps or variable-rate source plays at the right speed (upstream keeps the source rate and a
-30 fps avatar plays 20% slow, facts §13.4). A photo becomes a one-frame still avatar.
+30 fps avatar plays 20% slow). A photo becomes a one-frame still avatar.
 """
 
 from __future__ import annotations

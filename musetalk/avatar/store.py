@@ -3,7 +3,8 @@
     <prep.cache_dir>/<avatar_id>/          (default results/avatars/<id>/, the seed path)
       manifest.json    format version, inputs (source hash, bbox_shift), the config values and model
                        files that shaped the cache, frame count, fps, size, stage timings
-      frames.npy       (N, H, W, 3) uint8 BGR source frames at cfg.fps, read on demand
+      frames.jpgs      the N BGR source frames at cfg.fps, one JPEG each (q95, 4:4:4), decoded on demand
+      frames.jpgs.idx.npy  (N + 1,) int64 byte offsets of those frames (format 1: raw frames.npy)
       geometry.npz     landmarks, boxes, face_to_frame, mask_boxes, mask_offsets, roll, LK M_affine,
                        raw detections — everything per frame the runtime and diagnostics need
       masks.npy        all hard blend masks, flattened back to back (see mask_offsets)
@@ -29,14 +30,17 @@ import torch
 from numpy.typing import NDArray
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
-from musetalk.avatar.frames import NpyFrames
+from musetalk.avatar.frames import JpegFrames, NpyFrames, index_path
 from musetalk.avatar.latents import with_reference
 from musetalk.config import AppConfig, is_valid_id, project_path
 from musetalk.errors import AvatarCacheStale, AvatarNotPrepared, InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: frames compressed (frames.jpgs); 1: raw frames.npy, still read
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-FRAMES = "frames.npy"
+FRAMES = "frames.jpgs"
+FRAMES_INDEX = index_path(Path(FRAMES)).name
+FRAMES_V1 = "frames.npy"
 GEOMETRY = "geometry.npz"
 MASKS = "masks.npy"
 LATENTS = "latents.pt"
@@ -109,6 +113,21 @@ def prep_command(avatar_id: str, video: str | Path | None, bbox_shift: int = 0, 
     return shlex.join(parts)
 
 
+def source_mismatch(cfg: AppConfig) -> str | None:
+    """A warning when the cache of cfg.avatar_id was built from another file than cfg.video_path, else None."""
+    manifest = read_manifest(avatar_dir(cfg, cfg.avatar_id))
+    built_from = manifest.get("inputs", {}).get("video") if manifest else None
+    if not built_from:
+        return None
+    configured = project_path(cfg.video_path).resolve()
+    if Path(built_from).resolve() == configured:
+        return None
+    return (
+        f"avatar {cfg.avatar_id!r} is served from a cache built from {built_from}, not from its configured "
+        f"video_path {cfg.video_path}; rebuild it with: {prep_command(cfg.avatar_id, cfg.video_path, force=True)}"
+    )
+
+
 def read_manifest(root: Path) -> dict[str, Any] | None:
     """The manifest of a complete cache folder, or None when absent/unreadable/incomplete."""
     try:
@@ -152,8 +171,8 @@ def stale_reasons(manifest: dict[str, Any], cfg: AppConfig) -> list[str]:
 
     reasons: list[str] = []
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        return [f"cache format version {version}, this build reads {FORMAT_VERSION}"]
+    if version not in READABLE_FORMAT_VERSIONS:
+        return [f"cache format version {version}, this build reads {READABLE_FORMAT_VERSIONS}"]
     built = manifest.get("config", {})
     now = shaping_config(cfg)
     for key in sorted(set(built) | set(now)):
@@ -215,12 +234,20 @@ class PackedMasks(Sequence[NDArray[np.uint8]]):
         return (self[i] for i in range(len(self)))
 
 
-def open_cache(root: Path, manifest: dict[str, Any], mmap_frames: bool = False) -> AvatarCache:
+def open_cache(
+    root: Path, manifest: dict[str, Any], mmap_frames: bool = False, frame_cache_frames: int = 16
+) -> AvatarCache:
     """Open the files of a complete cache folder as an AvatarCache (frames and masks stay on disk)."""
     with np.load(root / GEOMETRY, allow_pickle=False) as geo:
         arrays = {k: geo[k] for k in geo.files}
     n = int(manifest["n_frames"])
-    frames = NpyFrames(root / FRAMES, mmap=mmap_frames)
+    frames_name = str(manifest.get("files", {}).get("frames") or FRAMES_V1)
+    frames: NpyFrames | JpegFrames
+    if frames_name == FRAMES_V1:  # a format-1 cache: raw frames
+        frames = NpyFrames(root / FRAMES_V1, mmap=mmap_frames)
+    else:
+        h, w = (int(v) for v in manifest["frame_size_hw"])
+        frames = JpegFrames(root / FRAMES, (h, w), cache_frames=frame_cache_frames)
     if len(frames) != n or len(arrays["landmarks"]) != n:
         raise ValueError(
             f"frame count mismatch: manifest {n}, frames {len(frames)}, landmarks {len(arrays['landmarks'])}"
@@ -282,7 +309,7 @@ def load_avatar(cfg: AppConfig, avatar_id: str, check: bool = True, mmap_frames:
                 + f". Rebuild it with: {_rebuild_command(manifest, avatar_id)}"
             )
     try:
-        cache = open_cache(root, manifest, mmap_frames=mmap_frames)
+        cache = open_cache(root, manifest, mmap_frames=mmap_frames, frame_cache_frames=cfg.engine.frame_cache_frames)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise AvatarNotPrepared(
             f"avatar {avatar_id!r} cache at {root} is damaged ({type(exc).__name__}: {exc}); "

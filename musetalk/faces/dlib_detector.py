@@ -1,7 +1,7 @@
 """dlib HOG face detector + the 68-point shape predictor shipped in `face-recognition-models`.
 
 Works on any machine with no weights folder at all: the predictor file comes with the pip package
-(deps.md §4). The package itself is never imported (it needs pkg_resources); its files are found
+(no download at run time). The package itself is never imported (it needs pkg_resources); its files are found
 with importlib. The 68-point model is trained on iBUG 300-W (non-commercial terms).
 """
 

@@ -1,6 +1,6 @@
 """DWPose (RTMPose-l whole-body, mmpose): upstream MuseTalk's landmark source, for crop parity.
 
-Optional and GPU-host only: mmpose/mmcv do not install cleanly on CPU CI (deps.md §5). Never
+Optional and GPU-host only: mmpose/mmcv do not install cleanly on CPU CI. Never
 imported unless `prep.detector: dwpose` is chosen.
 """
 
@@ -15,14 +15,14 @@ from numpy.typing import NDArray
 from musetalk.errors import PluginUnavailable, WeightsMissing
 from musetalk.faces.base import DetectorBase
 
-# COCO-WholeBody: 17 body + 6 feet keypoints come first, then the 68 face points (facts §6.1).
+# COCO-WholeBody: 17 body + 6 feet keypoints come first, then the 68 face points.
 FACE_SLICE = slice(23, 91)
 MIN_FACE_SCORE = 0.3  # mean face-keypoint score below this = no face (upstream used S3FD for that)
 CONFIG_RELPATH = Path(
     ".mim/configs/wholebody_2d_keypoint/rtmpose/ubody/rtmpose-l_8xb32-270e_coco-ubody-wholebody-384x288.py"
 )
 
-INSTALL_RECIPE = """DWPose needs mmpose, which is not installed. Recipe that works (deps.md §5; ~8 min, compiles mmcv):
+INSTALL_RECIPE = """DWPose needs mmpose, which is not installed. Recipe that works:
   pip install -c constraints.txt mmengine==0.10.7 "setuptools<81" wheel ninja
   MMCV_WITH_OPS=1 MAX_JOBS=4 pip install --no-build-isolation -c constraints.txt mmcv==2.1.0
   pip install -c constraints.txt mmdet==3.3.0

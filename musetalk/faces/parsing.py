@@ -1,7 +1,7 @@
 """Face parsing → blend masks: BiSeNet (upstream) and a weight-free landmark parser.
 
 Both produce a CelebAMask-HQ label map of the 512×512 square crop and share one label → mask step
-that reproduces upstream's `jaw` and `raw` modes exactly (facts §7.2-7.3).
+that reproduces upstream's `jaw` and `raw` modes exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from musetalk.faces.base import BROWS, INNER_LIPS, JAW, LEFT_EYE, NOSE, OUTER_LI
 
 PARSE_SIZE_PX = 512  # upstream parses every crop at 512×512; cheek widths are in these pixels
 
-# CelebAMask-HQ labels (facts §7.2)
+# CelebAMask-HQ labels
 SKIN, L_BROW, R_BROW, L_EYE, R_EYE = 1, 2, 3, 4, 5
 NOSE_LABEL, MOUTH, U_LIP, L_LIP = 10, 11, 12, 13
 RAW_LABELS = (SKIN, MOUTH, U_LIP, L_LIP)

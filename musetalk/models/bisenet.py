@@ -1,4 +1,4 @@
-"""BiSeNet face parsing (CelebAMask-HQ, 19 classes) with the module names of `79999_iter.pth` (facts §7.1).
+"""BiSeNet face parsing (CelebAMask-HQ, 19 classes) with the module names of `79999_iter.pth`.
 
 Our own implementation of the published architecture: ResNet-18 context path, attention refinement,
 feature fusion. The state dict has 191 entries and 13,300,416 parameters, so the upstream checkpoint

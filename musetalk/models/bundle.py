@@ -20,6 +20,7 @@ from musetalk.models.syncnet import SyncNet, load_syncnet
 from musetalk.models.unet import PositionalEncoding, load_unet
 from musetalk.models.vae import VAE_WEIGHT_NAMES, load_vae, vae_weights_file
 from musetalk.models.whisper import WHISPER_FILES, WHISPER_WEIGHT_NAMES, load_whisper_encoder, whisper_weights_file
+from musetalk.weights import WEIGHT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,14 @@ def required_files(models: ModelsConfig, parts: Collection[str] = SERVE_PARTS) -
 
 
 def missing_files(models: ModelsConfig, parts: Collection[str] = SERVE_PARTS) -> list[Path]:
-    """Files (first alternative named) that are absent for the requested parts."""
-    return [alts[0] for alts in required_files(models, parts) if not any(p.is_file() for p in alts)]
+    """Files that are absent for the requested parts; of alternatives, the one `make weights` fetches."""
+    root = models.root()
+    fetched = {root / wf.dest for wf in WEIGHT_FILES}
+    missing = []
+    for alts in required_files(models, parts):
+        if not any(p.is_file() for p in alts):
+            missing.append(next((p for p in alts if p in fetched), alts[0]))
+    return missing
 
 
 def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBundle:

@@ -45,7 +45,7 @@ def load_strict(
     """Load `state` (cast to `dtype` if given) into a meta-built module by assignment.
 
     Any missing or unexpected key or shape mismatch is fatal: a silent partial load would leave
-    random weights (facts §16).
+    random weights.
     """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))

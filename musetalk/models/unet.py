@@ -39,7 +39,7 @@ def load_unet(config_path: Path, weights_path: Path, dtype: torch.dtype = torch.
 
 
 class PositionalEncoding(nn.Module):
-    """Sinusoidal table added to the audio tokens (facts §2.4): sin on even, cos on odd channels."""
+    """Sinusoidal table added to the audio tokens: sin on even, cos on odd channels."""
 
     pe: torch.Tensor
 

@@ -12,7 +12,7 @@ from musetalk.errors import WeightsInvalid
 from musetalk.models.checkpoint import StateDict, build_on_meta, load_strict, read_state_dict
 
 VAE_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-# diffusers <= 0.13 named the mid-block attention projections differently (facts §3, §16).
+# diffusers <= 0.13 named the mid-block attention projections differently.
 _OLD_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 

@@ -1,6 +1,6 @@
 """Whisper encoder + feature extractor from a transformers folder (openai/whisper-tiny layout).
 
-Only the encoder is used (facts §4.3), so only its weights are loaded; decoder keys are skipped.
+Only the encoder is used, so only its weights are loaded; decoder keys are skipped.
 """
 
 from __future__ import annotations

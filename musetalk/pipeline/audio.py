@@ -1,4 +1,4 @@
-"""Audio in, per-frame Whisper tokens out: exactly the MuseTalk v1.5 math (facts §4), in integers.
+"""Audio in, per-frame Whisper tokens out: exactly the MuseTalk v1.5 math, in integers.
 
 Input of any rate, channel count or container is first turned into mono float32 (PyAV decode, soxr
 resample to 16 kHz). Whisper-tiny hidden states are computed per 30 s window, all encoder layers stacked,
@@ -8,7 +8,7 @@ trimmed to the real audio length, zero-padded and cut into one window per video 
     padded = ceil(50 / F)·left zero rows ‖ features[: n·50 // 16000] ‖ ceil(50 / F)·3·right zero rows
 
 Frame and feature counts use exact integer arithmetic. Upstream computes them in floating point
-(`floor(n / 16000 · 25)`), which at some lengths lands just below an integer (facts §16): for
+(`floor(n / 16000 · 25)`), which at some lengths lands just below an integer: for
 36,800 samples (2.3 s) upstream keeps 114 feature rows instead of 115 and zero-pads the last real
 one; for 18,560 samples (1.16 s) it makes 28 frames instead of 29. We deliberately use the exact
 values: they agree with upstream everywhere else and are what its formula means.
@@ -120,7 +120,7 @@ def feature_length(n_samples: int, rate_hz: int = WHISPER_RATE_HZ) -> int:
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Per-frame audio window geometry (facts §4.4), in Whisper encoder rows."""
+    """Per-frame audio window geometry, in Whisper encoder rows."""
 
     fps: int
     pad_left: int = 2

@@ -3,7 +3,7 @@
 Every clip uses the same codec parameters (fps, time base, GOP, no B-frames, audio rate), starts on a
 keyframe, and has its audio trimmed or padded to exactly n_frames / fps, so that any sequence of clips
 concatenates with `-c copy` and appended clips can never drift. A PCM WAV of the same audio is written
-next to the mp4 for drift-free session stitching (AAC priming, deps §7).
+next to the mp4 for drift-free session stitching (each AAC stream starts with 1024 priming samples).
 """
 
 from __future__ import annotations

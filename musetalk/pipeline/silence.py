@@ -1,6 +1,6 @@
 """Where the audio is silent, show the original (closed-mouth) avatar frame instead of a generated face.
 
-MuseTalk rarely closes the mouth in pauses (facts §12, issue #32): the model saw few closed mouths in
+MuseTalk rarely closes the mouth in pauses: the model saw few closed mouths in
 training. So each frame gets a face weight in [0, 1]: 1 = generated face, 0 = the source frame untouched
 (no model call at all). Silent runs shorter than `silence_min_frames` count as speech (short gaps between
 words keep moving). Silent frames within `crossfade_frames` of speech get a falling weight, so the mouth

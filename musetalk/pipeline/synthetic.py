@@ -37,7 +37,7 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> NDArray[np.uint8]:
 
 @torch.inference_mode()
 def encode_crops(vae: nn.Module, crops_bgr: NDArray[np.uint8], scale: float) -> torch.Tensor:
-    """(N, 256, 256, 3) BGR crops → (N, 8, 32, 32) float32 [lower-half-masked ‖ full] latents × scale (facts §3.1)."""
+    """(N, 256, 256, 3) BGR crops → (N, 8, 32, 32) float32 [lower-half-masked ‖ full] latents × scale."""
     param = next(vae.parameters())
     rgb = torch.from_numpy(np.ascontiguousarray(crops_bgr[..., ::-1])).to(param.device)
     x = rgb.permute(0, 3, 1, 2).to(param.dtype) / 255.0  # (N, 3, 256, 256) in [0, 1]

@@ -16,14 +16,24 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from musetalk.avatar.store import source_mismatch
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import MuseTalkError
 from musetalk.server.deps import Services
+from musetalk.server.docs import install_offline_docs
 from musetalk.server.errors import install_error_handlers
-from musetalk.server.middleware import AccessLog, BearerAuth, BodySizeLimit
+from musetalk.server.middleware import (
+    AccessLog,
+    BearerAuth,
+    BodyDeadline,
+    BodySizeLimit,
+    SiteGuard,
+    default_allowed_hosts,
+)
 from musetalk.server.renderer import RendererFactory, renderer_factory
 from musetalk.server.routes import router
 from musetalk.server.service import SpeakService
+from musetalk.server.uploads import UploadGate
 from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
@@ -57,6 +67,8 @@ async def start_services(
         load_ms = (time.perf_counter() - t0) * 1000
         for avatar_id in configured_avatars(cfg):
             renderer.check_avatar(avatar_id)
+        if mismatch := source_mismatch(cfg):
+            log.warning("%s", mismatch)
         t0 = time.perf_counter()
         await asyncio.to_thread(renderer.warm_up)
         warm_ms = (time.perf_counter() - t0) * 1000
@@ -129,7 +141,8 @@ def create_app(
             services.store.close()
             log.info("stopped")
 
-    app = FastAPI(title="MuseTalk warm server", lifespan=lifespan)
+    app = FastAPI(title="MuseTalk warm server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_offline_docs(app)  # /docs and /redoc work with no internet
     app.state.services = None
     app.state.startup_error = None
     install_error_handlers(app)
@@ -137,11 +150,19 @@ def create_app(
     for extra in routers:
         app.include_router(extra)
     # Each add wraps the previous ones, so the order below is inside → out: body limits, auth, CORS (so
-    # preflights and 401s carry CORS headers), and outermost the access log, which sees every response.
+    # preflights and 401s carry CORS headers), the cross-site guard (refuses before anything else runs),
+    # and outermost the access log, which sees every response.
     app.add_middleware(
         BodySizeLimit,
         default_limit=cfg.server.max_body_bytes,
         path_limits={"/speak_audio": cfg.server.max_upload_bytes + MULTIPART_OVERHEAD_BYTES},
+    )
+    app.add_middleware(BodyDeadline, read_timeout_s=cfg.server.read_timeout_s, deadline_s=cfg.server.body_deadline_s)
+    app.add_middleware(
+        UploadGate,
+        paths=frozenset({"/speak_audio"}),
+        max_uploads=cfg.server.max_concurrent_uploads,
+        retry_after_s=cfg.server.retry_after_s,
     )
     token = os.environ.get(cfg.server.auth_token_env, "")
     if token:
@@ -154,5 +175,10 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "Range"],
             expose_headers=["Content-Range", "Accept-Ranges", "Retry-After", "X-Request-ID"],
         )
+    app.add_middleware(
+        SiteGuard,
+        allowed_hosts=frozenset(cfg.server.allowed_hosts) or default_allowed_hosts(cfg.server.host),
+        allowed_origins=frozenset(cfg.server.cors_origins),
+    )
     app.add_middleware(AccessLog)
     return app

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from musetalk.config import PROJECT_ROOT
 from musetalk.errors import (
     AvatarNotFound,
     AvatarNotPrepared,
@@ -26,6 +27,7 @@ from musetalk.errors import (
     WeightsMissing,
 )
 from musetalk.utils.logs import kv
+from musetalk.utils.text import redact_paths
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,11 @@ async def _musetalk_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         detail = str(exc)
         level = logging.ERROR if status >= 500 else logging.INFO
-        log.log(level, "request failed %s", kv(path=request.url.path, status=status, error=type(exc).__name__))
-    return JSONResponse(_body(type(exc).__name__, detail), status_code=status, headers=headers)
+        log.log(level, "request failed %s: %s", kv(path=request.url.path, status=status, error=type(exc).__name__),
+                detail)
+    # The log keeps the full message; the caller sees file names and ids, never the server's folders.
+    return JSONResponse(_body(type(exc).__name__, redact_paths(detail, PROJECT_ROOT)), status_code=status,
+                        headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""HTTP routes of design.md §4: /speak, /speak_audio, /reset, /sessions/{id}/video, /health."""
+"""HTTP routes: /speak, /speak_audio, /reset, /sessions/{id}/video, /health."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from musetalk.errors import PayloadTooLarge
 from musetalk.server.deps import Services, ServicesDep, SpeakServiceDep
 from musetalk.server.schemas import HealthResponse, ResetResponse, SpeakRequest, SpeakResponse
 from musetalk.server.service import SpeakResult
+from musetalk.server.uploads import SLOT_STATE_KEY, UploadSlot
 from musetalk.server.video import CommittedFileResponse, byte_range
-from musetalk.utils.audio_io import decode_audio_bytes
+from musetalk.utils.audio_io import decode_audio_file
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ async def speak(body: SpeakRequest, speaker: SpeakServiceDep) -> SpeakResponse:
 
 @router.post("/speak_audio", response_model=SpeakResponse)
 async def speak_audio(
+    request: Request,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="wav, mp3, ogg, flac or webm")],
     session_id: Annotated[str | None, Form(pattern=ID_PATTERN)] = None,
@@ -55,10 +57,15 @@ async def speak_audio(
 ) -> SpeakResponse:
     """Same as /speak with the caller's own audio instead of TTS."""
     limit = services.cfg.server.max_upload_bytes
-    data = await file.read(limit + 1)
-    if len(data) > limit:
+    if file.size is None or file.size > limit:
         raise PayloadTooLarge(f"audio file larger than {limit} bytes (server.max_upload_bytes)")
-    audio = await asyncio.to_thread(decode_audio_bytes, data, services.cfg.server.max_audio_s)
+    # The upload is spooled to a temp file by the form parser; decode it from there, frame by frame.
+    slot: UploadSlot | None = getattr(request.state, SLOT_STATE_KEY, None)
+    try:
+        audio = await asyncio.to_thread(decode_audio_file, file.file, services.cfg.server.max_audio_s)
+    finally:
+        if slot is not None:
+            slot.release()
     result = await services.speaker.speak_audio(audio, session_id, avatar_id)
     return _response(result)
 

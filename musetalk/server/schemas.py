@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (design.md §4). Unknown fields and wrong types are 422."""
+"""Request and response bodies of the HTTP API . Unknown fields and wrong types are 422."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
 
 from musetalk.config import ID_PATTERN, VOICE_PATTERN
+from musetalk.utils.text import speech_text_problem
 
 # Hard ceiling on text before the configured server.max_text_chars check (which gives the precise message).
 TEXT_HARD_LIMIT = 100_000
@@ -28,6 +29,9 @@ class SpeakRequest(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("text is empty or only whitespace")
+        problem = speech_text_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 

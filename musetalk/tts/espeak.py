@@ -7,14 +7,16 @@ the calling thread, as 16-bit mono PCM at the rate `espeak_Initialize` reports (
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from musetalk.config import TTSConfig
+from musetalk.config import VOICE_PATTERN, TTSConfig
 from musetalk.errors import InputError, TTSFailed
 from musetalk.types import Audio
+from musetalk.utils.text import speech_text_problem
 
 DEFAULT_VOICE = "en-us"
 NORMAL_RATE_WPM = 175  # espeak-ng's default speed; tts.rate multiplies it
@@ -132,6 +134,11 @@ class EspeakTTS:
     def synthesize(self, text: str, voice: str | None = None, rate: float | None = None) -> Audio:
         """Speak `text` → float32 mono at 22050 Hz; InputError for an unknown voice, TTSFailed otherwise."""
         voice_name = voice or self._voice
+        problem = speech_text_problem(text)
+        if problem:
+            raise InputError(f"text cannot be spoken: {problem}")
+        if not re.fullmatch(VOICE_PATTERN, voice_name):
+            raise InputError(f"espeak-ng has no voice {voice_name!r}")
         wpm = round(NORMAL_RATE_WPM * (rate if rate is not None else self._rate))
         wpm = min(max(wpm, MIN_RATE_WPM), MAX_RATE_WPM)
         encoded = text.encode("utf-8")

@@ -1,4 +1,4 @@
-"""Decode caller-supplied audio bytes (wav, mp3, ogg, flac, webm) to mono float32 with PyAV.
+"""Decode caller-supplied audio bytes (wav, mp3, ogg, flac, webm) to mono float32 with PyAV, in bounded memory.
 
 The container format is chosen from the file's magic bytes and passed to the demuxer explicitly:
 letting FFmpeg probe arbitrary uploads could pick demuxers that open other files or URLs (hls, concat).
@@ -7,8 +7,10 @@ letting FFmpeg probe arbitrary uploads could pick demuxers that open other files
 from __future__ import annotations
 
 import io
+from typing import Any, BinaryIO
 
 import numpy as np
+from numpy.typing import NDArray
 
 from musetalk.errors import InputError
 from musetalk.types import Audio
@@ -29,39 +31,83 @@ def sniff_audio_format(head: bytes) -> str | None:
     return None
 
 
-def decode_audio_bytes(data: bytes, max_duration_s: float) -> Audio:
-    """Decode an audio file held in memory → mono float32 at its own sample rate; InputError if unusable."""
+MAX_SOURCE_RATE_HZ = 384_000  # the highest sample rate of real audio files (DXD); above that it is an attack
+MAX_CHANNELS = 16
+DEFAULT_DECODE_RATE_HZ = 48_000  # what the session video's AAC track carries
+
+
+def decode_audio_bytes(data: bytes, max_duration_s: float, rate_hz: int = DEFAULT_DECODE_RATE_HZ) -> Audio:
+    """Decode an audio file held in memory → mono float32 at `rate_hz`; InputError if unusable."""
+    return decode_audio_file(io.BytesIO(data), max_duration_s, rate_hz)
+
+
+def decode_audio_file(file: BinaryIO, max_duration_s: float, rate_hz: int = DEFAULT_DECODE_RATE_HZ) -> Audio:
+    """Decode a seekable audio file → mono float32 at `rate_hz` (or the file's own rate if lower).
+
+    Memory stays bounded whatever the file claims: the header's rate, channel count and duration are
+    checked before any decoding, and frames are resampled to mono `rate_hz` one at a time into a buffer
+    sized for `max_duration_s` (the decoded length is checked as it grows: a header can lie).
+    """
     import av
 
-    fmt = sniff_audio_format(data[:16])
+    head = file.read(16)
+    file.seek(0)
+    fmt = sniff_audio_format(head)
     if fmt is None:
         raise InputError("unsupported audio: expected a wav, mp3, ogg, flac or webm file")
-    chunks: list[np.ndarray] = []
-    n_samples = 0
     try:
-        with av.open(io.BytesIO(data), mode="r", format=fmt) as container:
+        with av.open(file, mode="r", format=fmt) as container:
             if not container.streams.audio:
                 raise InputError("the file holds no audio stream")
             stream = container.streams.audio[0]
-            rate = int(stream.codec_context.sample_rate or 0)
-            if rate <= 0:
-                raise InputError("the audio stream has no sample rate")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            max_samples = int(max_duration_s * rate)
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1).astype(np.float32)  # (n,) float32
-                    chunks.append(chunk)
-                    n_samples += len(chunk)
-                if n_samples > max_samples:
-                    raise InputError(f"audio longer than the limit of {max_duration_s:g} s")
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32))
+            source_rate = int(stream.codec_context.sample_rate or 0)
+            if not 0 < source_rate <= MAX_SOURCE_RATE_HZ:
+                raise InputError(f"unsupported sample rate {source_rate} Hz (at most {MAX_SOURCE_RATE_HZ} Hz)")
+            if int(stream.codec_context.channels or 0) > MAX_CHANNELS:
+                raise InputError(f"the audio has more than {MAX_CHANNELS} channels")
+            header_s = _header_duration_s(container, stream)
+            if header_s is not None and header_s > max_duration_s:
+                raise InputError(f"audio longer than the limit of {max_duration_s:g} s (header: {header_s:.1f} s)")
+            out_rate = min(source_rate, rate_hz)
+            samples = _decode_resampled(container, stream, out_rate, max_duration_s)
     except av.FFmpegError as exc:
         raise InputError(f"cannot decode the audio ({fmt}): {exc}") from exc
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)  # (n,) float32
     if len(samples) == 0:
         raise InputError("the audio holds no samples")
     if not np.all(np.isfinite(samples)):
         raise InputError("the audio holds non-finite samples")
-    return Audio(np.clip(samples, -1.0, 1.0), rate)
+    np.clip(samples, -1.0, 1.0, out=samples)
+    return Audio(samples, out_rate)
+
+
+def _header_duration_s(container: Any, stream: Any) -> float | None:
+    """Duration the container header states (stream first, then container), or None if it states none."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(container.duration) / 1_000_000  # AV_TIME_BASE: microseconds
+    return None
+
+
+def _decode_resampled(container: Any, stream: Any, out_rate: int, max_duration_s: float) -> NDArray[np.float32]:
+    """Decode `stream` frame by frame, resampling to mono float32 at `out_rate` into one bounded buffer."""
+    import av
+
+    max_samples = int(max_duration_s * out_rate)
+    buffer = np.empty(max_samples + out_rate, np.float32)  # (max + 1 s,): room for the resampler's tail
+    n = 0
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=out_rate)
+
+    def put(frames: list[Any]) -> None:
+        nonlocal n
+        for out in frames:
+            chunk = out.to_ndarray().reshape(-1)  # (k,) float32
+            if n + len(chunk) > max_samples:
+                raise InputError(f"audio longer than the limit of {max_duration_s:g} s")
+            buffer[n : n + len(chunk)] = chunk
+            n += len(chunk)
+
+    for frame in container.decode(stream):
+        put(resampler.resample(frame))
+    put(resampler.resample(None))
+    return buffer[:n].copy()

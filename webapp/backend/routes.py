@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from musetalk.config import ID_PATTERN, AppConfig, WebappConfig
 from musetalk.errors import Busy
+from musetalk.utils.text import speech_text_problem
 from webapp.backend.jobs import JobNotFound, JobStore
 from webapp.backend.llm import LLM, ChatMessage, build_llm
 from webapp.backend.service import ChatService, SpeakFn
@@ -26,12 +28,30 @@ ASSETS: dict[str, str] = {
 NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate (ETag) so an updated page is picked up at once
 
 
+def _speakable(value: str) -> str:
+    """The same text rules as POST /speak: no control characters but newlines/tabs, no lone surrogates."""
+    problem = speech_text_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: always encodable, whatever text a job picked up along the way."""
+
+    def render(self, content: object) -> bytes:
+        """Serialise `content` as ASCII-only JSON."""
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 class ChatTurn(BaseModel):
     """An earlier message of the conversation, sent back by the page for context."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"]
     content: str = Field(max_length=20000)
+
+    _content = field_validator("content")(_speakable)
 
 
 class ChatRequest(BaseModel):
@@ -41,6 +61,8 @@ class ChatRequest(BaseModel):
     message: str
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     history: list[ChatTurn] = Field(default_factory=list, max_length=100)
+
+    _message = field_validator("message")(_speakable)
 
 
 class ChatAccepted(BaseModel):
@@ -80,11 +102,11 @@ def create_chat_router(
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
         return ChatAccepted(job_id=job.job_id, session_id=job.session_id, status_url=f"/status/{job.job_id}")
 
-    @router.get("/status/{job_id}")
-    def status(job_id: str) -> dict[str, object]:
+    @router.get("/status/{job_id}", response_class=AsciiJSONResponse)
+    def status(job_id: str) -> AsciiJSONResponse:
         """queued | running (stage, progress, sentences so far) | done (reply, video, clip start) | error."""
         try:
-            return jobs.get(job_id).to_json()
+            return AsciiJSONResponse(jobs.get(job_id).to_json())
         except JobNotFound as exc:
             raise HTTPException(404, str(exc)) from exc
 

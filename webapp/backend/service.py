@@ -17,8 +17,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
-from musetalk.config import WebappConfig
+from musetalk.config import PROJECT_ROOT, WebappConfig
 from musetalk.errors import MuseTalkError
+from musetalk.utils.text import redact_paths
 from webapp.backend.jobs import Job, JobNotFound, JobStore, SentenceResult
 from webapp.backend.llm import LLM, ChatMessage, LLMError
 from webapp.backend.sentences import SentenceSplitter
@@ -227,10 +228,11 @@ class ChatService:
         except LLMError as exc:
             self._fail(job_id, f"The language model failed: {exc}")
         except MuseTalkError as exc:
-            self._fail(job_id, f"Speaking sentence {sentence_no} failed: {exc}")
-        except Exception as exc:
-            log.exception("chat job %s failed", job_id)
-            self._fail(job_id, f"Internal error at sentence {sentence_no}: {type(exc).__name__}: {exc}")
+            log.info("chat job %s: sentence %d: %s", job_id, sentence_no, exc)
+            self._fail(job_id, f"Speaking sentence {sentence_no} failed: {redact_paths(str(exc), PROJECT_ROOT)}")
+        except Exception:
+            log.exception("chat job %s failed", job_id)  # the details stay in the server log
+            self._fail(job_id, f"Internal error at sentence {sentence_no}; see the server log")
         finally:
             feed.stop()
 
