@@ -182,6 +182,10 @@ class AudioConfig(_Section):
     silence_threshold_db: float = Field(default=-45.0, le=0)  # frame RMS below this (dBFS) is silence
     silence_min_frames: int = Field(default=4, ge=1)  # shorter silent runs keep generating
     crossfade_frames: int = Field(default=3, ge=0, le=25)  # ramp between generated and original frames
+    # Sentences of a session are rendered one by one; with context the face source first hears up to this
+    # much of the previous sentence's audio, so a sentence's first frames are conditioned as in one long
+    # rendering instead of on silence. 0 = off (upstream: every clip alone).
+    context_ms: float = Field(default=0.0, ge=0, le=2000)
 
 
 class EncodeConfig(_Section):

@@ -62,8 +62,13 @@ class Renderer(Protocol):
     def check_avatar(self, avatar_id: str) -> None:
         """Raise AvatarNotFound (unknown id) or AvatarNotPrepared (no usable cache) unless it can render it."""
 
-    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+    def render(
+        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+    ) -> tuple[Clip, int]:
         """Render `audio` as a clip at `out_path` (+ its PCM .wav) starting at frame cursor `cursor`.
+
+        `left_context`: the audio that came just before on this session (the previous sentence), which a
+        renderer may let its model hear first (audio.context_ms); it adds nothing to the clip.
 
         `audio` is mono float32 at the voice's or upload's own rate (espeak-ng: 22050 Hz): resample to
         what the model needs (Whisper: 16 kHz). The clip must be H.264 + AAC with a PCM .wav beside it,

@@ -71,7 +71,9 @@ class SyntheticTestRenderer:
             frame[:4, x] = 255
             yield frame
 
-    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+    def render(
+        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+    ) -> tuple[Clip, int]:
         """One clip of round(duration x fps) frames (at least 1) starting at `cursor`."""
         self.check_avatar(avatar_id)
         self.thread_names.add(threading.current_thread().name)
@@ -95,12 +97,14 @@ class GatedRenderer(SyntheticTestRenderer):
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+    def render(
+        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+    ) -> tuple[Clip, int]:
         """Wait for the gate, then render."""
         self.started.set()
         if not self.gate.wait(timeout=30):
             raise TimeoutError("test gate never opened")
-        return super().render(audio, out_path, avatar_id, cursor)
+        return super().render(audio, out_path, avatar_id, cursor, left_context)
 
 
 class OomOnceRenderer(SyntheticTestRenderer):
@@ -110,14 +114,16 @@ class OomOnceRenderer(SyntheticTestRenderer):
         super().__init__(cfg)
         self.failed = False
 
-    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+    def render(
+        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+    ) -> tuple[Clip, int]:
         """Fail once with torch.OutOfMemoryError."""
         import torch
 
         if not self.failed:
             self.failed = True
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().render(audio, out_path, avatar_id, cursor)
+        return super().render(audio, out_path, avatar_id, cursor, left_context)
 
 
 class CorruptClipRenderer(SyntheticTestRenderer):
@@ -127,9 +133,11 @@ class CorruptClipRenderer(SyntheticTestRenderer):
         super().__init__(cfg)
         self.good = good
 
-    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+    def render(
+        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+    ) -> tuple[Clip, int]:
         """Render, then (past the good ones) overwrite the mp4 with bytes no demuxer accepts."""
-        clip, nxt = super().render(audio, out_path, avatar_id, cursor)
+        clip, nxt = super().render(audio, out_path, avatar_id, cursor, left_context)
         if len(self.calls) > self.good:
             clip.path.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
         return clip, nxt

@@ -152,3 +152,27 @@ def test_health_reports_capacity_and_the_scheduler(
     assert capacity["source"] == "measured" and capacity["max_live_sessions"] >= 1
     assert capacity["frames_per_s"] > 0 and capacity["host_fps"] > 0
     assert set(scheduler) >= {"live_utterances", "frames_per_s", "lateness_p95_ms", "accelerated"}
+
+
+def test_audio_context_conditions_a_sentence_on_the_one_before(
+    prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path
+) -> None:
+    """audio.context_ms: a session's second sentence is rendered hearing the first one's end. The same two
+    sentences with and without context: first clips identical, second clips differ (same cursor, same audio)."""
+    uploads = (_speech_wav(1.0, 170), _speech_wav(0.8, 230))
+    results = tmp_path / "results" / "sessions"
+    frames = {}
+    for context_ms in (0, 1000):
+        cfg = _cfg(prepared_avatar, tmp_path, "server.renderer=musetalk", "audio.silence_enabled=false",
+                   f"audio.context_ms={context_ms}")
+        session = f"ctx{context_ms}"
+        with _server(cfg) as client:
+            lengths = []
+            for data in uploads:
+                r = client.post("/speak_audio", files={"file": ("a.wav", data)}, data={"session_id": session})
+                assert r.status_code == 200, r.text
+                lengths.append(round(r.json()["clip_duration_s"] * cfg.fps))
+        frames[context_ms] = _decoded(results / session / "full_session.mp4")
+    n1 = lengths[0]
+    assert all(np.array_equal(a, b) for a, b in zip(frames[0][:n1], frames[1000][:n1], strict=True))
+    assert not np.array_equal(frames[0][n1], frames[1000][n1])

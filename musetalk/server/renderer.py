@@ -23,6 +23,7 @@ from musetalk.avatar.store import avatar_dir
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotFound, AvatarNotPrepared, ConfigError, WeightsMissing
 from musetalk.models import ModelBundle, load_models, missing_files
+from musetalk.pipeline.audio import WHISPER_RATE_HZ, resample
 from musetalk.pipeline.engine import Engine
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
 from musetalk.render.preview import PreviewFaces
@@ -166,9 +167,12 @@ class EngineRenderer:
         """The scheduler's live figures and how each batch shape runs."""
         return {**self.engine.scheduler.stats(), "accelerated": self.engine.source.accelerated()}
 
-    def render(self, audio: Audio, out_path: Path, avatar_id: str, cursor: int) -> tuple[Clip, int]:
+    def render(
+        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+    ) -> tuple[Clip, int]:
         """One clip of `avatar_id` from `cursor`; returns it and the next cursor (callable from many threads)."""
-        result = self.engine.render(audio, self._cache(avatar_id), out_path, cursor)
+        context = resample(left_context, WHISPER_RATE_HZ) if left_context is not None else None
+        result = self.engine.render(audio, self._cache(avatar_id), out_path, cursor, left_context_16k=context)
         return result.clip, result.next_cursor
 
     def close(self) -> None:

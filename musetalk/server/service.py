@@ -101,6 +101,9 @@ class SpeakService:
         self.worker = worker
         self._turnstiles: dict[str, Turnstile] = {}
         self._in_flight = 0
+        # Per session: the end of the last sentence's audio, heard first by the next one (audio.context_ms).
+        # In memory only: after a restart a session's next sentence starts without it.
+        self._context: dict[str, Audio] = {}
 
     @property
     def in_flight(self) -> int:
@@ -157,6 +160,11 @@ class SpeakService:
         if turnstile.idle and self._turnstiles.get(session_id) is turnstile:
             del self._turnstiles[session_id]  # keep the table as small as the set of busy sessions
 
+    def _remember_context(self, session_id: str, audio: Audio) -> None:
+        keep = int(self.cfg.audio.context_ms / 1000 * audio.sample_rate)
+        if keep > 0:
+            self._context[session_id] = Audio(audio.samples[-keep:].copy(), audio.sample_rate)
+
     def video_url(self, session_id: str, n_clips: int) -> str:
         """URL of the session video, versioned by clip count so a player notices the change."""
         return f"/sessions/{session_id}/video?v={n_clips}"
@@ -212,6 +220,7 @@ class SpeakService:
         try:
             await turnstile.wait(ticket)
             removed = await asyncio.to_thread(self.store.reset, sid)
+            self._context.pop(sid, None)
         finally:
             self._done(sid, turnstile, ticket)
         log.info("reset %s", kv(session=sid, removed=removed))
@@ -265,13 +274,14 @@ class SpeakService:
             )
         out_path = await asyncio.to_thread(self.store.new_clip_path, sid)
         (clip, cursor), queued_ms, render_ms = await self.worker.run(
-            self.renderer.render, audio, out_path, aid, state.cursor
+            self.renderer.render, audio, out_path, aid, state.cursor, self._context.get(sid) if state.clips else None
         )
         try:
             appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid)
         except Exception:  # the session did not take the clip: its files are orphans
             _remove_clip_files(clip)
             raise
+        self._remember_context(sid, audio)
         t_end = time.perf_counter()
         new = appended.state
         timings.update(_stage_timings(clip.timings_ms, queued_ms))
