@@ -8,13 +8,14 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: setup test lint typecheck unit serve demo weights weights-check bench clean help
+.PHONY: setup test test-slow lint typecheck unit serve demo weights weights-check bench clean help
 
 help:
 	@echo "make setup    create .venv and install pinned requirements (idempotent)"
 	@echo "make serve    run the server + web page on http://$(HOST):$(PORT)"
 	@echo "make demo     prepare the demo avatar, speak two sentences, print the session video"
-	@echo "make test     ruff + mypy + pytest (what CI runs)"
+	@echo "make test     ruff + mypy + pytest, the quick suite (CI runs it and make test-slow)"
+	@echo "make test-slow  the slow tests (real subprocesses, browsers, dlib-heavy prep)"
 	@echo "make weights  fetch the real MuseTalk weights into models/ (needs internet)"
 	@echo "make bench    CPU benchmarks (GPU numbers: see docs/BENCHMARKS.md)"
 
@@ -34,9 +35,12 @@ typecheck: setup
 	$(PY) -m mypy
 
 unit: setup
-	$(PY) -m pytest -m "not gpu"
+	$(PY) -m pytest -m "not gpu and not slow"
 
 test: lint typecheck unit
+
+test-slow: setup
+	$(PY) -m pytest -m "slow and not gpu"
 
 weights: setup
 	$(PY) -m scripts.download_weights $(ARGS)

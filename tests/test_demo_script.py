@@ -14,6 +14,7 @@ from musetalk.faces.dlib_detector import DlibDetector
 from scripts import demo
 
 
+@pytest.mark.slow
 def test_demo_speaks_two_sentences_and_prints_the_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     landmarks = DlibDetector().detect(astronaut_bgr())
     assert landmarks is not None

@@ -180,6 +180,7 @@ def test_enhance_keeps_frames_duration_audio_and_faceless_frames(tiny_models_dir
     assert all(np.abs(yuv_out[i].astype(int) - yuv_in[i]).mean() > 1 for i in range(N_FACELESS, n_in))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["missing", "empty", "no_frames"])
 def test_missing_or_empty_input_exits_2(kind: str, tmp_path: Path) -> None:
     src = tmp_path / "in.mp4"

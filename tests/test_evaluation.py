@@ -75,6 +75,7 @@ def test_av_offset_finds_a_known_delay(delay: int, detector: DlibDetector, tmp_p
     assert result["frames"] == n and result["fps"] == FPS and result["syncnet"] is None
 
 
+@pytest.mark.slow
 def test_mouth_open_in_silence_scores_zero(detector: DlibDetector) -> None:
     n = 80
     level = _syllables(n, seed=3)
@@ -142,6 +143,7 @@ def test_clip_joins_measure_a_pose_jump(detector: DlibDetector, tmp_path: Path) 
     assert result["clip_joins"]["max_jump_px"] == joins[30]["jump_px"]
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_rejects_bad_input(
     detector: DlibDetector, tmp_path: Path, tiny_models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

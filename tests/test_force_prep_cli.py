@@ -131,6 +131,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 def test_real_subprocess_run(tiny_models_dir: Path, clip: SyntheticVideo, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "scripts.force_prep", "--avatar-id", "sub", "--video", str(clip.path)]
     cmd += _args(tiny_models_dir, tmp_path, "--set", "prep.parser=landmarks")[1:]  # with progress bars
@@ -140,6 +141,7 @@ def test_real_subprocess_run(tiny_models_dir: Path, clip: SyntheticVideo, tmp_pa
     assert "detect" in proc.stderr and "100%" in proc.stderr  # tqdm bars per stage
 
 
+@pytest.mark.slow
 def test_killed_prep_leaves_no_loadable_cache(tiny_models_dir: Path, tmp_path: Path) -> None:
     # BiSeNet parsing on the CPU takes seconds per batch, so the kill lands mid-prep. No VAE: get there fast.
     models = tmp_path / "models"

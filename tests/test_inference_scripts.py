@@ -71,6 +71,7 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
 
 
+@pytest.mark.slow
 def test_realtime_prepares_once_continues_cursor_and_reuses(
     tiny_models_dir: Path, video: SyntheticVideo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from musetalk.avatar import PrepResult, load_avatar, prepare_avatar
 from musetalk.avatar.synthetic import SyntheticVideo, astronaut_bgr
@@ -38,6 +39,7 @@ def test_keep_upper_lip_clears_everything_above_the_lips() -> None:
     assert np.array_equal(cut[np.broadcast_to(below, cut.shape)], full[np.broadcast_to(below, full.shape)])
 
 
+@pytest.mark.slow
 def test_prep_with_keep_upper_lip_stores_smaller_masks(
     prepared_avatar: tuple[AppConfig, PrepResult], face_video: SyntheticVideo, tmp_path: Path
 ) -> None:

@@ -122,6 +122,7 @@ def test_bilabials_close_the_mouth_and_vowels_open_it() -> None:
     assert mouth_openings(Audio(audio.samples, RATE), 20, fps)[10] > 0.8
 
 
+@pytest.mark.slow
 def test_a_talking_avatar_reuses_its_own_mouth_shapes(tmp_path: Path) -> None:
     """Source video where the person talks → output mouths are real source mouths, opened as the audio asks."""
     photo = astronaut_bgr()

@@ -154,6 +154,7 @@ def test_health_reports_capacity_and_the_scheduler(
     assert set(scheduler) >= {"live_utterances", "frames_per_s", "lateness_p95_ms", "accelerated"}
 
 
+@pytest.mark.slow
 def test_audio_context_conditions_a_sentence_on_the_one_before(
     prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path
 ) -> None:

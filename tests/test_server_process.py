@@ -100,6 +100,7 @@ def _decoded_frames(path: Path) -> tuple[int, int]:
     return n_video, n_audio
 
 
+@pytest.mark.slow
 def test_killed_between_write_and_commit(tmp_path: Path) -> None:
     video = tmp_path / "results" / "full_session.mp4"
     paths = SessionPaths(video=video, workdir=tmp_path / "results" / "sessions" / "default")
@@ -133,6 +134,7 @@ def test_killed_between_write_and_commit(tmp_path: Path) -> None:
     assert "path=/speak" in log_text and "render_ms=" in log_text and "cutting" in log_text
 
 
+@pytest.mark.slow
 def test_refuses_to_start_without_weights(tmp_path: Path) -> None:
     cmd = _server_cmd(
         tmp_path, _free_port(), "server.renderer=musetalk", f"models.dir={tmp_path / 'no-models'}", "tts.engine=espeak"
@@ -169,6 +171,7 @@ _PLAY_JS = """async () => {
 }"""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian chromium (apt-get install chromium)")
 def test_browser_plays_and_seeks_the_session_video_at_every_committed_length(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright

@@ -171,6 +171,7 @@ def _prep_cfg(cache: Path, *extra: str) -> AppConfig:
     )
 
 
+@pytest.mark.slow
 def test_force_prep_boxes_follow_the_chosen_face(crowd: CrowdVideo, tmp_path: Path) -> None:
     for face, truth in (("largest", crowd.main_xy), ("1", crowd.second_xy)):
         cfg = _prep_cfg(tmp_path, f"prep.face={face}")
@@ -188,6 +189,7 @@ def test_force_prep_boxes_follow_the_chosen_face(crowd: CrowdVideo, tmp_path: Pa
     assert json.loads((tmp_path / "crowdlargest" / "manifest.json").read_text())["tracking"]["n_interpolated"] == 4
 
 
+@pytest.mark.slow
 def test_force_prep_refuses_a_mostly_hidden_face(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     video = write_crowd_video(tmp_path / "hidden.mp4", n_frames=60, occluded=tuple(range(20, 34)))
     args = [
@@ -206,6 +208,7 @@ def test_force_prep_refuses_a_mostly_hidden_face(tmp_path: Path, capsys: pytest.
     assert "0 interpolated" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_avatar_boxes_never_jump_and_the_preview_mouth_stays_on_the_face(
     tmp_path: Path, detector: DlibDetector
 ) -> None:

@@ -92,6 +92,7 @@ RECORDER = """() => {
 }"""
 
 
+@pytest.mark.slow
 def test_send_message_and_video_plays_the_reply(make_page: Any) -> None:
     ui = make_page(1280, 800)
     page = ui.page
@@ -225,6 +226,7 @@ def real_server_url(
         yield url
 
 
+@pytest.mark.slow
 def test_real_server_chat_round_trip(browser: Any, real_server_url: str) -> None:
     ui = Page(browser, real_server_url, 1280, 800)
     try:

@@ -292,7 +292,7 @@ class Engine:
             "frames": float(plan.n_frames),
             "silent_frames": float(np.sum(plan.weights == 0)),
         }
-        context = context_samples(left_context_16k, self.cfg.fps, self.cfg.audio.context_ms / 1000)
+        context = context_samples(left_context_16k, self.cfg.fps)  # the caller chose how much to pass
         return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv, context)
 
     def render(
