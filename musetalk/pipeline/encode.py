@@ -12,7 +12,7 @@ import itertools
 import os
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -42,7 +42,25 @@ def fit_audio(audio: Audio, n_frames: int, fps: int, rate: int) -> NDArray[np.fl
     out = np.zeros(n_target, dtype=np.float32)
     n = min(n_target, len(samples))
     out[:n] = samples[:n]
-    return np.clip(out, -1.0, 1.0)
+    return np.clip(out, -1.0, 1.0, out=out)  # in place: a long clip's audio is tens of MB
+
+
+def audio_frames(parts: Sequence[NDArray[np.float32]], rate: int, chunk: int = 48_000) -> Iterator[av.AudioFrame]:
+    """Mono float32 arrays, one after the other, as AudioFrames of at most `chunk` samples with running pts.
+
+    The encoder re-chunks to its own frame size, so this gives the same packets as one frame of everything,
+    without a second full-length copy of the audio in memory.
+    """
+    import av
+
+    pts = 0
+    for part in parts:
+        for start in range(0, len(part), chunk):
+            piece = np.ascontiguousarray(part[start : start + chunk], dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(piece[np.newaxis, :], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, pts
+            pts += len(piece)
+            yield frame
 
 
 def _tmp_path(path: Path) -> Path:
@@ -173,10 +191,9 @@ def write_clip(
             astream = container.add_stream("aac", rate=cfg.audio_rate, layout="mono")
             astream.bit_rate = cfg.audio_bitrate_kbps * 1000
 
-            af = av.AudioFrame.from_ndarray(pcm[np.newaxis, :], format="fltp", layout="mono")
-            af.sample_rate, af.pts = cfg.audio_rate, 0
-            for packet in [*astream.encode(af), *astream.encode(None)]:
-                container.mux(packet)
+            for af in audio_frames([pcm], cfg.audio_rate):
+                container.mux(astream.encode(af))
+            container.mux(astream.encode(None))
 
             frames_in = itertools.chain([first], frame_iter)
             try:

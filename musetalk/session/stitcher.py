@@ -43,6 +43,7 @@ import signal
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -54,6 +55,7 @@ from numpy.typing import NDArray
 
 from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError, SessionConflict
+from musetalk.pipeline.encode import audio_frames
 from musetalk.session import fmp4
 from musetalk.types import Clip
 
@@ -451,10 +453,10 @@ def clip_pcm(clip: Clip, rate: int) -> NDArray[np.float32]:
     n_expected = clip.n_frames * rate // clip.fps
     if clip.audio_path is None or not clip.audio_path.is_file():
         raise InputError(f"clip {clip.path.name} has no PCM .wav beside it (write_clip makes one)")
-    pcm, wav_rate = sf.read(str(clip.audio_path), dtype="float32", always_2d=True)  # (n, channels)
+    pcm, wav_rate = sf.read(str(clip.audio_path), dtype="float32")  # (n,) mono or (n, channels)
     if wav_rate != rate:
         raise SessionConflict(f"clip audio is {wav_rate} Hz, the session uses {rate} Hz (encode.audio_rate)")
-    mono = pcm.mean(axis=1).astype(np.float32)  # (n,) float32
+    mono = pcm if pcm.ndim == 1 else pcm.mean(axis=1, dtype=np.float32)  # (n,) float32
     if len(mono) != n_expected:
         raise InputError(f"clip {clip.path.name}: {len(mono)} audio samples, expected {n_expected}")
     return mono
@@ -488,18 +490,20 @@ class _AacPacket:
     duration: int
 
 
-def _encode_aac(pcm: NDArray[np.float32], start: int, rate: int, cfg: EncodeConfig) -> tuple[list[_AacPacket], bytes]:
-    """AAC-encode `pcm` (n,) float32 that begins `start` samples into the session → (packets, config)."""
+def _encode_aac(
+    parts: Sequence[NDArray[np.float32]], start: int, rate: int, cfg: EncodeConfig
+) -> tuple[list[_AacPacket], bytes]:
+    """AAC-encode float32 mono `parts`, played one after the other from `start` samples into the session →
+    (packets, config); fed in chunks, so no joined copy of a long clip's audio is made."""
     import av
 
     encoder = av.CodecContext.create("aac", "w")
     encoder.sample_rate, encoder.layout, encoder.format = rate, "mono", "fltp"
     encoder.bit_rate = cfg.audio_bitrate_kbps * 1000
     encoder.time_base = Fraction(1, rate)
-    frame = av.AudioFrame.from_ndarray(pcm[np.newaxis, :], format="fltp", layout="mono")
-    frame.sample_rate, frame.pts = rate, 0
     packets = []
-    for packet in [*encoder.encode(frame), *encoder.encode(None)]:
+    encoded = [p for frame in audio_frames(parts, rate) for p in encoder.encode(frame)]
+    for packet in [*encoded, *encoder.encode(None)]:
         pts = start + _ticks(packet.pts, packet.time_base, rate)
         packets.append(_AacPacket(pts=pts, data=bytes(packet), duration=int(packet.duration or AAC_FRAME_SAMPLES)))
     return packets, bytes(encoder.extradata or b"")
@@ -733,7 +737,7 @@ def append_clip(
     splice_at = state.layout.audio_committed if state.layout else 0
     warmup = int(WARMUP_S * rate) // AAC_FRAME_SAMPLES * AAC_FRAME_SAMPLES
     source_start = max(0, splice_at - warmup)  # a multiple of AAC_FRAME_SAMPLES, like splice_at
-    source = np.concatenate([_tail_pcm(paths, state, old_total - source_start), new_pcm])  # (n,) float32
+    source = [_tail_pcm(paths, state, old_total - source_start), new_pcm]  # played one after the other
     t_read = time.perf_counter()
     try:
         packets, audio_config = _encode_aac(source, source_start, rate, cfg)
