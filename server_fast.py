@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from musetalk.server.http import header_deadline_protocol
     from musetalk.utils.logs import configure_logging
 
     log_file = configure_logging(cfg.server.log_level, project_path(cfg.server.log_dir))
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             log_config=None,  # uvicorn's loggers go through ours (stderr + logs/server.log)
             access_log=False,  # our AccessLog middleware logs each request with its id and duration
             timeout_keep_alive=cfg.server.keep_alive_s,  # request bodies are timed by the BodyDeadline middleware
+            http=header_deadline_protocol(cfg.server.header_timeout_s),  # and request heads by this
         )
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal with the handler that

@@ -276,6 +276,7 @@ class ServerConfig(_Section):
     read_timeout_s: float = Field(default=15.0, gt=0)  # a request body idle this long → 408, disconnected
     body_deadline_s: float = Field(default=300.0, gt=0)  # a whole request body must arrive within this
     keep_alive_s: int = Field(default=5, ge=1, le=300)  # idle keep-alive connections are closed after this
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a request line + headers must arrive within this
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
     log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -20,10 +20,12 @@ from test_server_process import _server
 
 READ_TIMEOUT_S = 1.0
 BODY_DEADLINE_S = 3.0
+HEADER_TIMEOUT_S = 2.0
 OVERRIDES = (
     f"server.read_timeout_s={READ_TIMEOUT_S}",
     f"server.body_deadline_s={BODY_DEADLINE_S}",
     "server.max_concurrent_uploads=2",
+    f"server.header_timeout_s={HEADER_TIMEOUT_S}",
     "server.cors_origins=[http://app.example:3000]",
 )
 
@@ -109,6 +111,18 @@ def test_slow_bodies_are_cut_off(server: tuple[object, str, Path]) -> None:
     got, took_s = _raw_request(base, head, [b" "] * 20, READ_TIMEOUT_S / 3)
     assert got.startswith(b"HTTP/1.1 408") and b"not complete within" in got
     assert BODY_DEADLINE_S <= took_s < BODY_DEADLINE_S + 2
+
+
+def test_slow_request_heads_are_cut_off(server: tuple[object, str, Path]) -> None:
+    _, base, _ = server
+    # Headers trickled a piece every 0.4 s never complete: the connection is closed at the head deadline.
+    trickle = [b"Host: 127.0.0.1\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n", b"X-C: 3\r\n"] * 5
+    got, took_s = _raw_request(base, b"GET /health HTTP/1.1\r\n", trickle, 0.4)
+    assert got == b"" and HEADER_TIMEOUT_S <= took_s < HEADER_TIMEOUT_S + 2
+    # A normal request and a keep-alive second one are unaffected.
+    with httpx.Client() as client:
+        assert client.get(f"{base}/health").status_code == 200
+        assert client.get(f"{base}/health").status_code == 200
 
 
 def _wav(seconds: float, rate: int) -> bytes:
