@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from musetalk.avatar.cache import AvatarCache
 from musetalk.errors import GpuOutOfMemory
 from musetalk.pipeline.generate import FaceRequest, FaceSource, PendingFaces, Phonemes
+from musetalk.utils.gpu import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -371,7 +372,7 @@ class FrameScheduler:
         """An error in one batch fails the utterances that had frames in it, nobody else."""
         error = _as_gpu_error(exc)
         if isinstance(error, GpuOutOfMemory):
-            _release_cached_memory()
+            release_cached_memory()
         log.error("batch of %d frames failed: %s: %s", len(items), type(exc).__name__, exc)
         with self._cv:
             for u, _ in items:
@@ -382,22 +383,8 @@ class FrameScheduler:
 
 def _as_gpu_error(exc: BaseException) -> BaseException:
     """CUDA out-of-memory (raised as torch's error or a RuntimeError) becomes GpuOutOfMemory (HTTP 503)."""
-    if isinstance(exc, GpuOutOfMemory):
+    if isinstance(exc, GpuOutOfMemory) or not is_out_of_memory(exc):
         return exc
-    import sys
-
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
-    if (oom_type and isinstance(exc, oom_type)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
-        error = GpuOutOfMemory("the GPU ran out of memory for this request; retry shortly")
-        error.__cause__ = exc
-        return error
-    return exc
-
-
-def _release_cached_memory() -> None:
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    error = GpuOutOfMemory("the GPU ran out of memory for this request; retry shortly")
+    error.__cause__ = exc
+    return error

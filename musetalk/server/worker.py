@@ -10,32 +10,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from musetalk.errors import Busy, GpuOutOfMemory
+from musetalk.utils.gpu import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a CUDA (or other accelerator) out-of-memory error from torch."""
-    if isinstance(exc, GpuOutOfMemory):
-        return True
-    torch = sys.modules.get("torch")  # only loaded if the renderer uses it
-    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _release_gpu_memory() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class RenderPool:
@@ -70,7 +54,7 @@ class RenderPool:
             result = fn(*args)
         except Exception as exc:
             if is_out_of_memory(exc):
-                _release_gpu_memory()
+                release_cached_memory()
                 log.error("GPU out of memory in %s: %s", getattr(fn, "__name__", fn), exc)
                 if isinstance(exc, GpuOutOfMemory):
                     raise
