@@ -324,7 +324,6 @@ class MuseTalkFaces:
                 self._fast_decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
         self._graphs: dict[int, _Graphs] = {}  # replaced whole per shape, read without a lock (atomic)
         self.batch_ms: dict[int, float] = {}  # measured GPU time of one batch per accelerated shape
-        self._compiled: set[int] = set()  # shapes whose compiled modules have run (compile without graphs)
         self._state: dict[int, str] = {size: "eager" for size in self.batch_shapes} if cuda else {}
         self._device_latents: dict[int, tuple[AvatarCache, torch.Tensor]] = {}
         self._latents_lock = threading.Lock()
@@ -350,11 +349,6 @@ class MuseTalkFaces:
             size *= 2
         return sorted(shapes)
 
-    @property
-    def batch_sizes(self) -> list[int]:
-        """Alias of batch_shapes (the name the benchmarks use)."""
-        return self.batch_shapes
-
     def padded_size(self, n: int) -> int:
         """Smallest fixed batch size holding n frames (CUDA); n itself on CPU."""
         if self.device.type != "cuda":
@@ -364,14 +358,6 @@ class MuseTalkFaces:
     def accelerated(self) -> dict[int, str]:
         """How each batch shape runs now: eager | graphs | compiled | compiled+graphs ({} on CPU)."""
         return dict(self._state)
-
-    def graphs(self, size: int) -> _Graphs:
-        """The CUDA graphs for a batch size, captured now if missing (from the compiled modules if any)."""
-        g = self._graphs.get(size)
-        if g is None:
-            self._accelerate_shape(size, self.compiles)
-            g = self._graphs[size]
-        return g
 
     def _accelerate_shape(self, size: int, compiled: bool) -> None:
         denoise, decode = (self._fast_denoise, self._fast_decode) if compiled else (self.denoise, self.decode)
@@ -386,7 +372,6 @@ class MuseTalkFaces:
                 with torch.cuda.stream(side):
                     decode(denoise(*self._zero_inputs(size)))  # compiles (and autotunes) this shape
                 side.synchronize()
-                self._compiled.add(size)
         label = ("compiled+graphs" if self.use_graphs else "compiled") if compiled else "graphs"
         self._state[size] = label
         log.info("batch %d: %s ready in %.0f ms", size, label, (time.perf_counter() - t0) * 1000)
@@ -541,7 +526,7 @@ class MuseTalkFaces:
             out = graphs.faces
         else:
             # Padding rows stay zero: fixed shapes keep cuDNN's autotuned kernels (padded frames are dropped).
-            compiled = size in self._compiled
+            compiled = self._state.get(size) == "compiled"  # compile without graphs
             denoise, decode = (self._fast_denoise, self._fast_decode) if compiled else (self.denoise, self.decode)
             start.record()
             pred = denoise(lat, tok)
