@@ -20,9 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from musetalk.cli import add_config_args, config_from_args
+from musetalk.cli import add_config_args, config_from_args, exit_code
 from musetalk.config import project_path
-from musetalk.errors import ConfigError, InputError, MuseTalkError
+from musetalk.errors import ConfigError, MuseTalkError
 
 DEFAULT_INPUT = Path("results/full_session.mp4")
 DEFAULT_OUTPUT = Path("results/full_session_hd.mp4")
@@ -75,12 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         result = enhance_video(
             cfg, restorer, detector, src, dst, weight=args.weight, temporal=args.temporal, progress=not args.quiet
         )
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except MuseTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     total = sum(result.seconds.values())
     lines = [
         f"{result.output}: {result.n_frames} frames at {result.fps:g} fps, {result.size_wh[0]}x{result.size_wh[1]}, "

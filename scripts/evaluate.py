@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from musetalk.cli import add_config_args, config_from_args
+from musetalk.cli import add_config_args, config_from_args, exit_code
 from musetalk.errors import ConfigError, InputError, MuseTalkError
 
 
@@ -78,12 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             sync=sync,
             silence_db=cfg.audio.silence_threshold_db,
         )
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except MuseTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     print(_table(result))
     if args.json is not None:
         from musetalk.avatar.store import write_json_atomic

@@ -18,9 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from musetalk.cli import add_config_args, config_from_args
+from musetalk.cli import add_config_args, config_from_args, exit_code
 from musetalk.config import AppConfig, project_path, with_overrides
-from musetalk.errors import ConfigError, InputError, MuseTalkError
+from musetalk.errors import ConfigError, MuseTalkError
 from musetalk.weights import human_size
 
 
@@ -119,12 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = prepare_avatar(cfg, video=video, force=args.force, progress=not args.quiet, allow_gaps=args.allow_gaps)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except MuseTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     print(_summary(result))
     return 0
 
