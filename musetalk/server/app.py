@@ -92,16 +92,11 @@ async def start_services(
             load_ms=round(load_ms, 1),
             warmup_ms=round(warm_ms, 1),
             since_start_s=round(process_age_s() or 0.0, 2),
-            capacity=_max_live_sessions(renderer),
+            capacity=speaker.max_live_sessions(),
             results=results_dir,
         ),
     )
     return Services(cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, ready=True)
-
-
-def _max_live_sessions(renderer: Renderer) -> int | None:
-    capacity = getattr(renderer, "capacity", None)
-    return capacity().get("max_live_sessions") if callable(capacity) else None
 
 
 def _close_renderer(renderer: Renderer) -> None:
