@@ -7,12 +7,14 @@ STAMP := $(VENV)/.setup-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
+REPLICAS ?= 0
 
-.PHONY: setup test test-slow lint typecheck unit serve demo weights weights-check bench clean help
+.PHONY: setup test test-slow lint typecheck unit serve serve-cluster demo weights weights-check bench clean help
 
 help:
 	@echo "make setup    create .venv and install pinned requirements (idempotent)"
 	@echo "make serve    run the server + web page on http://$(HOST):$(PORT)"
+	@echo "make serve-cluster  the same on a local Ray Serve cluster (REPLICAS=N, one GPU each; RAY_ADDRESS joins one)"
 	@echo "make demo     prepare the demo avatar, speak two sentences, print the session video"
 	@echo "make test     ruff + mypy + pytest, the quick suite (CI runs it and make test-slow)"
 	@echo "make test-slow  the slow tests (real subprocesses, browsers, dlib-heavy prep)"
@@ -55,6 +57,9 @@ $(DEMO_VIDEO): | setup
 
 serve: setup $(DEMO_VIDEO)
 	$(PY) server_fast.py --host $(HOST) --port $(PORT) $(ARGS)
+
+serve-cluster: setup $(DEMO_VIDEO)
+	$(PY) -m scripts.serve_cluster --replicas $(REPLICAS) --host $(HOST) --port $(PORT) $(ARGS)
 
 demo: setup $(DEMO_VIDEO)
 	$(PY) -m scripts.demo $(ARGS)

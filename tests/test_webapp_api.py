@@ -63,7 +63,7 @@ def _post(client: TestClient, message: str, session_id: str | None = None, **ext
     r = client.post("/chat", json=body)
     assert r.status_code == 202, r.text
     job_id: str = r.json()["job_id"]
-    assert r.json()["status_url"] == f"/status/{job_id}"
+    assert r.json()["status_url"] == f"/status/{job_id}?session_id={r.json()['session_id']}"
     return job_id
 
 

@@ -144,6 +144,13 @@ def create_app(
     app.include_router(router)
     for extra in routers:
         app.include_router(extra)
+    install_middleware(app, cfg)
+    return app
+
+
+def install_middleware(app: FastAPI, cfg: AppConfig) -> None:
+    """The server's middleware stack (body limits, auth, CORS, cross-site guard, access log), as `server.*` sets
+    it; the cluster's gateway installs the same one."""
     # Each add wraps the previous ones, so the order below is inside → out: body limits, auth, CORS (so
     # preflights and 401s carry CORS headers), the cross-site guard (refuses before anything else runs),
     # and outermost the access log, which sees every response.
@@ -176,4 +183,3 @@ def create_app(
         allowed_origins=frozenset(cfg.server.cors_origins),
     )
     app.add_middleware(AccessLog)
-    return app

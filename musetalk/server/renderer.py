@@ -45,7 +45,7 @@ def resolve_renderer(cfg: AppConfig) -> str:
     return name
 
 
-def _ensure_prepared(cfg: AppConfig, avatar_id: str) -> AvatarCache:
+def ensure_prepared(cfg: AppConfig, avatar_id: str) -> AvatarCache:
     """Load the avatar; with `preparation: true`, (re)build a missing or stale cache of cfg.video_path first."""
     try:
         return load_avatar(cfg, avatar_id)
@@ -197,7 +197,7 @@ def build_renderer(cfg: AppConfig) -> Renderer:
         missing = missing_files(cfg.models)
         if missing:
             raise WeightsMissing(missing)
-    avatars = {a: _ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
+    avatars = {a: ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
     return engine_renderer(cfg, avatars, load_models(cfg) if name == "musetalk" else None)
 
 

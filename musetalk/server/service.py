@@ -128,6 +128,10 @@ class SpeakService:
         """Sessions with a request in progress (a session's requests render one after another)."""
         return len(self._turnstiles)
 
+    def live_session_ids(self) -> list[str]:
+        """Ids of the sessions with a request in progress."""
+        return list(self._turnstiles)
+
     def max_live_sessions(self) -> int | None:
         """server.max_live_sessions, or (0 = auto) what the renderer measured it can keep real-time."""
         capacity = getattr(self.renderer, "capacity", None)

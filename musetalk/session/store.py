@@ -234,6 +234,11 @@ class SessionStore:
             raise SessionNotFound(f"session {session_id!r} was just reset; retry")
         return f, n_bytes
 
+    def owned_sessions(self) -> list[str]:
+        """Ids of the sessions whose inter-process lock this store holds (the sessions this process writes)."""
+        with self._publish:
+            return list(self._owned)
+
     def close(self) -> None:
         """Give up every session lock this store holds (the process may still read them)."""
         with self._publish:

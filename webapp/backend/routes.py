@@ -66,7 +66,7 @@ class ChatRequest(BaseModel):
 
 
 class ChatAccepted(BaseModel):
-    """POST /chat answer: poll `status_url` until the job is done or failed."""
+    """POST /chat answer: poll `status_url` (it names the session too) until the job is done or failed."""
 
     job_id: str
     session_id: str
@@ -100,7 +100,9 @@ def create_chat_router(
             job = service.submit(message, req.session_id, history)
         except Busy as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
-        return ChatAccepted(job_id=job.job_id, session_id=job.session_id, status_url=f"/status/{job.job_id}")
+        # The session id in the status URL lets a cluster route the polls to the replica that runs the job.
+        status_url = f"/status/{job.job_id}?session_id={job.session_id}"
+        return ChatAccepted(job_id=job.job_id, session_id=job.session_id, status_url=status_url)
 
     @router.get("/status/{job_id}", response_class=AsciiJSONResponse)
     def status(job_id: str) -> AsciiJSONResponse:

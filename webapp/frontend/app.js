@@ -271,7 +271,9 @@
   async function fetchStatus(jobId) {
     let response;
     try {
-      response = await fetch(`status/${encodeURIComponent(jobId)}`, { cache: "no-store" });
+      // The session id routes the poll to the replica that runs the job when the server is a cluster.
+      const session = encodeURIComponent(state.sessionId);
+      response = await fetch(`status/${encodeURIComponent(jobId)}?session_id=${session}`, { cache: "no-store" });
     } catch (_) {
       return null; // network hiccup: try again
     }
