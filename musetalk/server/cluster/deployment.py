@@ -129,6 +129,7 @@ class ReplicaServer:
             "sessions": len(owned),
             # frames being generated for these many utterances (the scheduler's count), else speaks in progress
             "live_utterances": int(scheduler.get("live_utterances", services.speaker.in_flight)),
+            "accelerated": scheduler.get("accelerated", {}),  # how each batch shape runs (eager, graphs, ...)
         }
 
     async def __del__(self) -> None:
@@ -210,6 +211,7 @@ def gateway_app(cfg: AppConfig, replicas: DeploymentHandle) -> FastAPI:
                 "device": r.get("device"),
                 "sessions": r.get("sessions", 0),
                 "live_utterances": r.get("live_utterances", 0),
+                "accelerated": r.get("accelerated", {}),
             }
             for rid, r in sorted(reports.items())
         ]
