@@ -6,8 +6,9 @@ Serves the same HTTP API and web page as `server_fast.py` on HOST:PORT through R
 Without RAY_ADDRESS it starts a Ray cluster on this machine (127.0.0.1, no dashboard) and stops it again
 on Ctrl-C or SIGTERM. With RAY_ADDRESS set (`ray start --head` on one host, `ray start --address ...` on
 the others) it joins that cluster, deploys the application, and on exit removes the application only.
-Each replica asks for one GPU when the cluster has GPUs, else one CPU; REPLICAS defaults to the number of
-GPUs (2 without GPUs). Exits with status 2 when the application cannot start (the replica's message).
+Each replica asks for one GPU when the cluster has GPUs and an equal share of the cluster's CPUs;
+REPLICAS defaults to the number of GPUs (2 without GPUs). Exits with status 2 when the application
+cannot start (with the replica's message).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="port (default: server.port)")
     parser.add_argument("--replicas", type=int, default=0, help="server replicas (default: one per GPU, else 2)")
     parser.add_argument("--gateways", type=int, default=1, help="gateway replicas (request parsing, no GPU)")
+    parser.add_argument("--cpus-per-replica", type=int, default=0,
+                        help="cores each replica asks for (default: the cluster's CPUs / replicas)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="local cluster only: CPUs Ray may schedule on (default: max(cores, replicas))")
     parser.add_argument("--object-store-mb", type=int, default=None, help="local cluster only: object store size")
@@ -108,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         replicas = args.replicas or gpus or CPU_REPLICAS
+        cpus = args.cpus_per_replica or max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
-        application = build_application(cfg, build_app, replicas, 1.0 if gpus else 0.0, args.gateways)
+        application = build_application(cfg, build_app, replicas, 1.0 if gpus else 0.0, cpus, args.gateways)
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
@@ -117,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             status = EXIT_CANNOT_START
         else:
             log.info(
-                "serving on http://%s:%d: %d replicas (%s), cluster %s",
-                cfg.server.host, cfg.server.port, replicas, "1 GPU each" if gpus else "CPU",
+                "serving on http://%s:%d: %d replicas (%s%d CPUs each), cluster %s",
+                cfg.server.host, cfg.server.port, replicas, "1 GPU, " if gpus else "", cpus,
                 address or "started here",
             )
             stop.wait()

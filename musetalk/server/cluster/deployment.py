@@ -143,15 +143,13 @@ class ReplicaServer:
 class ForwardedResponse(Response):
     """The replica's response messages, passed on as they come."""
 
-    def __init__(self, first: Message, rest: DeploymentResponseGenerator, on_start: Callable[[], None]) -> None:
+    def __init__(self, first: Message, rest: DeploymentResponseGenerator) -> None:
         super().__init__()
         self._first = first
         self._rest = rest
-        self._on_start = on_start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the first message, then the rest; a replica lost mid-stream ends the connection."""
-        self._on_start()
         await send(self._first)
         try:
             async for message in self._rest:
@@ -179,6 +177,9 @@ def gateway_app(cfg: AppConfig, replicas: DeploymentHandle) -> FastAPI:
             DeploymentResponseGenerator,
             replicas.options(stream=True, session_id=session).handle_request.remote(scope, body),
         )
+        slot: UploadSlot | None = getattr(request.state, SLOT_STATE_KEY, None)
+        if slot is not None:  # the upload has been read and handed on (its replica admits and decodes it)
+            slot.release()
         try:
             first = await stream.__anext__()
         except REPLICA_GONE as exc:
@@ -228,9 +229,7 @@ def gateway_app(cfg: AppConfig, replicas: DeploymentHandle) -> FastAPI:
     async def forwarded(request: Request) -> Response:
         """Every other route: answered by the replica that owns the request's session."""
         first, stream = await forward(request)
-        slot: UploadSlot | None = getattr(request.state, SLOT_STATE_KEY, None)
-        # The upload has reached its replica (which admits and decodes it): free the gateway's slot now.
-        return ForwardedResponse(first, stream, slot.release if slot is not None else lambda: None)
+        return ForwardedResponse(first, stream)
 
     install_middleware(app, cfg)
     return app
@@ -274,17 +273,18 @@ def build_application(
     app_factory: AppFactory,
     replicas: int,
     gpus_per_replica: float,
+    cpus_per_replica: int,
     gateways: int = 1,
     env: Mapping[str, str] | None = None,
 ) -> serve.Application:
-    """The Ray Serve application: `replicas` copies of the server (each with `gpus_per_replica` GPUs, or one
-    CPU) behind `gateways` gateway replicas."""
+    """The Ray Serve application: `replicas` copies of the server, each with `gpus_per_replica` GPUs (0: none)
+    and `cpus_per_replica` cores, behind `gateways` gateway replicas."""
     runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT), **(env or {})}}
-    actor_options: dict[str, Any] = {"runtime_env": runtime_env}
+    # The cores matter beyond scheduling: Ray sets a worker's OMP_NUM_THREADS to its CPU count (1 when none
+    # is asked for), which would leave a GPU replica's host-side work one thread where server_fast.py has all.
+    actor_options: dict[str, Any] = {"runtime_env": runtime_env, "num_cpus": cpus_per_replica}
     if gpus_per_replica > 0:
         actor_options["num_gpus"] = gpus_per_replica
-    else:
-        actor_options["num_cpus"] = 1
     replica = serve.deployment(
         name=REPLICA_DEPLOYMENT,
         num_replicas=replicas,
