@@ -1,23 +1,26 @@
 """N concurrent sessions through the Ray Serve cluster vs the single `server_fast.py` on the same machine.
 
-For each avatar height the benchmark starts `server_fast.py` (the single server), then the cluster
-(`python -m scripts.serve_cluster`, one replica per GPU: each `--replicas` value in turn), each on
-127.0.0.1 with the same settings, the benchmark's renderer factory (MuseTalk with random weights in the
-real formats and a synthetic avatar, as bench/bench_concurrency.py) and the tone voice. Each waits until
-ready and until every replica's batch shapes run accelerated, takes one warm-up request, and then for each
-N has N new sessions POST one 5-s all-speech utterance to /speak_audio at the same moment (`--repeats`
-rounds per N; the median round by frames/s is reported). Per round: aggregate frames/s, latency p50/p95,
-first blended frame p50/p95 (server-side), sessions finished within their 5 s, GPU and CPU use. The
-cluster's frames/s over the single server's at the same N is the overhead of Ray (1.00 = none); with
-several replicas, frames/s over the one-replica cluster's is the scaling.
+For each avatar height the benchmark starts `server_fast.py` (the single server) and the cluster with the
+smallest `--replicas` (`python -m scripts.serve_cluster`, one replica per GPU) side by side, then each
+larger cluster alone, all on 127.0.0.1 with the same settings, the benchmark's renderer factory (MuseTalk
+with random weights in the real formats and a synthetic avatar, as bench/bench_concurrency.py) and the
+tone voice. Each waits until ready and until every replica's batch shapes run accelerated, takes two
+warm-up requests per replica, and then for each N has N new sessions POST one 5-s all-speech utterance
+to /speak_audio at the same moment: `--repeats` rounds per N, the servers of a group taking turns round
+by round (alternating order, so a slow moment of a shared machine falls on both alike); the median round
+by frames/s is reported. Per round: aggregate frames/s, latency p50/p95, first blended frame p50/p95
+(server-side), sessions finished within their 5 s, GPU and CPU use. The cluster's frames/s over the
+single server's at the same N is the overhead of Ray (1.00 = none); with several cluster sizes, frames/s
+over the smallest cluster's is the scaling.
 
-With `--kill`, after the rounds of the largest cluster: N sessions speak, one replica is killed (SIGKILL),
-and every session speaks again until it is answered: the time until each is served again and whether
-every acknowledged clip is still in its video (the clip index the next answer reports).
+With `--kill`, after the rounds of the largest cluster: N sessions speak, the replica owning most of them
+is killed (SIGKILL), and every session speaks again until answered: the time until its request is
+accepted and answered, and the clips lost (acknowledged clips minus the clip index the next answer
+reports; must be 0).
 
-    python bench/bench_cluster.py --device cuda --heights 1080 --ns 1 4 8 --replicas 1 --no-compile
+    python bench/bench_cluster.py --device cuda --heights 1080 --ns 1 4 8 --replicas 1
     python bench/bench_cluster.py --device cuda --heights 1080 720 --replicas 1 2 4 8 --kill   # several GPUs
-    python bench/bench_cluster.py --device cpu --size tiny --heights 360 --ns 1 2 4 --replicas 1 2   # here
+    python bench/bench_cluster.py --device cpu --size tiny --heights 360 --ns 1 2 4 --replicas 1 2 --kill  # here
 """
 
 from __future__ import annotations
@@ -54,12 +57,14 @@ from bench.bench_concurrency import (  # noqa: E402
 class ClusterServer(Server):
     """`python -m scripts.serve_cluster` as a child process on 127.0.0.1 (it starts and stops its own Ray)."""
 
-    def __init__(self, overrides: list[str], env: dict[str, str], log_path: Path, replicas: int) -> None:
+    def __init__(
+        self, overrides: list[str], env: dict[str, str], log_path: Path, replicas: int, object_store_mb: int
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas
         cmd = [sys.executable, "-m", "scripts.serve_cluster", "--replicas", str(replicas), "--host", "127.0.0.1",
-               "--port", str(self.port)]
+               "--port", str(self.port), "--object-store-mb", str(object_store_mb)]
         for item in overrides:
             cmd += ["--set", item]
         self.log = log_path.open("w")
@@ -121,25 +126,36 @@ def overrides_for(args: argparse.Namespace, models_dir: Path, results_dir: Path,
     ]
 
 
-def run_server(
-    args: argparse.Namespace, server: Server, label: str, height: int, wavs: list[bytes]
-) -> dict[str, Any]:
-    """Ready, accelerated, one warm-up request, then `repeats` rounds of each N."""
+def bring_up(args: argparse.Namespace, server: Server, label: str, height: int, wavs: list[bytes]) -> dict[str, Any]:
+    """Ready, accelerated, then warm-up requests (two per replica, so that every replica has rendered)."""
     out: dict[str, Any] = {"label": label, "height": height, "rounds": {}}
-    try:
-        out["ready_s"] = server.wait_ready(args.start_timeout_s)
-        target = ("compiled+graphs" if args.compile else "graphs") if args.device == "cuda" else ""
-        out["accelerated_s"] = server.wait_accelerated(target, args.accel_timeout_s) if target else None
-        out["health"] = server.health()
-        for i in range(2 * max(1, getattr(server, "replicas", 1))):  # every replica warm (sessions spread)
-            speak(server.url, f"warm{i}", wavs[i % len(wavs)], time.perf_counter())
-        for n in args.ns:
-            rounds = [run_round(server.url, n, f"{label}-n{n}-r{k}", False, wavs) for k in range(args.repeats)]
-            for r in rounds:
+    out["ready_s"] = server.wait_ready(args.start_timeout_s)
+    target = ("compiled+graphs" if args.compile else "graphs") if args.device == "cuda" else ""
+    out["accelerated_s"] = server.wait_accelerated(target, args.accel_timeout_s) if target else None
+    out["health"] = server.health()
+    for i in range(2 * (server.replicas if isinstance(server, ClusterServer) else 1)):
+        speak(server.url, f"{label}-warm{i}", wavs[i % len(wavs)], time.perf_counter())
+    return out
+
+
+def measure(
+    args: argparse.Namespace, servers: dict[str, Server], runs: dict[str, dict[str, Any]], height: int,
+    wavs: list[bytes],
+) -> None:
+    """For each N, `repeats` rounds on every server, the servers taking turns (alternating order), so that
+    a slow moment of the machine falls on all of them alike; the median round by frames/s is kept."""
+    labels = list(servers)
+    for n in args.ns:
+        rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+        for k in range(args.repeats):
+            for label in labels if k % 2 == 0 else labels[::-1]:
+                r = run_round(servers[label].url, n, f"{label}-n{n}-r{k}", False, wavs)
                 r.pop("requests", None)
-            best = sorted(rounds, key=lambda r: r["aggregate_fps"])[len(rounds) // 2]  # the median round
-            best["all_fps"] = [round(r["aggregate_fps"], 1) for r in rounds]
-            out["rounds"][n] = best
+                rounds[label].append(r)
+        for label in labels:
+            best = sorted(rounds[label], key=lambda r: r["aggregate_fps"])[len(rounds[label]) // 2]
+            best["all_fps"] = [round(r["aggregate_fps"], 1) for r in rounds[label]]
+            runs[label]["rounds"][n] = best
             print(
                 f"{height}p {label:10s} N={n:2d} fps={best['aggregate_fps']:6.1f} {best['all_fps']} "
                 f"lat p50/p95={_f(best['latency_p50_s'])}/{_f(best['latency_p95_s'])} s "
@@ -148,11 +164,6 @@ def run_server(
                 f"cpu={_f(best['cpu_util_pct'], 0)}% {best['errors'] or ''}",
                 flush=True,
             )
-        if args.kill and isinstance(server, ClusterServer) and server.replicas > 1:
-            out["kill"] = kill_round(server, max(args.ns), label, wavs)
-    finally:
-        server.stop()
-    return out
 
 
 def kill_round(server: ClusterServer, n: int, label: str, wavs: list[bytes]) -> dict[str, Any]:
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per N (the median is reported)")
     parser.add_argument("--kill", action="store_true", help="kill a replica of the largest cluster at the end")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--object-store-mb", type=int, default=1000, help="the cluster's Ray object store")
     parser.add_argument("--preset", default="veryfast")
     parser.add_argument("--avatar-frames", type=int, default=50)
     parser.add_argument("--start-timeout-s", type=float, default=400)
@@ -274,21 +286,41 @@ def main(argv: list[str] | None = None) -> int:
         for height in args.heights:
             env = {"BENCH_AVATAR_HEIGHT": str(height), "BENCH_AVATAR_FRAMES": str(args.avatar_frames),
                    "PYTHONUNBUFFERED": "1"}
-            runs: dict[str, dict[str, Any]] = {}
-            plan: list[tuple[str, int]] = ([("single", 0)] if args.single else []) + [
-                (f"cluster{r}", r) for r in args.replicas
+            clusters = [(f"cluster{r}", r) for r in args.replicas]
+            # The single server and the smallest cluster run side by side, taking turns round by round (one
+            # GPU holds both); larger clusters need the GPUs to themselves and come one after another.
+            groups = [[("single", 0), clusters[0]], *[[c] for c in clusters[1:]]] if args.single else [
+                [c] for c in clusters
             ]
-            for label, replicas in plan:
-                overrides = overrides_for(args, models_dir, work / f"results-{height}-{label}", work)
-                log = work / f"server-{height}-{label}.log"
-                server = (ClusterServer(overrides, env, log, replicas) if replicas else Server(overrides, env, log))
+            runs: dict[str, dict[str, Any]] = {}
+            for group in groups:
+                servers: dict[str, Server] = {}
                 try:
-                    runs[label] = run_server(args, server, label, height, wavs)
+                    for label, replicas in group:
+                        overrides = overrides_for(args, models_dir, work / f"results-{height}-{label}", work)
+                        log = work / f"server-{height}-{label}.log"
+                        servers[label] = (
+                            ClusterServer(overrides, env, log, replicas, args.object_store_mb) if replicas
+                            else Server(overrides, env, log)
+                        )
+                    for label, server in servers.items():
+                        runs[label] = bring_up(args, server, label, height, wavs)
+                    measure(args, servers, runs, height, wavs)
+                    label, last = group[-1][0], servers[group[-1][0]]
+                    if args.kill and isinstance(last, ClusterServer) and last.replicas == max(args.replicas) > 1:
+                        runs[label]["kill"] = kill_round(last, max(args.ns), label, wavs)
                 except Exception as exc:  # keep the other runs' figures
-                    print(f"{height}p {label}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}", flush=True)
-                    runs[label] = {"label": label, "height": height, "error": str(exc)[-4000:],
-                                   "log_tail": log.read_text()[-4000:] if log.is_file() else ""}
-                result["runs"].append(runs[label])
+                    print(f"{height}p {[g[0] for g in group]}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}",
+                          flush=True)
+                    for label, _ in group:
+                        log = work / f"server-{height}-{label}.log"
+                        runs.setdefault(label, {"label": label, "height": height, "rounds": {}})
+                        runs[label]["error"] = str(exc)[-4000:]
+                        runs[label]["log_tail"] = log.read_text()[-4000:] if log.is_file() else ""
+                finally:
+                    for server in servers.values():
+                        server.stop()
+                result["runs"] = [r for r in result["runs"] if r.get("height") != height] + list(runs.values())
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(result, indent=1))
             result["summary"] += summarize(height, runs, args)

@@ -57,6 +57,7 @@ FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 # it only bounds what Ray Serve lets through to one replica (video downloads and status polls included).
 REPLICA_MAX_ONGOING = 1000
 GATEWAY_MAX_ONGOING = 4000
+RESPONSE_QUEUE_MESSAGES = 8  # response messages a replica runs ahead of its caller
 REPORT_PERIOD_S = 1.0  # how often replicas report owned/live sessions to the routers
 # Errors of a replica that died or is being replaced: the request never got an answer, the client retries.
 REPLICA_GONE = (RayActorError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError)
@@ -77,7 +78,8 @@ class ReplicaServer:
 
     async def handle_request(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[Message]:
         """Run one HTTP request through the app; yields its ASGI response messages."""
-        queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        # Bounded: a long session video is read from disk only as fast as the caller takes it.
+        queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=RESPONSE_QUEUE_MESSAGES)
         finished = asyncio.Event()
         body_sent = False
 
@@ -109,7 +111,10 @@ class ReplicaServer:
                 yield message
         finally:
             finished.set()  # a caller that went away reads as a client disconnect
-            await asyncio.wait({task})
+            while not task.done():  # let the app finish (a /speak always does), dropping what it still sends
+                while not queue.empty():
+                    queue.get_nowait()
+                await asyncio.wait({task}, timeout=0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's report to the routers: identity, owned and live sessions, current utterances."""
