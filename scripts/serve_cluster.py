@@ -26,6 +26,7 @@ from musetalk.errors import ConfigError, MuseTalkError
 
 EXIT_CANNOT_START = 2
 CPU_REPLICAS = 2  # default on a cluster without GPUs
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 log = logging.getLogger("serve_cluster")
 
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         # One host: Ray's processes address each other over loopback. Ray otherwise swaps 127.0.0.1 for the
         # host's network address; this switch (read when ray is imported) keeps loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray runs its workers at niceness 15; the replicas are the server itself (a joined cluster sets
+        # this when its `ray start` runs).
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     import ray
     from ray import serve
 
