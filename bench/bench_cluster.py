@@ -120,6 +120,7 @@ def overrides_for(args: argparse.Namespace, models_dir: Path, results_dir: Path,
         f"server.log_dir={work / 'logs'}",
         f"server.max_live_sessions={max(args.ns) + 8}",  # measure the raw behaviour, not admission control
         f"server.queue_size={max(args.ns) * 2 + 8}",
+        f"server.max_concurrent_uploads={min(256, max(args.ns) + 8)}",  # every session uploads at once
         f"runtime.compile={str(args.compile).lower()}",
         f"encode.preset={args.preset}",
         *args.set,
