@@ -156,6 +156,8 @@ class FrameScheduler:
         self._next_uid = 0
         self._delivered: deque[tuple[float, int]] = deque()  # (time, frames) of recent batches
         self._lateness: deque[tuple[float, float]] = deque()  # (time, ms behind deadline) of recent faces
+        # Where the GPU thread's time went since start (s): tells a host-bound server from a GPU-bound one.
+        self._thread_s = dict.fromkeys(("idle", "calls", "prepare", "launch", "collect"), 0.0)
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
 
@@ -228,6 +230,7 @@ class FrameScheduler:
             "live_utterances": live,
             "frames_per_s": frames / window if frames else 0.0,
             "lateness_p95_ms": max(p95, 0.0),
+            "thread_s": {k: round(v, 3) for k, v in self._thread_s.items()},
         }
 
     def _prune(self, now: float) -> None:
@@ -252,6 +255,15 @@ class FrameScheduler:
 
     def _run(self) -> None:
         in_flight: deque[_Batch] = deque()
+        spent = self._thread_s
+        t = time.perf_counter()
+
+        def mark(phase: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            spent[phase] += now - t
+            t = now
+
         while True:
             with self._cv:
                 while not (self._stopping or self._has_work() or in_flight):
@@ -262,14 +274,17 @@ class FrameScheduler:
                 self._calls.clear()
                 new = list(self._inbox)
                 self._inbox.clear()
+            mark("idle")
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as exc:
                         future.set_exception(exc)
+            mark("calls")
             for utt in new:
                 self._prepare(utt)
+            mark("prepare")
             batch = None
             # A batch of first frames goes out alone: its faces are what new listeners are waiting for.
             if not (in_flight and in_flight[-1].first) and len(in_flight) < _MAX_IN_FLIGHT:
@@ -279,8 +294,10 @@ class FrameScheduler:
                     batch = self._launch(items, first)
                     if batch is not None:
                         in_flight.append(batch)
+            mark("launch")
             if in_flight and (batch is None or len(in_flight) >= _MAX_IN_FLIGHT or in_flight[0].first):
                 self._collect(in_flight.popleft())
+            mark("collect")
         for pending in in_flight:
             self._collect(pending)
         with self._cv:
