@@ -75,7 +75,7 @@ def _ours(source: MuseTalkFaces, avatar: AvatarCache, samples: np.ndarray, batch
         for start in range(0, n, batch):
             ids = list(range(start, min(start + batch, n)))
             sources = [cycle_index(cursor + i, avatar.n_frames) for i in ids]
-            faces.append(job.submit(ids, sources).wait().copy())
+            faces.append(np.array(job.submit(ids, sources).wait()))
         timings = job.timings_ms()
     finally:
         job.close()

@@ -29,6 +29,7 @@ class Tagged:
     """A FaceSource whose every face says whose it is: pixel (0,0) = utterance tag, (0,1) = frame id."""
 
     name = "tagged"
+    composites = False
 
     def __init__(self, first: int = 2, size: int = 4, poison: int | None = None) -> None:
         self.first_batch_size, self.batch_size = first, size

@@ -31,12 +31,13 @@ from diffusers import AutoencoderKL
 from numpy.typing import NDArray
 from torch import nn
 
-from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
+from musetalk.avatar.cache import AvatarCache
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
 from musetalk.pipeline.audio import WindowSpec, audio_tokens
+from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports
 
 if TYPE_CHECKING:
     from transformers import WhisperFeatureExtractor
@@ -53,18 +54,24 @@ _GRAPH_WARMUP_RUNS = 3
 class PendingFaces(Protocol):
     """One submitted batch."""
 
-    def wait(self) -> NDArray[np.uint8]:
-        """Block until done → (B, 256, 256, 3) BGR uint8, one face per submitted frame, in order."""
+    def wait(self) -> NDArray[np.uint8] | list[NDArray[np.uint8]]:
+        """Block until done → one item per submitted request, in order: its (256, 256, 3) BGR face, or, for a
+        request with `blend_weight` to a source that composites, the finished (H·3/2, W) I420 frame."""
         ...
 
 
 class FaceRequest(NamedTuple):
     """One face to generate: frame `frame_id` of the utterance whose conditioning is `cond`, shown on avatar
-    source frame `source_id`. Requests of different utterances (and avatars) can share a batch."""
+    source frame `source_id`. Requests of different utterances (and avatars) can share a batch.
+
+    `blend_weight`: only for a source with `composites` set — paste the face into the source frame itself
+    with this weight and return the I420 frame instead of the face.
+    """
 
     cond: Any  # what FaceSource.prepare returned for that utterance
     frame_id: int
     source_id: int
+    blend_weight: float | None = None
 
 
 class FaceSource(Protocol):
@@ -73,6 +80,7 @@ class FaceSource(Protocol):
     name: str
     first_batch_size: int  # smaller first batch: the first frame arrives sooner
     batch_size: int
+    composites: bool  # pastes faces into frames itself (FaceRequest.blend_weight → I420 frames)
 
     def prepare(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
@@ -176,6 +184,7 @@ class MuseTalkConditioning:
     tokens: torch.Tensor  # (T, 50, C) in the model dtype, positional encoding added
     latents: torch.Tensor  # (N, 8, 32, 32) the avatar's [masked ‖ reference] latents in the model dtype
     clock: StageClock
+    cache: AvatarCache  # the avatar (its frames, when the source composites)
 
     def timings_ms(self) -> dict[str, float]:
         """Stage times of the utterance so far."""
@@ -231,33 +240,25 @@ def _time_replays(graphs: _Graphs, runs: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _device_index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Indices on the device without a stream sync (a blocking host→device copy would stall the pipeline)."""
-    index = torch.tensor(list(ids), dtype=torch.long)
-    if device.type != "cuda":
-        return index
-    return index.pin_memory().to(device, non_blocking=True)
-
-
 class _Pending:
-    """A batch in flight: faces land in (pinned) host memory; CUDA events time the two networks."""
+    """A batch in flight: its outputs land in (pinned) host memory; CUDA events time the two networks."""
 
     def __init__(
         self,
-        host: torch.Tensor,
+        outputs: torch.Tensor | list[torch.Tensor],
         n: int,
         shares: list[tuple[StageClock, int]],
         events: tuple[torch.cuda.Event, ...] | None,
         cpu_ms: tuple[float, float] = (0.0, 0.0),
         exclusive: threading.Lock | None = None,
     ) -> None:
-        self._host, self._n, self._shares, self._events = host, n, shares, events
+        self._outputs, self._n, self._shares, self._events = outputs, n, shares, events
         self._cpu_ms = cpu_ms
         self._exclusive = exclusive
         self._done = False
 
-    def wait(self) -> NDArray[np.uint8]:
-        """Block until this batch's copy landed → (B, 256, 256, 3) BGR uint8 view of pinned memory."""
+    def wait(self) -> NDArray[np.uint8] | list[NDArray[np.uint8]]:
+        """Block until this batch's copies landed → (B, 256, 256, 3) faces, or one array per request."""
         if not self._done:
             unet_ms, vae_ms = self._cpu_ms
             if self._events is not None:
@@ -270,7 +271,9 @@ class _Pending:
                 clock.unet += unet_ms * count / self._n
                 clock.vae += vae_ms * count / self._n
             self._done = True
-        return self._host[: self._n].numpy()  # (B, 256, 256, 3) BGR uint8
+        if isinstance(self._outputs, torch.Tensor):
+            return self._outputs[: self._n].numpy()  # (B, 256, 256, 3) BGR uint8
+        return [t.numpy() for t in self._outputs]
 
 
 class MuseTalkFaces:
@@ -283,7 +286,8 @@ class MuseTalkFaces:
 
     name = "musetalk"
 
-    def __init__(self, bundle: ModelBundle, cfg: AppConfig) -> None:
+    def __init__(self, bundle: ModelBundle, cfg: AppConfig, composite: bool | None = None) -> None:
+        """`composite`: paste faces on the device (pipeline/composite.py); None = engine.gpu_blend on CUDA."""
         missing = [n for n in ("unet", "vae", "whisper", "feature_extractor", "pe") if getattr(bundle, n) is None]
         if missing:
             raise ValueError(f"MuseTalkFaces needs a bundle with {missing} loaded")
@@ -328,6 +332,10 @@ class MuseTalkFaces:
         self._device_latents: dict[int, tuple[AvatarCache, torch.Tensor]] = {}
         self._latents_lock = threading.Lock()
         self._exclusive = threading.Lock()  # no CUDA call of the serving thread while a graph is captured
+        if composite is None:
+            composite = cuda and cfg.engine.gpu_blend and supports(cfg.blend)
+        self.compositor = DeviceCompositor(cfg.blend, cfg.prep.expand, self.device) if composite else None
+        self.composites = self.compositor is not None
 
     def _zero_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(size, 8, 32, 32) latents and (size, T, C) tokens of zeros, in the model dtype and layout."""
@@ -458,7 +466,7 @@ class MuseTalkFaces:
         clock.features = (time.perf_counter() - t0) * 1000
         if tokens.shape[0] != n_frames:
             raise ValueError(f"audio gives {tokens.shape[0]} frames, caller expects {n_frames}")
-        return MuseTalkConditioning(tokens, latents, clock)
+        return MuseTalkConditioning(tokens, latents, clock, cache)
 
     def start(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
@@ -490,9 +498,9 @@ class MuseTalkFaces:
             group[3].append(req.source_id)
         shares = []
         for cond, rows, frame_ids, source_ids in groups.values():
-            dst = _device_index(rows, self.device)
-            lat.index_copy_(0, dst, cond.latents.index_select(0, _device_index(source_ids, self.device)))
-            tok.index_copy_(0, dst, cond.tokens.index_select(0, _device_index(frame_ids, self.device)))
+            dst = host_to_device(rows, torch.long, self.device)
+            lat.index_copy_(0, dst, cond.latents.index_select(0, host_to_device(source_ids, torch.long, self.device)))
+            tok.index_copy_(0, dst, cond.tokens.index_select(0, host_to_device(frame_ids, torch.long, self.device)))
             cond.clock.batches += 1
             cond.clock.frames += len(rows)
             shares.append((cond.clock, len(rows)))
@@ -514,7 +522,7 @@ class MuseTalkFaces:
             t1 = time.perf_counter()
             faces = self.decode(pred)
             cpu_ms = ((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
-            return _Pending(faces, n, shares, None, cpu_ms)
+            return _Pending(self._outputs(requests, faces), n, shares, None, cpu_ms)
         events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(4))
         start, mid, end, copied = events
         if graphs is not None:
@@ -533,10 +541,49 @@ class MuseTalkFaces:
             mid.record()
             out = decode(pred)
             end.record()
-        host = torch.empty((n, FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=torch.uint8, pin_memory=True)
-        host.copy_(out[:n], non_blocking=True)  # ordered before the next replay overwrites `out`
+        outputs = self._outputs(requests, out)  # ordered before the next replay overwrites `out`
         copied.record()
-        return _Pending(host, n, shares, events, exclusive=self._exclusive)
+        return _Pending(outputs, n, shares, events, exclusive=self._exclusive)
+
+    def _outputs(self, requests: Sequence[FaceRequest], faces: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The batch's results in host memory: (n, 256, 256, 3) faces, or one tensor per request when composing.
+
+        On CUDA the copies go to pinned memory without blocking; `faces` (S ≥ n rows) may be a graph's
+        static output, so everything here is queued on the stream before the next replay.
+        """
+        n = len(requests)
+        cuda = self.device.type == "cuda"
+
+        def to_host(t: torch.Tensor) -> torch.Tensor:
+            if not cuda:
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        composed = [k for k, r in enumerate(requests) if r.blend_weight is not None]
+        if self.compositor is None or not composed:
+            return to_host(faces[:n])
+        results: list[torch.Tensor | None] = [None] * n
+        plain = [k for k, r in enumerate(requests) if r.blend_weight is None]
+        if plain:
+            host = to_host(faces.index_select(0, host_to_device(plain, torch.long, self.device)))
+            for row, k in zip(host, plain, strict=True):
+                results[k] = row
+        groups: dict[int, list[int]] = {}  # one compose per avatar (frame sizes differ)
+        for k in composed:
+            groups.setdefault(id(requests[k].cond.cache), []).append(k)
+        for rows in groups.values():
+            cache = requests[rows[0]].cond.cache
+            frames = self.compositor.compose(
+                cache,
+                faces.index_select(0, host_to_device(rows, torch.long, self.device)),
+                [requests[k].source_id for k in rows],
+                [float(requests[k].blend_weight or 0.0) for k in rows],
+            )  # (G, H·3/2, W) I420
+            host = to_host(frames)
+            for row, k in zip(host, rows, strict=True):
+                results[k] = row
+        return [r for r in results if r is not None]
 
     def _empty_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialised inputs, every row of which _gather fills."""

@@ -61,12 +61,14 @@ class Utterance:
         source_ids: NDArray[np.int64],
         due_s: NDArray[np.float64],
         cv: threading.Condition,
+        blend_weights: NDArray[np.float32] | None = None,
     ) -> None:
         self.uid = uid
         self.cache, self.samples_16k, self.n_frames, self.phonemes = cache, samples_16k, n_frames, phonemes
         self.frame_ids = frame_ids  # (F,) clip frames that need a face, ascending
         self.source_ids = source_ids  # (F,) avatar source frame of each
         self.due_s = due_s  # (F,) monotonic deadline of each
+        self.blend_weights = blend_weights  # (F,) when the source composites: each frame's face weight
         self.cond: Any = None  # the face source's conditioning, set on the GPU thread
         self.scheduled = 0  # frames handed to batches (they are scheduled in order)
         self.delivered = 0  # faces generated
@@ -172,10 +174,12 @@ class FrameScheduler:
         source_ids: NDArray[np.int64],
         phonemes: Phonemes = (),
         first_frame: int = 0,
+        blend_weights: NDArray[np.float32] | None = None,
     ) -> Utterance:
         """Queue the faces of frames `frame_ids` (ascending) shown on avatar frames `source_ids`.
 
         `first_frame`: the frame id that is played first (frames before it are audio context, never shown).
+        `blend_weights` (F,): for a source that composites — the utterance then gets finished I420 frames.
         """
         t0 = time.monotonic()
         due = t0 + self.start_budget_s + (frame_ids - first_frame).astype(np.float64) / self.fps  # (F,)
@@ -183,7 +187,16 @@ class FrameScheduler:
             if self._stopping:
                 raise RuntimeError("the frame scheduler is stopped")
             utt = Utterance(
-                self._next_uid, cache, samples_16k, n_frames, phonemes, frame_ids, source_ids, due, self._cv
+                self._next_uid,
+                cache,
+                samples_16k,
+                n_frames,
+                phonemes,
+                frame_ids,
+                source_ids,
+                due,
+                self._cv,
+                blend_weights if self.source.composites else None,
             )
             self._next_uid += 1
             self._inbox.append(utt)
@@ -353,7 +366,15 @@ class FrameScheduler:
         return items, first
 
     def _launch(self, items: list[tuple[Utterance, int]], first: bool) -> _Batch | None:
-        requests = [FaceRequest(u.cond, int(u.frame_ids[k]), int(u.source_ids[k])) for u, k in items]
+        requests = [
+            FaceRequest(
+                u.cond,
+                int(u.frame_ids[k]),
+                int(u.source_ids[k]),
+                None if u.blend_weights is None else float(u.blend_weights[k]),
+            )
+            for u, k in items
+        ]
         now = time.perf_counter()
         for u, _ in items:
             if u.t_first_batch is None:
@@ -367,7 +388,7 @@ class FrameScheduler:
 
     def _collect(self, batch: _Batch) -> None:
         try:
-            faces = batch.pending.wait()  # (B, 256, 256, 3)
+            faces = batch.pending.wait()  # one face (or composed frame) per item
         except BaseException as exc:
             self._fail(batch.items, exc)
             return
