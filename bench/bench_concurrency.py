@@ -321,6 +321,7 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
         f"engine.scheduler={mode}",
         f"server.max_live_sessions={max(args.ns) + 8}",  # measure the raw behaviour, not admission control
         f"server.queue_size={max(args.ns) * 2 + 8}",
+        f"server.max_concurrent_uploads={max(args.ns) + 8}",  # every session uploads its audio at once
         f"runtime.compile={str(args.compile).lower()}",
         f"encode.preset={args.preset}",
         *args.set,
