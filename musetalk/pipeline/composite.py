@@ -129,7 +129,7 @@ class DeviceCompositor:
             self._avatars[id(cache)] = entry
         return entry
 
-    def _frames(self, avatar: _DeviceAvatar, source_ids: list[int]) -> torch.Tensor:
+    def _frames(self, avatar: _DeviceAvatar, source_ids: list[int], ids: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 copies of the source frames on the device (uploading any not there yet)."""
         h, w = avatar.frames.shape[1:3]
         for i in sorted(set(source_ids)):
@@ -137,20 +137,36 @@ class DeviceCompositor:
                 frame = np.ascontiguousarray(avatar.cache.frames[i][:h, :w])  # (H, W, 3) uint8
                 avatar.frames[i].copy_(torch.from_numpy(frame))
                 avatar.loaded[i] = True
-        return avatar.frames.index_select(0, host_to_device(source_ids, torch.long, self.device))
+        return avatar.frames.index_select(0, ids)
 
     def compose(
-        self, cache: AvatarCache, faces: torch.Tensor, source_ids: list[int], weights: list[float]
+        self,
+        cache: AvatarCache,
+        faces: torch.Tensor,
+        source_ids: list[int],
+        weights: list[float] | None = None,
+        *,
+        device_ids: torch.Tensor | None = None,
+        device_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, 256, 256, 3) uint8 BGR faces (device) pasted into source frames `source_ids` with `weights`
-        (0 = source untouched, 1 = full face) → (B, H·3/2, W) uint8 I420 on the device."""
-        if faces.shape[1:] != (FACE_SIZE_PX, FACE_SIZE_PX, 3) or len(source_ids) != faces.shape[0] != len(weights):
-            raise ValueError(f"faces {tuple(faces.shape)} for {len(source_ids)} frames and {len(weights)} weights")
+        (0 = source untouched, 1 = full face) → (B, H·3/2, W) uint8 I420 on the device.
+
+        `device_ids` / `device_scale`: the source ids and the weights / 255 already on the device (a caller
+        batching its transfers), instead of `weights`.
+        """
+        b = len(source_ids)
+        if faces.shape[1:] != (FACE_SIZE_PX, FACE_SIZE_PX, 3) or faces.shape[0] != b:
+            raise ValueError(f"faces {tuple(faces.shape)} for {b} frames")
+        ids = host_to_device(source_ids, torch.long, self.device) if device_ids is None else device_ids
+        if device_scale is None:
+            if weights is None or len(weights) != b:
+                raise ValueError(f"{b} frames need {b} weights")
+            # As blend.composite: alpha (uint8 values) × float32(weight / 255).
+            device_scale = host_to_device([min(max(w, 0.0), 1.0) / 255.0 for w in weights], torch.float32, self.device)
         avatar = self._avatar(cache)
-        frames = self._frames(avatar, source_ids)  # (B, H, W, 3)
-        b = frames.shape[0]
+        frames = self._frames(avatar, source_ids, ids)  # (B, H, W, 3)
         rh, rw = avatar.alpha.shape[1:]
-        ids = host_to_device(source_ids, torch.long, self.device)
         origin = avatar.origin.index_select(0, ids)  # (B, 2)
         ys = origin[:, 1:2] + torch.arange(rh, device=self.device)  # (B, Rh)
         xs = origin[:, 0:1] + torch.arange(rw, device=self.device)  # (B, Rw)
@@ -168,9 +184,7 @@ class DeviceCompositor:
         placed = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
         placed = placed.permute(0, 2, 3, 1).round_()  # (B, Rh, Rw, 3): OpenCV's warp returns uint8 too
 
-        # As blend.composite: alpha (uint8 values) × float32(weight / 255).
-        scale = host_to_device([min(max(w, 0.0), 1.0) / 255.0 for w in weights], torch.float32, self.device)
-        alpha = avatar.alpha.index_select(0, ids) * scale[:, None, None]
+        alpha = avatar.alpha.index_select(0, ids) * device_scale[:, None, None]
         out = (window + (placed - window) * alpha[..., None]).round_().to(torch.uint8)  # as blend.composite
         frames[rows, ys[:, :, None], xs[:, None, :]] = out
         self.frames_composed += b

@@ -496,14 +496,23 @@ class MuseTalkFaces:
             group[1].append(row)
             group[2].append(req.frame_id)
             group[3].append(req.source_id)
+        # One host→device transfer for every index of the batch: each transfer gives up the GIL and, with
+        # many busy threads, waits to get it back (that wait, once per utterance, was most of a launch).
+        flat: list[int] = []
+        for _, rows, frame_ids, source_ids in groups.values():
+            flat += rows + source_ids + frame_ids
+        index = host_to_device(flat, torch.long, self.device)
         shares = []
-        for cond, rows, frame_ids, source_ids in groups.values():
-            dst = host_to_device(rows, torch.long, self.device)
-            lat.index_copy_(0, dst, cond.latents.index_select(0, host_to_device(source_ids, torch.long, self.device)))
-            tok.index_copy_(0, dst, cond.tokens.index_select(0, host_to_device(frame_ids, torch.long, self.device)))
+        pos = 0
+        for cond, rows, _, _ in groups.values():
+            k = len(rows)
+            dst, src, fid = index[pos : pos + k], index[pos + k : pos + 2 * k], index[pos + 2 * k : pos + 3 * k]
+            pos += 3 * k
+            lat.index_copy_(0, dst, cond.latents.index_select(0, src))
+            tok.index_copy_(0, dst, cond.tokens.index_select(0, fid))
             cond.clock.batches += 1
-            cond.clock.frames += len(rows)
-            shares.append((cond.clock, len(rows)))
+            cond.clock.frames += k
+            shares.append((cond.clock, k))
         return shares
 
     def _submit(self, requests: Sequence[FaceRequest], n: int) -> PendingFaces:
@@ -565,21 +574,30 @@ class MuseTalkFaces:
             return to_host(faces[:n])
         results: list[torch.Tensor | None] = [None] * n
         plain = [k for k, r in enumerate(requests) if r.blend_weight is None]
-        if plain:
-            host = to_host(faces.index_select(0, host_to_device(plain, torch.long, self.device)))
-            for row, k in zip(host, plain, strict=True):
-                results[k] = row
         groups: dict[int, list[int]] = {}  # one compose per avatar (frame sizes differ)
         for k in composed:
             groups.setdefault(id(requests[k].cond.cache), []).append(k)
+        # All indices in one transfer and all weights in another (see _gather).
+        flat = plain + [v for rows in groups.values() for v in (*rows, *(requests[k].source_id for k in rows))]
+        index = host_to_device(flat, torch.long, self.device)
+        # As blend.composite on the CPU: alpha × float32(weight / 255), the division in double precision.
+        scales = [min(max(float(requests[k].blend_weight or 0.0), 0.0), 1.0) / 255.0 for k in composed]
+        scale = host_to_device(scales, torch.float32, self.device)
+        if plain:
+            host = to_host(faces.index_select(0, index[: len(plain)]))
+            for row, k in zip(host, plain, strict=True):
+                results[k] = row
+        pos, wpos = len(plain), 0
         for rows in groups.values():
-            cache = requests[rows[0]].cond.cache
+            g = len(rows)
             frames = self.compositor.compose(
-                cache,
-                faces.index_select(0, host_to_device(rows, torch.long, self.device)),
+                requests[rows[0]].cond.cache,
+                faces.index_select(0, index[pos : pos + g]),
                 [requests[k].source_id for k in rows],
-                [float(requests[k].blend_weight or 0.0) for k in rows],
+                device_ids=index[pos + g : pos + 2 * g],
+                device_scale=scale[wpos : wpos + g],
             )  # (G, H·3/2, W) I420
+            pos, wpos = pos + 2 * g, wpos + g
             host = to_host(frames)
             for row, k in zip(host, rows, strict=True):
                 results[k] = row
