@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
-from musetalk.pipeline.audio import WindowSpec, audio_tokens
+from musetalk.pipeline.audio import WindowSpec, audio_tokens, audio_tokens_many
 from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports
 
 if TYPE_CHECKING:
@@ -72,6 +72,24 @@ class FaceRequest(NamedTuple):
     frame_id: int
     source_id: int
     blend_weight: float | None = None
+
+
+class PrepareItem(NamedTuple):
+    """What `prepare` takes for one utterance."""
+
+    cache: AvatarCache
+    samples_16k: NDArray[np.float32]
+    n_frames: int
+    phonemes: Phonemes = ()
+
+
+@runtime_checkable
+class BatchPreparer(Protocol):
+    """A FaceSource that prepares several utterances at once faster than one by one (MuseTalk: one Whisper pass)."""
+
+    def prepare_many(self, items: Sequence[PrepareItem]) -> list[Any]:
+        """`prepare` of every item, in order; raises if any fails."""
+        ...
 
 
 class FaceSource(Protocol):
@@ -453,20 +471,29 @@ class MuseTalkFaces:
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
     ) -> MuseTalkConditioning:
         """Audio tokens (T, 50, C) of the utterance and the avatar's latents, on the device."""
+        return self.prepare_many([PrepareItem(cache, samples_16k, n_frames, phonemes)])[0]
+
+    def prepare_many(self, items: Sequence[PrepareItem]) -> list[MuseTalkConditioning]:
+        """`prepare` for several utterances with one batched Whisper pass (all succeed or the call raises)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # current device is per thread
-        clock = StageClock()
         t0 = time.perf_counter()
         try:
             with self._exclusive, torch.inference_mode():
-                tokens = audio_tokens(samples_16k, self.spec, *self._audio_models())  # (T, 50, C)
-                latents = self.latents_on_device(cache)
+                clips = [item.samples_16k for item in items]
+                tokens = audio_tokens_many(clips, self.spec, *self._audio_models())  # (T_i, 50, C) each
+                latents = [self.latents_on_device(item.cache) for item in items]
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory("GPU out of memory computing audio features") from exc
-        clock.features = (time.perf_counter() - t0) * 1000
-        if tokens.shape[0] != n_frames:
-            raise ValueError(f"audio gives {tokens.shape[0]} frames, caller expects {n_frames}")
-        return MuseTalkConditioning(tokens, latents, clock, cache)
+        features_ms = (time.perf_counter() - t0) * 1000 / len(items)  # each utterance pays its share
+        conds = []
+        for item, tok, lat in zip(items, tokens, latents, strict=True):
+            if tok.shape[0] != item.n_frames:
+                raise ValueError(f"audio gives {tok.shape[0]} frames, caller expects {item.n_frames}")
+            clock = StageClock()
+            clock.features = features_ms
+            conds.append(MuseTalkConditioning(tok, lat, clock, item.cache))
+        return conds
 
     def start(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()

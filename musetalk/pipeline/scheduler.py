@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from musetalk.avatar.cache import AvatarCache
 from musetalk.errors import GpuOutOfMemory
-from musetalk.pipeline.generate import FaceRequest, FaceSource, PendingFaces, Phonemes
+from musetalk.pipeline.generate import BatchPreparer, FaceRequest, FaceSource, PendingFaces, Phonemes, PrepareItem
 from musetalk.utils.gpu import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,11 @@ class FrameScheduler:
                     except BaseException as exc:
                         future.set_exception(exc)
             mark("calls")
-            for utt in new:
-                self._prepare(utt)
+            if len(new) > 1 and isinstance(self.source, BatchPreparer):
+                self._prepare_many(new)
+            else:
+                for utt in new:
+                    self._prepare(utt)
             mark("prepare")
             batch = None
             # A batch of first frames goes out alone: its faces are what new listeners are waiting for.
@@ -321,6 +324,19 @@ class FrameScheduler:
             for _, future in self._calls:
                 future.cancel()
 
+    def _prepare_many(self, utts: list[Utterance]) -> None:
+        """Prepare utterances that arrived together in one batched call; on an error, one by one."""
+        assert isinstance(self.source, BatchPreparer)
+        try:
+            items = [PrepareItem(u.cache, u.samples_16k, u.n_frames, u.phonemes) for u in utts]
+            conds = self.source.prepare_many(items)
+        except BaseException:
+            for utt in utts:  # find out which one fails; the others still play
+                self._prepare(utt)
+            return
+        for utt, cond in zip(utts, conds, strict=True):
+            self._prepared(utt, cond)
+
     def _prepare(self, utt: Utterance) -> None:
         try:
             cond = self.source.prepare(utt.cache, utt.samples_16k, utt.n_frames, utt.phonemes)
@@ -329,6 +345,9 @@ class FrameScheduler:
                 utt.error = _as_gpu_error(exc)
                 self._cv.notify_all()
             return
+        self._prepared(utt, cond)
+
+    def _prepared(self, utt: Utterance, cond: Any) -> None:
         with self._cv:
             utt.cond = cond
             utt.t_prepared = time.perf_counter()
