@@ -11,7 +11,8 @@ by round (alternating order, so a slow moment of a shared machine falls on both 
 by frames/s is reported. Per round: aggregate frames/s, latency p50/p95, first blended frame p50/p95
 (server-side), sessions finished within their 5 s, GPU and CPU use. The cluster's frames/s over the
 single server's at the same N is the overhead of Ray (1.00 = none); with several cluster sizes, frames/s
-over the smallest cluster's is the scaling.
+over the smallest cluster's is the scaling (with `--per-replica`, N sessions per replica: ideal = the
+ratio of replica counts).
 
 With `--kill`, after the rounds of the largest cluster: N sessions speak, the replica owning most of them
 is killed (SIGKILL), and every session speaks again until answered: the time until its request is
@@ -19,7 +20,7 @@ accepted and answered, and the clips lost (acknowledged clips minus the clip ind
 reports; must be 0).
 
     python bench/bench_cluster.py --device cuda --heights 1080 --ns 1 4 8 --replicas 1
-    python bench/bench_cluster.py --device cuda --heights 1080 720 --replicas 1 2 4 8 --kill   # several GPUs
+    python bench/bench_cluster.py --device cuda --heights 1080 720 --replicas 1 2 4 8 --per-replica --ns 4 8 --kill
     python bench/bench_cluster.py --device cpu --size tiny --heights 360 --ns 1 2 4 --replicas 1 2 --kill  # here
 """
 
@@ -118,9 +119,10 @@ def overrides_for(args: argparse.Namespace, models_dir: Path, results_dir: Path,
         "preparation=false",
         f"server.results_dir={results_dir}",
         f"server.log_dir={work / 'logs'}",
+        # Per replica (one server process); with --per-replica each replica gets max(ns) sessions at most.
         f"server.max_live_sessions={max(args.ns) + 8}",  # measure the raw behaviour, not admission control
         f"server.queue_size={max(args.ns) * 2 + 8}",
-        f"server.max_concurrent_uploads={min(256, max(args.ns) + 8)}",  # every session uploads at once
+        f"server.max_concurrent_uploads={min(256, max(args.ns) * max(args.replicas) + 8)}",  # all upload at once
         f"runtime.compile={str(args.compile).lower()}",
         f"encode.preset={args.preset}",
         *args.set,
@@ -139,6 +141,11 @@ def bring_up(args: argparse.Namespace, server: Server, label: str, height: int, 
     return out
 
 
+def sessions_for(args: argparse.Namespace, server: Server, n: int) -> int:
+    """Sessions in a round of `n`: n, or n per replica with --per-replica (the single server counts as one)."""
+    return n * (server.replicas if isinstance(server, ClusterServer) else 1) if args.per_replica else n
+
+
 def measure(
     args: argparse.Namespace, servers: dict[str, Server], runs: dict[str, dict[str, Any]], height: int,
     wavs: list[bytes],
@@ -150,7 +157,8 @@ def measure(
         rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
         for k in range(args.repeats):
             for label in labels if k % 2 == 0 else labels[::-1]:
-                r = run_round(servers[label].url, n, f"{label}-n{n}-r{k}", False, wavs)
+                r = run_round(servers[label].url, sessions_for(args, servers[label], n), f"{label}-n{n}-r{k}", False,
+                              wavs)
                 r.pop("requests", None)
                 rounds[label].append(r)
         for label in labels:
@@ -158,10 +166,10 @@ def measure(
             best["all_fps"] = [round(r["aggregate_fps"], 1) for r in rounds[label]]
             runs[label]["rounds"][n] = best
             print(
-                f"{height}p {label:10s} N={n:2d} fps={best['aggregate_fps']:6.1f} {best['all_fps']} "
+                f"{height}p {label:10s} N={best['n']:2d} fps={best['aggregate_fps']:6.1f} {best['all_fps']} "
                 f"lat p50/p95={_f(best['latency_p50_s'])}/{_f(best['latency_p95_s'])} s "
                 f"first p50/p95={_f(best['first_frame_p50_ms'], 0)}/{_f(best['first_frame_p95_ms'], 0)} ms "
-                f"rt={best['realtime']}/{n} ok={best['ok']} gpu={_f(best['gpu_util_pct'], 0)}% "
+                f"rt={best['realtime']}/{best['n']} ok={best['ok']} gpu={_f(best['gpu_util_pct'], 0)}% "
                 f"cpu={_f(best['cpu_util_pct'], 0)}% {best['errors'] or ''}",
                 flush=True,
             )
@@ -248,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heights", type=int, nargs="+", default=[1080])
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1], help="cluster sizes to run (one GPU each)")
+    parser.add_argument("--per-replica", action="store_true",
+                        help="each N is sessions per replica (a cluster of R replicas gets N x R at once)")
     parser.add_argument("--no-single", dest="single", action="store_false", help="skip the server_fast.py baseline")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per N (the median is reported)")
     parser.add_argument("--kill", action="store_true", help="kill a replica of the largest cluster at the end")
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     measure(args, servers, runs, height, wavs)
                     label, last = group[-1][0], servers[group[-1][0]]
                     if args.kill and isinstance(last, ClusterServer) and last.replicas == max(args.replicas) > 1:
-                        runs[label]["kill"] = kill_round(last, max(args.ns), label, wavs)
+                        runs[label]["kill"] = kill_round(last, sessions_for(args, last, max(args.ns)), label, wavs)
                 except Exception as exc:  # keep the other runs' figures
                     print(f"{height}p {[g[0] for g in group]}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}",
                           flush=True)
