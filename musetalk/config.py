@@ -263,6 +263,9 @@ class WebRTCConfig(_Section):
     # loopback address, else every interface's address.
     host_addresses: tuple[str, ...] = ()
     buffer_frames: int = Field(default=50, ge=1, le=1000)  # rendered frames kept ahead of the stream
+    # An utterance goes on air once this many of its frames are rendered: enough that the next batch is
+    # ready before they have played (a stall right after the first frame looks and sounds worse).
+    start_frames: int = Field(default=4, ge=1, le=250)
     viewer_timeout_s: float = Field(default=10.0, gt=0)  # a viewer silent (no RTCP) this long is dropped
     max_viewers_per_session: int = Field(default=4, ge=1, le=64)  # more → 503
 

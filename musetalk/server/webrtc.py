@@ -243,7 +243,7 @@ class LiveHub:
                 if live is None:
                     live = LiveSession(
                         session_id, self.cfg.fps, self._avatar_frames, avatar_id, cursor,
-                        wcfg.buffer_frames, lead_frames(self.cfg),
+                        wcfg.buffer_frames, lead_frames(self.cfg), wcfg.start_frames,
                     )
                 viewer = live.add_viewer()
                 self._sessions[session_id] = live

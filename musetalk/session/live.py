@@ -61,10 +61,18 @@ class LiveUtterance:
     ahead of the stream (back-pressure on the engine). Unpaced (nobody watching), frames go straight on.
     """
 
-    def __init__(self, utterance_id: int, fps: int, buffer_frames: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        utterance_id: int,
+        fps: int,
+        buffer_frames: int,
+        loop: asyncio.AbstractEventLoop,
+        start_frames: int = 1,
+    ) -> None:
         self.id = utterance_id
         self.fps = fps
         self.buffer_frames = buffer_frames
+        self.start_frames = start_frames  # frames rendered before it goes on air (an early stall is worse)
         self.samples_per_frame = AUDIO_RATE_HZ // fps
         self.cursor = 0  # avatar cycle position of the first frame (known once the render started)
         self.n_frames: int | None = None
@@ -142,6 +150,8 @@ class LiveUtterance:
         with self._cond:
             if not self._frames:
                 return None
+            if self.played == 0 and not self._ended and len(self._frames) < min(self.start_frames, self.n_frames or 1):
+                return None
             frame = self._frames.popleft()
             i = self.played
             self.played += 1
@@ -206,11 +216,13 @@ class LiveSession:
         cursor: int,
         buffer_frames: int,
         lead_frames: int,
+        start_frames: int = 1,
     ) -> None:
         self.session_id = session_id
         self.fps = fps
         self.avatar_id = avatar_id
         self.buffer_frames = buffer_frames
+        self.start_frames = start_frames
         self.lead_frames = lead_frames
         self._avatar_frames = avatar_frames
         self._frames = avatar_frames(avatar_id)
@@ -258,7 +270,9 @@ class LiveSession:
 
     def new_utterance(self, utterance_id: int, avatar_id: str) -> LiveUtterance:
         """Queue an utterance behind the ones already queued; its render should start at `start_cursor()`."""
-        utterance = LiveUtterance(utterance_id, self.fps, self.buffer_frames, asyncio.get_running_loop())
+        utterance = LiveUtterance(
+            utterance_id, self.fps, self.buffer_frames, asyncio.get_running_loop(), self.start_frames
+        )
         utterance.set_paced(True)
         utterance.cursor = self.start_cursor()
         if avatar_id != self.avatar_id:
