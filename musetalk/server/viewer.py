@@ -2,7 +2,10 @@
 
 It offers to receive one video and one audio track and opens an events channel, posts the offer to
 `/sessions/{id}/offer`, and records every decoded video frame and 20 ms audio packet with the event-loop
-time at which it came out of the decoder, plus the server's events (utterance on air / idle).
+time at which it came out of the decoder and its RTP timestamp, plus the server's events (utterance on
+air / idle). The server's RTCP sender reports map each track's RTP timestamps to the server's wall clock
+(`sender_time_s`): what a browser uses to play audio and video in sync, so A/V offsets measured on it
+are the ones a browser shows (arrival times include the receiver's jitter buffers, which differ by kind).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtcpSrPacket
 from numpy.typing import NDArray
 
-from musetalk.server.webrtc import host_addresses
+from musetalk.server.webrtc import AUDIO_RATE_HZ, VIDEO_CLOCK_HZ, host_addresses
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +34,21 @@ log = logging.getLogger(__name__)
 class Received:
     """Everything a viewer received, each item with the loop time (s) it arrived at."""
 
-    video: list[tuple[float, Any]] = field(default_factory=list)  # (t, frame (H, W, 3) BGR uint8, or reduced)
-    audio: list[tuple[float, NDArray[np.int16]]] = field(default_factory=list)  # (t, (n,) mono int16 48 kHz)
+    video: list[tuple[float, int, Any]] = field(default_factory=list)  # (t, RTP ts, frame (H, W, 3) BGR or reduced)
+    audio: list[tuple[float, int, NDArray[np.int16]]] = field(default_factory=list)  # (t, RTP ts, (n,) mono 48 kHz)
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (t, {"type": ..., ...})
+    # kind → (NTP seconds, RTP timestamp) of the newest RTCP sender report
+    sender_reports: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    # kind → the RTP timestamp aiortc's receiver subtracts from every frame's pts (its first frame's)
+    rtp_origins: dict[str, int] = field(default_factory=dict)
+
+    def sender_time_s(self, kind: str, pts: int) -> float:
+        """The server's wall-clock time (NTP seconds) of a received frame's pts on track `kind`."""
+        ntp_s, rtp = self.sender_reports[kind]
+        clock_hz = VIDEO_CLOCK_HZ if kind == "video" else AUDIO_RATE_HZ
+        delta = (pts + self.rtp_origins[kind] - rtp + 2**31) % 2**32 - 2**31  # RTP timestamps wrap at 2^32
+        return ntp_s + delta / clock_hz
 
 
 class LiveViewer:
@@ -92,12 +109,33 @@ class LiveViewer:
             raise RuntimeError(f"offer refused: {r.status_code} {r.text}")
         answer = r.json()
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        for receiver in self.pc.getReceivers():
+            self._watch_sender_reports(receiver)
         deadline = loop.time() + timeout_s
         while not (self.received.video and self.received.audio):
             if loop.time() > deadline:
                 raise TimeoutError(f"no media within {timeout_s} s (ICE state {self.pc.iceConnectionState})")
             await asyncio.sleep(0.02)
         self.connected.set()
+
+    def _watch_sender_reports(self, receiver: Any) -> None:
+        """Keep each RTCP sender report's (NTP, RTP) pair; aiortc keeps only parts of it, so its receiver's
+        RTCP handler (looked up per packet) is wrapped."""
+        handle = receiver._handle_rtcp_packet
+        kind = receiver.track.kind
+
+        async def handle_rtcp(packet: Any) -> None:
+            mapper = getattr(receiver, "_RTCRtpReceiver__timestamp_mapper", None)
+            if kind not in self.received.rtp_origins and getattr(mapper, "_origin", None) is not None:
+                self.received.rtp_origins[kind] = mapper._origin  # type: ignore[union-attr]
+            if isinstance(packet, RtcpSrPacket):
+                ntp = packet.sender_info.ntp_timestamp
+                self.received.sender_reports[kind] = (
+                    (ntp >> 32) + (ntp & 0xFFFFFFFF) / 2**32, packet.sender_info.rtp_timestamp
+                )
+            await handle(packet)
+
+        receiver._handle_rtcp_packet = handle_rtcp
 
     async def _pull(self, track: MediaStreamTrack) -> None:
         loop = asyncio.get_running_loop()
@@ -107,12 +145,12 @@ class LiveViewer:
             except MediaStreamError:
                 return
             t = loop.time()
-            if track.kind == "video":
-                bgr = frame.to_ndarray(format="bgr24")
-                self.received.video.append((t, self.reduce_frame(bgr) if self.reduce_frame else bgr))
-            else:
+            if isinstance(frame, av.VideoFrame):
+                bgr = np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+                self.received.video.append((t, frame.pts or 0, self.reduce_frame(bgr) if self.reduce_frame else bgr))
+            elif isinstance(frame, av.AudioFrame):
                 samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels))  # packed s16
-                self.received.audio.append((t, samples.mean(axis=1).astype(np.int16)))
+                self.received.audio.append((t, frame.pts or 0, samples.mean(axis=1).astype(np.int16)))
 
     async def close(self) -> None:
         """Close the peer connection (the server sees the viewer leave)."""
