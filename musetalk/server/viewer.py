@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import av
+import cv2
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -158,3 +159,40 @@ class LiveViewer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def rms(samples: NDArray[np.int16]) -> float:
+    """Root mean square of int16 samples (full scale 32767)."""
+    return float(np.sqrt(np.mean(np.square(samples.astype(np.float64))))) if len(samples) else 0.0
+
+
+class MouthMeter:
+    """How far a received frame's mouth is from the avatar's own: (source frame id, mean |Δ| in its mask box).
+
+    The source frame is found by comparing everything outside the mask boxes (the idle cycle moves the head),
+    so a frame of the idle avatar scores codec noise only, and a speaking one scores its changed mouth.
+    """
+
+    def __init__(self, frames: Sequence[NDArray[np.uint8]], mask_boxes: NDArray[np.int32], size_px: int = 64) -> None:
+        """frames: the avatar's N source frames (H, W, 3) BGR; mask_boxes: (N, 4) x1, y1, x2, y2."""
+        self.frames = [f[: f.shape[0] - f.shape[0] % 2, : f.shape[1] - f.shape[1] % 2] for f in frames]
+        self.boxes = mask_boxes
+        self.union = (int(mask_boxes[:, 0].min()), int(mask_boxes[:, 1].min()),
+                      int(mask_boxes[:, 2].max()), int(mask_boxes[:, 3].max()))
+        self.size_px = size_px
+        self._small = np.stack([self._outside(f) for f in self.frames])  # (N, s, s)
+
+    def _outside(self, frame: NDArray[np.uint8]) -> NDArray[np.float32]:
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        x1, y1, x2, y2 = self.union
+        grey[y1:y2, x1:x2] = 0
+        return np.asarray(cv2.resize(grey, (self.size_px, self.size_px), interpolation=cv2.INTER_AREA))
+
+    def __call__(self, frame: NDArray[np.uint8]) -> tuple[int, float]:
+        """(source frame id, mean absolute difference inside its mask box, 0-255)."""
+        if frame.shape != self.frames[0].shape:
+            return -1, float("nan")
+        i = int(np.argmin(np.abs(self._small - self._outside(frame)).mean(axis=(1, 2))))
+        x1, y1, x2, y2 = (int(v) for v in self.boxes[i])
+        diff = np.abs(frame[y1:y2, x1:x2].astype(np.int16) - self.frames[i][y1:y2, x1:x2].astype(np.int16))
+        return i, float(diff.mean())
