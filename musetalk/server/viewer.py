@@ -63,13 +63,16 @@ class LiveViewer:
         headers: dict[str, str] | None = None,
         addresses: tuple[str, ...] | None = ("127.0.0.1",),
         reduce_frame: Callable[[NDArray[np.uint8]], Any] | None = None,
+        frame_width_px: int | None = None,
     ) -> None:
         """addresses: the host candidates this viewer offers (loopback by default, like the tests);
-        reduce_frame: keep f(frame) instead of each decoded BGR frame (saves memory in long runs)."""
+        reduce_frame: keep f(frame) instead of each decoded BGR frame (saves memory in long runs);
+        frame_width_px: scale decoded frames to this width first (cheaper for large frames)."""
         self.base_url, self.session_id = base_url.rstrip("/"), session_id
         self.headers = headers or {}
         self.addresses = addresses
         self.reduce_frame = reduce_frame
+        self.frame_width_px = frame_width_px
         self.received = Received()
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,6 +150,9 @@ class LiveViewer:
                 return
             t = loop.time()
             if isinstance(frame, av.VideoFrame):
+                if self.frame_width_px and frame.width != self.frame_width_px:
+                    height = round(frame.height * self.frame_width_px / frame.width / 2) * 2
+                    frame = frame.reformat(width=self.frame_width_px, height=height)
                 bgr = np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
                 self.received.video.append((t, frame.pts or 0, self.reduce_frame(bgr) if self.reduce_frame else bgr))
             elif isinstance(frame, av.AudioFrame):
