@@ -9,8 +9,9 @@ the client, per utterance:
 - request → first audible audio: arrival of the first 20 ms packet above -36 dBFS;
 - request → first speaking frame: arrival of the first frame whose mouth differs from the avatar's own
   frame (mean |Δ| in the mask box above the idle level; `MouthMeter`);
-- A/V offset: that frame's time minus that packet's time on the server's clock (RTCP sender reports: what
-  a browser synchronises with); positive = video late;
+- A/V offset: for `--av-probes` utterances of three voice bursts each, the time the mouth starts moving minus
+  the time the voice starts, both on the server's clock (RTCP sender reports: what a browser synchronises
+  with); positive = video late;
 - frame rate and frame-time jitter (standard deviation of the arrival intervals) while idle and speaking;
 - interrupt → silence: from the interrupt request to the end of the last audible packet that arrives.
 
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import multiprocessing
 import os
 import pickle
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -94,7 +98,7 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
     from musetalk.server.viewer import LiveViewer, rms
 
     loop = asyncio.get_running_loop()
-    out: dict[str, Any] = {"session": sid, "utterances": [], "interrupts": []}
+    out: dict[str, Any] = {"session": sid, "utterances": [], "interrupts": [], "av_offsets_ms": []}
     seed = 1 + sum(map(ord, sid)) % 7
     wav, long_wav = speech_wav(args.audio_s, seed), speech_wav(6.0, seed)
     async with LiveViewer(url, sid, reduce_frame=meter, frame_width_px=width_px) as viewer, httpx.AsyncClient(
@@ -148,9 +152,25 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
                 "first_frame_ms": (seen[0] - t0) * 1000 if seen else None,
                 "speaking_fps": fps, "speaking_jitter_ms": jitter,
             }  # fmt: skip
-            if heard and seen and r.sender_reports.get("audio") and r.sender_reports.get("video"):
-                item["av_offset_ms"] = (r.sender_time_s("video", seen[1]) - r.sender_time_s("audio", heard[1])) * 1000
             out["utterances"].append(item)
+            await asyncio.sleep(args.gap_s)
+
+        for _ in range(args.av_probes):  # voice bursts: unambiguous onsets for the A/V offset
+            n_events = len(r.events)
+            t0 = loop.time()
+            await client.post(
+                f"{url}/speak_audio", files={"file": ("b.wav", BURSTS_WAV, "audio/wav")},
+                data={"session_id": sid, "wait": "false"},
+            )  # fmt: skip
+            await until(lambda n=n_events: any(e["type"] == "idle" for _, e in r.events[n:]), 120)
+            audio_on = _onsets([(r.sender_time_s("audio", pts), rms(a) > LOUD_RMS) for t, pts, a in r.audio if t >= t0])
+            video_on = _onsets(
+                [(r.sender_time_s("video", pts), m > threshold) for t, pts, (_, m) in r.video if t >= t0]
+            )
+            for a_on in audio_on:
+                near = min(video_on, key=lambda v: abs(v - a_on), default=None)
+                if near is not None and abs(near - a_on) < 0.2:
+                    out["av_offsets_ms"].append((near - a_on) * 1000)
             await asyncio.sleep(args.gap_s)
 
         for _ in range(args.interrupts):
@@ -160,10 +180,39 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
             await asyncio.sleep(1.0)
             t_int = loop.time()
             await client.post(f"{url}/sessions/{sid}/interrupt")
+            t_answer = loop.time()
             await asyncio.sleep(1.0)
             loud = [t for t, _, a in r.audio if t > t_int and rms(a) > LOUD_RMS]
-            out["interrupts"].append({"silence_ms": ((max(loud) + 0.02 - t_int) if loud else 0.0) * 1000})
+            out["interrupts"].append({
+                "silence_ms": ((max(loud) + 0.02 - t_int) if loud else 0.0) * 1000,
+                "answer_ms": (t_answer - t_int) * 1000,
+            })  # fmt: skip
             await asyncio.sleep(args.gap_s)
+    return out
+
+
+def _bursts_wav() -> bytes:
+    """Three 0.6-s voiced bursts between 0.6-s silences (16 kHz wav)."""
+    rate = 16000
+    t = np.arange(round(0.6 * rate)) / rate
+    voice = 0.3 * np.sin(2 * np.pi * 140 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    silence = np.zeros_like(voice)
+    x = np.concatenate([silence, voice, silence, voice, silence, voice, silence]).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+BURSTS_WAV = _bursts_wav()
+
+
+def _onsets(flags: list[tuple[float, bool]]) -> list[float]:
+    """Times where a flag turns on (after at least 3 items off), in time order."""
+    out, off_run = [], 3
+    for t, on in sorted(flags):
+        if on and off_run >= 3:
+            out.append(t)
+        off_run = 0 if on else off_run + 1
     return out
 
 
@@ -181,7 +230,7 @@ def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     def p(values: list[float]) -> dict[str, float | None]:
         return {"p50": pct(values, 0.5), "p95": pct(values, 0.95), "n": len(values)}
 
-    offsets = col("av_offset_ms")
+    offsets = [o for s in sessions for o in s["av_offsets_ms"]]
     silence = [i["silence_ms"] for s in sessions for i in s["interrupts"]]
     return {
         "first_audio_ms": p(col("first_audio_ms")),
@@ -204,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--utterances", type=int, default=20, help="per session")
     parser.add_argument("--interrupts", type=int, default=5, help="per session")
+    parser.add_argument("--av-probes", type=int, default=3, help="per session: 3 voice bursts each, for the A/V offset")
     parser.add_argument("--input", choices=["text", "audio"], default="text")
     parser.add_argument("--audio-s", type=float, default=2.0, help="--input audio: seconds per utterance")
     parser.add_argument("--idle-s", type=float, default=3.0)
@@ -244,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
             env.update(BENCH_AVATAR_HEIGHT=str(args.height), BENCH_AVATAR_FRAMES=str(args.avatar_frames))
             avatar_pickle = ROOT / "results" / "bench_avatars" / f"{args.height}p-{args.avatar_frames}-cuda.pkl"
+        else:
+            demo_video = ROOT / "data" / "video" / "demo.mp4"
+            if not demo_video.is_file():  # what `make serve` builds first (the server then prepares the avatar)
+                subprocess.run([sys.executable, "-m", "scripts.make_demo_video", "--out", str(demo_video)],
+                               cwd=ROOT, check=True)  # fmt: skip
         overrides += args.set
         server = Server(overrides, env, work / "server.log")
         try:

@@ -38,7 +38,8 @@ class Received:
     video: list[tuple[float, int, Any]] = field(default_factory=list)  # (t, RTP ts, frame (H, W, 3) BGR or reduced)
     audio: list[tuple[float, int, NDArray[np.int16]]] = field(default_factory=list)  # (t, RTP ts, (n,) mono 48 kHz)
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (t, {"type": ..., ...})
-    # kind → (NTP seconds, RTP timestamp) of the newest RTCP sender report
+    # kind → (NTP seconds, RTP timestamp) from the RTCP sender reports: of all reports, the pair whose packet
+    # was sent the least late (each report maps the last packet sent; a busy sender sends some late)
     sender_reports: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     # kind → the RTP timestamp aiortc's receiver subtracts from every frame's pts (its first frame's)
@@ -48,8 +49,12 @@ class Received:
         """The server's wall-clock time (NTP seconds) of a received frame's pts on track `kind`."""
         ntp_s, rtp = self.sender_reports[kind]
         clock_hz = VIDEO_CLOCK_HZ if kind == "video" else AUDIO_RATE_HZ
-        delta = (pts + self.rtp_origins[kind] - rtp + 2**31) % 2**32 - 2**31  # RTP timestamps wrap at 2^32
-        return ntp_s + delta / clock_hz
+        return ntp_s + _rtp_delta(pts + self.rtp_origins[kind], rtp) / clock_hz
+
+
+def _rtp_delta(a: int, b: int) -> int:
+    """a - b for RTP timestamps (they wrap at 2^32)."""
+    return (a - b + 2**31) % 2**32 - 2**31
 
 
 class LiveViewer:
@@ -134,9 +139,11 @@ class LiveViewer:
                 self.received.rtp_origins[kind] = mapper._origin  # type: ignore[union-attr]
             if isinstance(packet, RtcpSrPacket):
                 ntp = packet.sender_info.ntp_timestamp
-                self.received.sender_reports[kind] = (
-                    (ntp >> 32) + (ntp & 0xFFFFFFFF) / 2**32, packet.sender_info.rtp_timestamp
-                )
+                ntp_s, rtp = (ntp >> 32) + (ntp & 0xFFFFFFFF) / 2**32, packet.sender_info.rtp_timestamp
+                known = self.received.sender_reports.get(kind)
+                clock_hz = VIDEO_CLOCK_HZ if kind == "video" else AUDIO_RATE_HZ
+                if known is None or ntp_s - _rtp_delta(rtp, known[1]) / clock_hz < known[0]:
+                    self.received.sender_reports[kind] = (ntp_s, rtp)
             await handle(packet)
 
         receiver._handle_rtcp_packet = handle_rtcp

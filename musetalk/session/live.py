@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 AUDIO_RATE_HZ = 48_000  # WebRTC's Opus clock
 LATE_RESYNC_S = 0.2  # a clock this late (the loop was blocked) restarts from now instead of bursting frames
-SUBSCRIBER_TICKS = 8  # ticks a viewer may fall behind before its oldest are dropped
+SUBSCRIBER_TICKS = 4  # ticks a viewer may fall behind before its oldest are dropped (bounds its latency)
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,17 @@ class Viewer:
         self.video: asyncio.Queue[Tick] = asyncio.Queue(SUBSCRIBER_TICKS)
         self.audio: asyncio.Queue[Tick] = asyncio.Queue(SUBSCRIBER_TICKS)
 
+    def drop_speech(self) -> None:
+        """Forget queued ticks of an utterance (an interrupt: they must not be heard after it)."""
+        for q in (self.video, self.audio):
+            kept = []
+            while not q.empty():
+                tick = q.get_nowait()
+                if tick.utterance is None:
+                    kept.append(tick)
+            for tick in kept:
+                q.put_nowait(tick)
+
     def put(self, tick: Tick) -> None:
         """Queue a tick; a viewer that lags drops its oldest ticks instead of holding up the others."""
         for q in (self.video, self.audio):
@@ -294,6 +305,8 @@ class LiveSession:
         for utterance in self._queue:
             utterance.cut()
         self._queue.clear()
+        for viewer in self.viewers:
+            viewer.drop_speech()
         return n
 
     def _next(self) -> tuple[NDArray[np.uint8] | None, NDArray[np.int16] | None, int | None]:
