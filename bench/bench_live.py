@@ -20,6 +20,7 @@ Inputs: `--input text` posts the sentence to /speak (TTS on the server: what a c
 
     python bench/bench_live.py                                    # this CPU: preview renderer, demo avatar, espeak
     python bench/bench_live.py --device cuda --sessions 8 --input audio --height 1080   # MuseTalk, random weights
+    python bench/bench_live.py --renderer musetalk --input audio --height 360 --utterances 2  # its path, CPU, tiny
 """
 
 from __future__ import annotations
@@ -248,8 +249,12 @@ def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a table and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cpu: preview renderer + demo avatar; cuda: MuseTalk, full-size random weights")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--renderer", choices=["preview", "musetalk"], default=None,
+                        help="preview: the demo avatar (default on cpu); musetalk: random weights and a synthetic "
+                             "avatar (default on cuda)")
+    parser.add_argument("--size", choices=["full", "tiny"], default=None, 
+                        help="musetalk weights (default: full on cuda)")
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--utterances", type=int, default=20, help="per session")
     parser.add_argument("--interrupts", type=int, default=5, help="per session")
@@ -280,20 +285,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"encode.preset={args.preset}", f"server.max_live_sessions={args.sessions + 2}"]  # fmt: skip
         env = {"PYTHONUNBUFFERED": "1"}
         avatar_pickle: Path | None = None
-        if args.device == "cuda":
-            import torch
-
+        renderer = args.renderer or ("musetalk" if args.device == "cuda" else "preview")
+        meta["renderer_choice"] = renderer
+        if renderer == "musetalk":
             from bench.bench_engine import ensure_models
 
-            models = args.models or ROOT / "results" / "bench_models" / "full"
-            meta["write_models_s"] = ensure_models(models, "full")
-            meta["gpu"], meta["torch"] = torch.cuda.get_device_name(0), torch.__version__
+            size = args.size or ("full" if args.device == "cuda" else "tiny")
+            models = args.models or ROOT / "results" / "bench_models" / size
+            meta["size"], meta["write_models_s"] = size, ensure_models(models, size)
+            if args.device == "cuda":
+                import torch
+
+                meta["gpu"], meta["torch"] = torch.cuda.get_device_name(0), torch.__version__
             overrides += [
-                f"models.dir={models}", "runtime.device=cuda", "server.renderer=bench.bench_concurrency:bench_renderer",
-                "avatar_id=bench", "preparation=false", f"runtime.compile={str(args.compile).lower()}",
+                f"models.dir={models}", f"runtime.device={args.device}", "avatar_id=bench", "preparation=false",
+                "server.renderer=bench.bench_concurrency:bench_renderer",
+                f"runtime.compile={str(args.compile).lower()}",
             ]  # fmt: skip
             env.update(BENCH_AVATAR_HEIGHT=str(args.height), BENCH_AVATAR_FRAMES=str(args.avatar_frames))
-            avatar_pickle = ROOT / "results" / "bench_avatars" / f"{args.height}p-{args.avatar_frames}-cuda.pkl"
+            name = f"{args.height}p-{args.avatar_frames}-{args.device}.pkl"
+            avatar_pickle = ROOT / "results" / "bench_avatars" / name  # written by bench_renderer in the server
         else:
             demo_video = ROOT / "data" / "video" / "demo.mp4"
             if not demo_video.is_file():  # what `make serve` builds first (the server then prepares the avatar)
@@ -303,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(overrides, env, work / "server.log")
         try:
             meta["ready_s"] = server.wait_ready(900)
-            if args.device == "cuda":
+            if args.device == "cuda" and renderer == "musetalk":
                 target = "compiled+graphs" if args.compile else "graphs"
                 meta["accelerated_s"] = server.wait_accelerated(target, 900)
             health = server.health()
