@@ -7,8 +7,9 @@ session), watches the idle avatar, then speaks `--utterances` sentences per sess
 the client, per utterance:
 
 - request → first audible audio: arrival of the first 20 ms packet above -36 dBFS;
-- request → first speaking frame: arrival of the first frame whose mouth differs from the avatar's own
-  frame (mean |Δ| in the mask box above the idle level; `MouthMeter`);
+- request → first speaking frame: arrival of the utterance's first frame (the server's events channel names
+  its frame number); and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in
+  the mask box above the idle level, `MouthMeter`; with espeak text the first frames can be silent);
 - A/V offset: for `--av-probes` utterances of three voice bursts each, the time the mouth starts moving minus
   the time the voice starts, both on the server's clock (RTCP sender reports: what a browser synchronises
   with); positive = video late;
@@ -111,6 +112,7 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
         threshold = max(float(np.percentile(idle, 99)) * 1.5, float(np.percentile(idle, 99)) + 3.0)
         out["idle_mouth_p99"] = float(np.percentile(idle, 99))
         out["idle_fps"], out["idle_jitter_ms"] = _intervals_ms([t for t, _, _ in r.video])
+        pts_per_frame = int(np.median(np.diff([pts for _, pts, _ in r.video])))  # 90 kHz / fps
 
         async def say(k: int, long: bool = False) -> float:
             t0 = loop.time()
@@ -146,12 +148,17 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
             video = [(t, pts, m) for t, pts, (_, m) in r.video if t >= t0]
             heard = next(((t, pts) for t, pts, a in audio if a > LOUD_RMS), None)
             seen = next(((t, pts) for t, pts, m in video if m > threshold), None)
+            on_air = next(e["frame"] for _, e in r.events[n_events:] if e["type"] == "speaking")
+            first = next((t for t, pts, _ in video if pts >= on_air * pts_per_frame), None)
             speaking = [t for t, _, _ in video if t_on <= t <= t_off]
             fps, jitter = _intervals_ms(speaking)
             item: dict[str, Any] = {
                 "first_audio_ms": (heard[0] - t0) * 1000 if heard else None,
-                "first_frame_ms": (seen[0] - t0) * 1000 if seen else None,
+                "first_frame_ms": (first - t0) * 1000 if first else None,
+                "first_moving_frame_ms": (seen[0] - t0) * 1000 if seen else None,
                 "speaking_fps": fps, "speaking_jitter_ms": jitter,
+                "mouth_max": max((m for t, _, m in video if t_on <= t <= t_off), default=None),
+                "threshold": threshold,
             }  # fmt: skip
             out["utterances"].append(item)
             await asyncio.sleep(args.gap_s)
@@ -236,6 +243,7 @@ def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "first_audio_ms": p(col("first_audio_ms")),
         "first_frame_ms": p(col("first_frame_ms")),
+        "first_moving_frame_ms": p(col("first_moving_frame_ms")),
         "av_offset_ms": {**p(offsets), "max_abs": max((abs(o) for o in offsets), default=None)},
         "idle_fps": statistics.mean(s["idle_fps"] for s in sessions if s.get("idle_fps")),
         "idle_jitter_ms": statistics.mean(s["idle_jitter_ms"] for s in sessions if s.get("idle_jitter_ms")),
@@ -253,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renderer", choices=["preview", "musetalk"], default=None,
                         help="preview: the demo avatar (default on cpu); musetalk: random weights and a synthetic "
                              "avatar (default on cuda)")
-    parser.add_argument("--size", choices=["full", "tiny"], default=None, 
+    parser.add_argument("--size", choices=["full", "tiny"], default=None,
                         help="musetalk weights (default: full on cuda)")
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--utterances", type=int, default=20, help="per session")
@@ -363,6 +371,8 @@ def _table(meta: dict[str, Any], s: dict[str, Any]) -> str:
         f"p95 {f(s['first_audio_ms']['p95'])} ms   (n={s['first_audio_ms']['n']})",
         f"request → first speaking frame  p50 {f(s['first_frame_ms']['p50'])} ms   "
         f"p95 {f(s['first_frame_ms']['p95'])} ms",
+        f"request → first moving mouth    p50 {f(s['first_moving_frame_ms']['p50'])} ms   "
+        f"p95 {f(s['first_moving_frame_ms']['p95'])} ms",
         f"A/V offset (video − audio)      p50 {f(s['av_offset_ms']['p50'], 1)} ms   max |·| "
         f"{f(s['av_offset_ms']['max_abs'], 1)} ms",
         f"idle      {f(s['idle_fps'], 1)} fps, jitter {f(s['idle_jitter_ms'], 1)} ms",

@@ -3,9 +3,10 @@
 Each viewer is one RTCPeerConnection sending a video track (the session's ticks, VP8 or H.264 as the
 viewer prefers) and an audio track (Opus, 48 kHz, 20 ms packets), fed from the session's `LiveSession`
 (musetalk/session/live.py): all viewers of a session see the same frames. A data channel the viewer
-opens (any label) receives `{"type": "speaking", "utterance": id}` when an utterance goes on air and
-`{"type": "idle"}` when the stream returns to idle. A viewer that closes, fails ICE, or sends no RTCP
-for `server.webrtc.viewer_timeout_s` is dropped; the last one gone stops the session's clock.
+opens (any label) receives `{"type": "speaking", "utterance": id, "frame": n}` when an utterance goes on
+air and `{"type": "idle", "frame": n}` when the stream returns to idle (n: the viewer's video frame number,
+from 0). A viewer that closes, fails ICE, or sends no RTCP for `server.webrtc.viewer_timeout_s` is dropped;
+the last one gone stops the session's clock.
 """
 
 from __future__ import annotations
@@ -175,18 +176,25 @@ class _Peer:
         self.created_s = time.monotonic()
         self.channel: RTCDataChannel | None = None
         self.on_air: int | None = None
+        self.first_index: int | None = None  # stream frame number of the first frame sent to this viewer
         self.closed = False
 
     def on_tick(self, tick: Tick) -> None:
-        """Tell the viewer's events channel when an utterance goes on air and when the stream is idle again."""
+        """Tell the viewer's events channel when an utterance goes on air and when the stream is idle again.
+
+        Events name the frame where it happens, counted from the first frame this viewer was sent (its
+        video's RTP timestamp relative to the first one, in frames)."""
+        if self.first_index is None:
+            self.first_index = tick.index
         if tick.utterance == self.on_air:
             return
         self.on_air = tick.utterance
         channel = self.channel
         if channel is not None and channel.readyState == "open":
-            event: dict[str, Any] = (
-                {"type": "idle"} if tick.utterance is None else {"type": "speaking", "utterance": tick.utterance}
-            )
+            event: dict[str, Any] = {"type": "idle"} if tick.utterance is None else {
+                "type": "speaking", "utterance": tick.utterance
+            }  # fmt: skip
+            event["frame"] = tick.index - self.first_index
             channel.send(json.dumps(event))
 
 
