@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             if not demo_video.is_file():  # what `make serve` builds first (the server then prepares the avatar)
                 subprocess.run([sys.executable, "-m", "scripts.make_demo_video", "--out", str(demo_video)],
                                cwd=ROOT, check=True)  # fmt: skip
+        if args.input == "audio":
+            overrides.append("tts.engine=tone")  # nothing is synthesised (and the host needs no espeak-ng)
         overrides += args.set
         server = Server(overrides, env, work / "server.log")
         try:
