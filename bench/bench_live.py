@@ -103,8 +103,10 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
     out: dict[str, Any] = {"session": sid, "utterances": [], "interrupts": [], "av_offsets_ms": []}
     seed = 1 + sum(map(ord, sid)) % 7
     wav, long_wav = speech_wav(args.audio_s, seed), speech_wav(6.0, seed)
+    # No keep-alive: the server closes idle connections after server.keep_alive_s, racing a reused one.
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
     async with LiveViewer(url, sid, reduce_frame=meter, frame_width_px=width_px) as viewer, httpx.AsyncClient(
-        timeout=120
+        timeout=120, limits=no_reuse
     ) as client:
         r = viewer.received
         await asyncio.sleep(args.idle_s)

@@ -155,7 +155,10 @@ class SpeakService:
         self._waiting: dict[str, int] = {}  # admitted requests per session, not yet rendering
         self._rendering: dict[str, set[LiveUtterance]] = {}  # utterances rendering now (cut by an interrupt)
         self._last_append: dict[str, asyncio.Future[None]] = {}  # the newest request's append, per session
-        self._next_index: dict[str, int] = {}  # clip index the next admitted request gets, per session
+        # Per session while it has requests: its clips when it became busy, and requests admitted since (that
+        # will append): a request's clip index is their sum when it arrives.
+        self._base_clips: dict[str, int] = {}
+        self._seq: dict[str, int] = {}
         self._background: set[asyncio.Task[SpeakResult]] = set()  # "wait": false requests
         # Per session: the end of the last sentence's audio, heard first by the next one (audio.context_ms).
         # In memory only: after a restart a session's next sentence starts without it.
@@ -302,17 +305,23 @@ class SpeakService:
         sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
         if interrupt:
             self.interrupt(sid)
-        if sid not in self._next_index:
-            clips = len((await asyncio.to_thread(self.store.state, sid)).clips)
-            self._next_index.setdefault(sid, clips)  # another request may have set it meanwhile
         self._admit(sid)
+        # The ticket (the session's order) is taken before anything awaits, so requests keep their arrival order.
         turnstile = self._turnstile(sid)
+        seq = self._seq.get(sid, 0)
+        self._seq[sid] = seq + 1
         request = SpeakTicket(
-            sid, aid, turnstile, turnstile.take(), self._epoch.get(sid, 0), next(self._utterance_ids),
-            self._next_index[sid], t0,
+            sid, aid, turnstile, turnstile.take(), self._epoch.get(sid, 0), next(self._utterance_ids), -1, t0
         )
-        self._next_index[sid] += 1
         self._waiting[sid] = self._waiting.get(sid, 0) + 1
+        try:
+            if sid not in self._base_clips:  # the session was quiet: count its clips once
+                clips = len((await asyncio.to_thread(self.store.state, sid)).clips)
+                self._base_clips.setdefault(sid, clips)
+            request.clip_index = self._base_clips[sid] + seq
+        except BaseException:
+            self._finished(request)
+            raise
         return request
 
     def _stop_waiting(self, request: SpeakTicket) -> None:
@@ -327,7 +336,9 @@ class SpeakService:
         self._in_flight -= 1
         self._done(request.sid, request.turnstile, request.ticket)
         if not self._turnstiles.get(request.sid) and request.sid not in self._last_append:
-            self._next_index.pop(request.sid, None)  # idle: the next request counts the session's clips again
+            # quiet: the next request counts the session's clips again
+            self._seq.pop(request.sid, None)
+            self._base_clips.pop(request.sid, None)
 
     def interrupt(self, session_id: str | None = None) -> dict[str, int | str]:
         """Stop the session's current utterance and drop the requests that arrived before this call."""
@@ -341,6 +352,8 @@ class SpeakService:
         if live is not None:
             live.interrupt()
         dropped = self._waiting.get(sid, 0)
+        if sid in self._seq:
+            self._seq[sid] -= dropped  # they will not append: later requests take their places
         log.info("interrupt %s", kv(session=sid, cut=cut, dropped=dropped))
         return {"session_id": sid, "cut": cut, "dropped": dropped}
 
