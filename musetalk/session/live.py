@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 AUDIO_RATE_HZ = 48_000  # WebRTC's Opus clock
 LATE_RESYNC_S = 0.2  # a clock this late (the loop was blocked) restarts from now instead of bursting frames
-SUBSCRIBER_TICKS = 4  # ticks a viewer may fall behind before its oldest are dropped (bounds its latency)
+SUBSCRIBER_TICKS = 4  # video frames a viewer may fall behind before its oldest are dropped (bounds its latency)
+AUDIO_BACKLOG_TICKS = 250  # audio a viewer may fall behind (10 s at 25 fps) before its oldest is dropped
 
 
 @dataclass(frozen=True)
@@ -189,20 +190,29 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class Viewer:
-    """One viewer's queues of ticks (video and audio are pulled separately by their tracks)."""
+    """One viewer's queues of ticks (video and audio are pulled separately by their tracks).
+
+    A viewer whose video lags drops its oldest frames (video timestamps come from the tick numbers, so the
+    receiver still places every frame right). Audio is not dropped: WebRTC's Opus timestamps count the
+    samples sent, so a gap would shift the viewer's audio against its video for good; a late audio track
+    catches up by sending at once (up to AUDIO_BACKLOG_TICKS, for a viewer that stopped reading).
+    """
 
     def __init__(self) -> None:
         self.video: asyncio.Queue[Tick] = asyncio.Queue(SUBSCRIBER_TICKS)
-        self.audio: asyncio.Queue[Tick] = asyncio.Queue(SUBSCRIBER_TICKS)
+        self.audio: asyncio.Queue[Tick] = asyncio.Queue(AUDIO_BACKLOG_TICKS)
 
     def drop_speech(self) -> None:
-        """Forget queued ticks of an utterance (an interrupt: they must not be heard after it)."""
-        for q in (self.video, self.audio):
+        """An interrupt: queued frames of an utterance are dropped and its queued audio becomes silence
+        (kept, so the audio timeline stays whole)."""
+        for q, silence in ((self.video, False), (self.audio, True)):
             kept = []
             while not q.empty():
                 tick = q.get_nowait()
                 if tick.utterance is None:
                     kept.append(tick)
+                elif silence:
+                    kept.append(replace(tick, pcm=np.zeros_like(tick.pcm), utterance=None))
             for tick in kept:
                 q.put_nowait(tick)
 
