@@ -250,14 +250,14 @@ class SpeakService:
         return await self.finish_audio(request, audio)
 
     async def admit_audio(
-        self, audio: Audio, session_id: str | None, avatar_id: str | None, *, interrupt: bool = False
+        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
     ) -> SpeakTicket:
         """Check the audio, admit the request and take its place in the session's order."""
         self._check_audio(audio)
         return await self._admit_request(session_id, avatar_id, interrupt)
 
     async def admit_text(
-        self, text: str, session_id: str | None, avatar_id: str | None, *, interrupt: bool = False
+        self, text: str, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
     ) -> SpeakTicket:
         """Check the text, admit the request and take its place in the session's order."""
         text = text.strip()
