@@ -228,9 +228,10 @@ def real_server_url(
 
 @pytest.mark.slow
 def test_real_server_chat_round_trip(browser: Any, real_server_url: str) -> None:
-    ui = Page(browser, f"{real_server_url}/?clips", 1280, 800)  # clip mode: the live page is tested below
+    ui = Page(browser, real_server_url, 1280, 800)
     try:
         page = ui.page
+        page.goto(f"{real_server_url}/?clips")  # clip mode: the live page is tested below
         page.locator("#engine").filter(has_text="Built-in responder (offline)").wait_for()
         # send_and_wait returns only once the <video> holds the reply's (cache-busted) source with
         # readyState >= 2; readyState itself may drop again right after (seeking, end of a short clip).
