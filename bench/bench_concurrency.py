@@ -217,6 +217,20 @@ class Server:
             time.sleep(0.2)
         return None
 
+    def profile(self, out: Path, seconds: int = 4) -> subprocess.Popen[bytes] | None:
+        """py-spy while a round runs: `out`.gil.txt (GIL holders), then `out`.all.txt (every thread, idle too)."""
+        spy = shutil.which("py-spy")
+        if spy is None:
+            print("py-spy not installed: no profile", flush=True)
+            return None
+        base = [spy, "record", "--pid", str(self.proc.pid), "--duration", str(seconds), "--rate", "250",
+                "--threads", "--format", "raw", "--nonblocking"]  # fmt: skip
+        script = " && ".join(
+            " ".join([*base, *extra, "--output", f"{out}.{tag}.txt"])
+            for tag, extra in (("gil", ["--gil"]), ("all", ["--idle"]))
+        )
+        return subprocess.Popen(["bash", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then kill)."""
         self.proc.terminate()
@@ -307,6 +321,7 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
         f"engine.scheduler={mode}",
         f"server.max_live_sessions={max(args.ns) + 8}",  # measure the raw behaviour, not admission control
         f"server.queue_size={max(args.ns) * 2 + 8}",
+        f"server.max_concurrent_uploads={max(args.ns) + 8}",  # every session uploads its audio at once
         f"runtime.compile={str(args.compile).lower()}",
         f"encode.preset={args.preset}",
         *args.set,
@@ -334,14 +349,21 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
                 continue
             for staggered in (False, True) if (args.staggered and mode == "batched") else (False,):
                 tag = f"{'st' if staggered else 'n'}{n}"
+                before = server.health().get("scheduler", {}).get("thread_s", {})
+                spy = server.profile(args.out.parent / f"pyspy-{height}-{mode}-{tag}") if n in args.profile_ns else None
                 r = run_round(server.url, n, tag, staggered, wavs)
+                if spy is not None:
+                    spy.wait()
+                after = server.health().get("scheduler", {}).get("thread_s", {})
+                # Where the scheduler's GPU thread spent this round (s): idle, prepare, launch, collect.
+                r["gpu_thread_s"] = {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
                 out["rounds"].append(r)
                 print(
                     f"{height}p {mode:7s} N={n:2d}{' stag' if staggered else '     '} fps={r['aggregate_fps']:6.1f} "
                     f"lat p50/p95={_f(r['latency_p50_s'])}/{_f(r['latency_p95_s'])} s "
                     f"first p50/p95={_f(r['first_frame_p50_ms'], 0)}/{_f(r['first_frame_p95_ms'], 0)} ms "
                     f"rt={r['realtime']}/{n} ok={r['ok']} gpu={_f(r['gpu_util_pct'], 0)}% "
-                    f"cpu={_f(r['cpu_util_pct'], 0)}% {r['errors'] or ''}",
+                    f"cpu={_f(r['cpu_util_pct'], 0)}% {r['errors'] or ''} gpu-thread={r['gpu_thread_s']}",
                     flush=True,
                 )
     finally:
@@ -402,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--avatar-frames", type=int, default=50)
     parser.add_argument("--start-timeout-s", type=float, default=300)
     parser.add_argument("--accel-timeout-s", type=float, default=300)
+    parser.add_argument("--profile-ns", type=int, nargs="*", default=[], help="N whose round py-spy records")
     parser.add_argument("--set", action="append", default=[], help="extra server overrides key=value")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_concurrency.json")
     args = parser.parse_args(argv)

@@ -211,6 +211,9 @@ class EngineConfig(_Section):
     # Frame i of an utterance started at t0 is due at t0 + start_budget_ms + i / fps (earliest deadline first).
     start_budget_ms: float = Field(default=150.0, ge=0)
     blend_workers: int = Field(default=0, ge=0, le=256)  # CPU threads pasting faces; 0 = auto: cores - 1, >= 2
+    # With MuseTalk on CUDA, paste faces and convert to I420 on the GPU (feather blending without colour
+    # matching or temporal smoothing); the CPU blend pool then only handles silent frames.
+    gpu_blend: bool = True
     queue_frames: int = Field(default=64, ge=1, le=4096)  # per utterance: frames in flight to its consumer
     mask_cache_frames: int = Field(default=2048, ge=1)  # per-frame blend alpha maps kept in memory
     # Decoded avatar frames kept in memory, shared by all sessions (H x W x 3 bytes each: 6.2 MB at 1080p).

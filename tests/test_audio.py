@@ -17,6 +17,7 @@ from musetalk.models import load_models
 from musetalk.pipeline.audio import (
     WindowSpec,
     audio_tokens,
+    audio_tokens_many,
     feature_length,
     frame_windows,
     load_audio,
@@ -110,6 +111,20 @@ def test_audio_longer_than_one_whisper_window(tiny_models_dir: Path) -> None:
     hidden = whisper_hidden_states(samples, bundle.whisper, bundle.feature_extractor)
     assert tuple(hidden.shape) == (3000, bundle.audio_layers, bundle.audio_dim)
     assert frame_windows(hidden, len(samples), WindowSpec(25)).shape[0] == 31 * 25
+
+
+def test_utterances_encoded_together_get_the_tokens_they_get_alone(tiny_models_dir: Path) -> None:
+    cfg = load_config(overrides=[f"models.dir={tiny_models_dir}", "runtime.device=cpu"])
+    bundle = load_models(cfg, parts={"whisper"})
+    assert bundle.whisper is not None and bundle.feature_extractor is not None and bundle.pe is not None
+    models = (bundle.whisper, bundle.feature_extractor, bundle.pe)
+    rng = np.random.default_rng(2)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (8_000, 31 * 16_000, 20_000)]  # 2nd: 2 windows
+    together = audio_tokens_many(clips, WindowSpec(25), *models)
+    for clip, tokens in zip(clips, together, strict=True):
+        alone = audio_tokens(clip, WindowSpec(25), *models)
+        assert tokens.shape == alone.shape == (num_frames(len(clip), 25), 10 * bundle.audio_layers, bundle.audio_dim)
+        torch.testing.assert_close(tokens, alone, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("fmt", "subtype", "suffix"), [("WAV", "PCM_16", ".wav"), ("OGG", "VORBIS", ".ogg"),

@@ -98,3 +98,17 @@ def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: in
     run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(tmp_path / "j.mp4")])
     assert probe(tmp_path / "j.mp4").n_video_frames == 37
     run_ffmpeg(["-xerror", "-i", str(tmp_path / "j.mp4"), "-f", "null", "-"])
+
+
+def test_i420_video_frame_matches_pyav_conversion() -> None:
+    import av
+
+    from musetalk.pipeline.encode import i420_video_frame
+
+    rng = np.random.default_rng(3)
+    for h, w in ((36, 64), (1080, 1920), (10, 6)):
+        i420 = rng.integers(0, 256, (h * 3 // 2, w), dtype=np.uint8)
+        ours = i420_video_frame(i420)
+        assert (ours.width, ours.height, ours.format.name) == (w, h, "yuv420p")
+        theirs = av.VideoFrame.from_ndarray(i420, format="yuv420p")
+        np.testing.assert_array_equal(ours.to_ndarray(), theirs.to_ndarray())

@@ -53,6 +53,7 @@ class FakeFaces:
     """A FaceSource that records what it is asked for; later batches can be held back by a gate."""
 
     name = "fake"
+    composites = False
 
     def __init__(self, first: int = 2, size: int = 4, gate: threading.Event | None = None) -> None:
         self.first_batch_size, self.batch_size, self.gate = first, size, gate

@@ -75,7 +75,7 @@ def _ours(source: MuseTalkFaces, avatar: AvatarCache, samples: np.ndarray, batch
         for start in range(0, n, batch):
             ids = list(range(start, min(start + batch, n)))
             sources = [cycle_index(cursor + i, avatar.n_frames) for i in ids]
-            faces.append(job.submit(ids, sources).wait().copy())
+            faces.append(np.array(job.submit(ids, sources).wait()))
         timings = job.timings_ms()
     finally:
         job.close()
@@ -144,3 +144,20 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_models_dir: Path) -> None:
     with_graphs = _ours(graphs, avatar, samples, batch=8)
     eager = _ours(MuseTalkFaces(bundle, eager_cfg), avatar, samples, batch=8)
     assert np.abs(with_graphs.astype(int) - eager.astype(int)).max() <= 1
+
+
+def test_prepare_many_equals_prepare_one_by_one(
+    bundle: ModelBundle, avatar: AvatarCache, tiny_models_dir: Path
+) -> None:
+    from musetalk.pipeline.generate import PrepareItem
+
+    source = MuseTalkFaces(bundle, _cfg(tiny_models_dir))
+    clips = [_speech(0.4, seed=1), _speech(0.84, seed=2)]
+    items = [PrepareItem(avatar, c, math.floor(len(c) * 25 // 16000)) for c in clips]
+    many = source.prepare_many(items)
+    for item, cond in zip(items, many, strict=True):
+        alone = source.prepare(item.cache, item.samples_16k, item.n_frames)
+        torch.testing.assert_close(cond.tokens, alone.tokens, rtol=1e-4, atol=1e-5)
+        assert cond.cache is avatar and cond.latents is alone.latents  # the avatar's latents moved once
+    with pytest.raises(ValueError, match="expects"):
+        source.prepare_many([items[0], items[1]._replace(n_frames=3)])

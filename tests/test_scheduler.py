@@ -12,7 +12,7 @@ import torch
 
 from musetalk.avatar.cache import AvatarCache
 from musetalk.errors import GpuOutOfMemory
-from musetalk.pipeline.generate import FaceRequest, PendingFaces
+from musetalk.pipeline.generate import FaceRequest, PendingFaces, PrepareItem
 from musetalk.pipeline.scheduler import FrameScheduler, Utterance
 from musetalk.pipeline.synthetic import synthetic_avatar
 
@@ -29,6 +29,7 @@ class Tagged:
     """A FaceSource whose every face says whose it is: pixel (0,0) = utterance tag, (0,1) = frame id."""
 
     name = "tagged"
+    composites = False
 
     def __init__(self, first: int = 2, size: int = 4, poison: int | None = None) -> None:
         self.first_batch_size, self.batch_size = first, size
@@ -185,3 +186,41 @@ def test_stats_report_frames_per_second_and_lateness(avatar: AvatarCache) -> Non
         sched.close()
     assert stats["frames_per_s"] > 0 and stats["live_utterances"] == 0
     assert stats["lateness_p95_ms"] >= 0
+
+
+class BatchTagged(Tagged):
+    """Tagged with `prepare_many`: records the groups it prepared; a negative tag fails its preparation."""
+
+    def __init__(self) -> None:
+        super().__init__(first=2, size=4)
+        self.groups: list[list[int]] = []
+
+    def prepare(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> int:
+        if samples_16k[0] < 0:
+            raise ValueError("undecodable")
+        return super().prepare(cache, samples_16k, n_frames, phonemes)
+
+    def prepare_many(self, items: Sequence[PrepareItem]) -> list[int]:
+        self.groups.append([int(i.samples_16k[0]) for i in items])
+        return [self.prepare(*i) for i in items]
+
+
+def test_utterances_arriving_together_are_prepared_in_one_call_and_a_bad_one_fails_alone(avatar: AvatarCache) -> None:
+    source = BatchTagged()
+    sched = FrameScheduler(source, fps=25, queue_frames=8, start_budget_s=0.1)
+    try:
+        gate = _hold(sched)
+        together = {tag: _submit(sched, avatar, tag, 5) for tag in (1, 2, 3)}
+        gate.set()
+        assert {tag: _drain(u) for tag, u in together.items()} == {t: [(t, i) for i in range(5)] for t in (1, 2, 3)}
+        assert source.groups == [[1, 2, 3]]  # one batched preparation for the three
+
+        gate = _hold(sched)
+        good, bad = _submit(sched, avatar, 7, 3), _submit(sched, avatar, -1, 3)
+        gate.set()
+        assert _drain(good) == [(7, i) for i in range(3)]
+        with pytest.raises(ValueError, match="undecodable"):
+            bad.next_face(timeout_s=10)
+        assert source.groups[-1] == [7, -1]  # tried together, then one by one
+    finally:
+        sched.close()

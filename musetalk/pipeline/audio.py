@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,31 +176,70 @@ def frame_windows(hidden: torch.Tensor, n_samples: int, spec: WindowSpec) -> tor
     return windows.reshape(n_frames, width * n_layers, dim)
 
 
+_MAX_WINDOWS_PER_CALL = 16  # 30-s windows per encoder call when several clips are encoded together
+
+
 @torch.inference_mode()
+def whisper_hidden_states_many(
+    clips_16k: Sequence[NDArray[np.float32]],
+    encoder: WhisperEncoder,
+    extractor: WhisperFeatureExtractor,
+) -> list[torch.Tensor]:
+    """whisper_hidden_states of several clips, their 30 s windows encoded together in a few large batches.
+
+    The encoder sees each window alone (no cross-window attention), so batching changes nothing but speed:
+    sixteen utterances arriving at once cost about one encoder call instead of sixteen.
+    """
+    param = next(encoder.parameters())
+    device, dtype = param.device, param.dtype
+    mels, counts = [], []
+    for samples_16k in clips_16k:
+        n_windows = max(1, math.ceil(len(samples_16k) / WINDOW_SAMPLES))
+        for i in range(n_windows):
+            segment = samples_16k[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
+            # One call per window: the log-mel floor (max − 8) is per window, as upstream.
+            feats = extractor(
+                segment,
+                sampling_rate=WHISPER_RATE_HZ,
+                return_tensors="pt",
+                device=device.type if device.type == "cuda" else "cpu",
+            ).input_features  # (1, 80, 3000) float32
+            mels.append(feats)
+        counts.append(n_windows)
+    mel = torch.cat(mels, dim=0).to(device=device, dtype=dtype)  # (ΣW, 80, 3000)
+    parts = []
+    for start in range(0, mel.shape[0], _MAX_WINDOWS_PER_CALL):
+        states = encoder(mel[start : start + _MAX_WINDOWS_PER_CALL], output_hidden_states=True).hidden_states
+        parts.append(torch.stack(states, dim=2))  # (w, 1500, layers+1, C)
+    stacked = torch.cat(parts, dim=0)  # (ΣW, 1500, layers+1, C)
+    out, pos = [], 0
+    for n_windows in counts:
+        clip = stacked[pos : pos + n_windows]
+        out.append(clip.reshape(-1, clip.shape[2], clip.shape[3]))
+        pos += n_windows
+    return out
+
+
 def whisper_hidden_states(
     samples_16k: NDArray[np.float32],
     encoder: WhisperEncoder,
     extractor: WhisperFeatureExtractor,
 ) -> torch.Tensor:
     """All encoder hidden states of every 30 s window, stacked → (1500·windows, layers + 1, C) on the encoder."""
-    param = next(encoder.parameters())
-    device, dtype = param.device, param.dtype
-    n_windows = max(1, math.ceil(len(samples_16k) / WINDOW_SAMPLES))
-    mels = []
-    for i in range(n_windows):
-        segment = samples_16k[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-        # One call per window: the log-mel floor (max − 8) is per window, as upstream.
-        feats = extractor(
-            segment,
-            sampling_rate=WHISPER_RATE_HZ,
-            return_tensors="pt",
-            device=device.type if device.type == "cuda" else "cpu",
-        ).input_features  # (1, 80, 3000) float32
-        mels.append(feats)
-    mel = torch.cat(mels, dim=0).to(device=device, dtype=dtype)  # (W, 80, 3000)
-    states = encoder(mel, output_hidden_states=True).hidden_states  # (layers+1) × (W, 1500, C)
-    stacked = torch.stack(states, dim=2)  # (W, 1500, layers+1, C)
-    return stacked.reshape(-1, stacked.shape[2], stacked.shape[3])
+    return whisper_hidden_states_many([samples_16k], encoder, extractor)[0]
+
+
+def audio_tokens_many(
+    clips_16k: Sequence[NDArray[np.float32]],
+    spec: WindowSpec,
+    encoder: WhisperEncoder,
+    extractor: WhisperFeatureExtractor,
+    pe: PositionalEncoding,
+) -> list[torch.Tensor]:
+    """audio_tokens of several clips with their Whisper passes batched → one (T_i, rows·L, C) per clip."""
+    hidden = whisper_hidden_states_many(clips_16k, encoder, extractor)
+    with torch.inference_mode():
+        return [pe(frame_windows(h, len(s), spec)) for h, s in zip(hidden, clips_16k, strict=True)]
 
 
 def audio_tokens(
@@ -210,9 +250,7 @@ def audio_tokens(
     pe: PositionalEncoding,
 ) -> torch.Tensor:
     """UNet conditioning for every frame: (T, rows_per_frame·layers, C) with the positional encoding added."""
-    hidden = whisper_hidden_states(samples_16k, encoder, extractor)
-    with torch.inference_mode():
-        return pe(frame_windows(hidden, len(samples_16k), spec))
+    return audio_tokens_many([samples_16k], spec, encoder, extractor, pe)[0]
 
 
 CONTEXT_MAX_S = 2.0  # left context kept when sentences are rendered one by one

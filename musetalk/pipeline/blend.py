@@ -138,7 +138,7 @@ def poisson_clone(source: NDArray[np.uint8], face: NDArray[np.uint8], mask: NDAr
 
 
 @dataclass(frozen=True)
-class _FrameAlpha:
+class FrameAlpha:
     """Cached per source frame: where blending can act and how strongly."""
 
     region: tuple[int, int, int, int]  # x1, y1, x2, y2 (frame px): the part of the mask box that can change
@@ -153,11 +153,12 @@ class Blender:
         self.cfg = cfg
         self.expand = expand
         self._max_cached = max_cached_frames
-        self._alpha: dict[tuple[int, int], _FrameAlpha] = {}
+        self._alpha: dict[tuple[int, int], FrameAlpha] = {}
         self._owners: dict[int, AvatarCache] = {}  # keeps cached ids valid
         self._lock = threading.Lock()
 
-    def _frame_alpha(self, cache: AvatarCache, index: int) -> _FrameAlpha:
+    def frame_alpha(self, cache: AvatarCache, index: int) -> FrameAlpha:
+        """Where frame `index` can change and how strongly (computed once per frame, then cached)."""
         key = (id(cache), index)
         hit = self._alpha.get(key)
         if hit is not None:
@@ -184,7 +185,7 @@ class Blender:
             ax1, ay1, ax2, ay2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         else:
             ax1 = ay1 = ax2 = ay2 = 0
-        entry = _FrameAlpha(
+        entry = FrameAlpha(
             region=(x1 + ax1, y1 + ay1, x1 + ax2, y1 + ay2),
             alpha=np.ascontiguousarray(alpha[ay1:ay2, ax1:ax2]),
             hard=np.ascontiguousarray(hard[ay1:ay2, ax1:ax2]),
@@ -206,7 +207,7 @@ class Blender:
             return frame
         if face.shape != (FACE_SIZE_PX, FACE_SIZE_PX, 3):
             raise ValueError(f"face must be ({FACE_SIZE_PX}, {FACE_SIZE_PX}, 3), got {face.shape}")
-        fa = self._frame_alpha(cache, index)
+        fa = self.frame_alpha(cache, index)
         x1, y1, x2, y2 = fa.region
         if x2 <= x1 or y2 <= y1:
             return frame

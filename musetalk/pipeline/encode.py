@@ -63,6 +63,27 @@ def audio_frames(parts: Sequence[NDArray[np.float32]], rate: int, chunk: int = 4
             yield frame
 
 
+def i420_video_frame(i420: NDArray[np.uint8]) -> av.VideoFrame:
+    """A yuv420p VideoFrame from a planar (H·3/2, W) I420 array (cv2's COLOR_BGR2YUV_I420 layout).
+
+    The planes are filled by numpy copies, which run without the GIL; PyAV's from_ndarray copies while
+    holding it, which serialised every session's encoder feeding behind one lock.
+    """
+    import av
+
+    rows, width = i420.shape
+    height = rows * 2 // 3
+    frame = av.VideoFrame(width, height, "yuv420p")
+    flat = i420.reshape(-1)
+    offset = 0
+    sizes = ((height, width), (height // 2, width // 2), (height // 2, width // 2))
+    for plane, (h, w) in zip(frame.planes, sizes, strict=True):
+        dst = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]  # type: ignore[call-overload]
+        np.copyto(dst, flat[offset : offset + h * w].reshape(h, w))
+        offset += h * w
+    return frame
+
+
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
@@ -206,7 +227,10 @@ def write_clip(
                         break
                     if count >= n_frames:
                         raise InputError(f"more than the expected {n_frames} frames")
-                    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=pix_fmt)
+                    if pix_fmt == "yuv420p":
+                        vf = i420_video_frame(frame)
+                    else:
+                        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=pix_fmt)
                     vf.pts = count
                     if segments is not None:
                         segments.add(vf, count)

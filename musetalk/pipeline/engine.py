@@ -124,6 +124,8 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         self._blend_s: list[float] = []
         self._emitted = 0
         needed = np.flatnonzero(plan.weights > 0).astype(np.int64)
+        # A source that composites (MuseTalk on CUDA) returns finished I420 frames: no CPU blending for them.
+        self._composed = yuv and engine.source.composites
         self.utterance: Utterance | None = None
         if len(needed):
             # Left context (the previous sentence): the source hears it first; clip frame i is its frame k + i.
@@ -132,7 +134,14 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
             joined = np.concatenate([ctx, samples_16k]) if k else samples_16k
             phonemes = tuple((t + k / engine.cfg.fps, p) for t, p in audio.phonemes)
             self.utterance = engine.scheduler.submit(
-                cache, joined, k + plan.n_frames, needed + k, plan.source_ids[needed], phonemes, first_frame=k
+                cache,
+                joined,
+                k + plan.n_frames,
+                needed + k,
+                plan.source_ids[needed],
+                phonemes,
+                first_frame=k,
+                blend_weights=plan.weights[needed] if self._composed else None,
             )
         self._feeder = threading.Thread(target=self._feed, name="musetalk-feed", daemon=True)
         self._feeder.start()
@@ -227,6 +236,12 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                     face = self._next_face()
                     if face is None:
                         return
+                    if self._composed:  # already the finished I420 frame
+                        done: Future[NDArray[np.uint8]] = Future()
+                        done.set_result(face)
+                        if not self._put(done):
+                            return
+                        continue
                     face = smooth(face)
                 else:
                     smooth.reset()  # a silent gap: the next face starts fresh
@@ -248,9 +263,7 @@ class Engine:
         self.pool = ThreadPoolExecutor(blend_workers(cfg.engine), thread_name_prefix="musetalk-blend")
         # The scheduler's thread owns every model call (and so CUDA), for all clips of all sessions; one
         # long-lived thread also keeps cuBLAS/cuDNN handles warm (a fresh thread per clip cost ~170 ms).
-        self.scheduler = FrameScheduler(
-            source, cfg.fps, cfg.engine.queue_frames, cfg.engine.start_budget_ms / 1000
-        )
+        self.scheduler = FrameScheduler(source, cfg.fps, cfg.engine.queue_frames, cfg.engine.start_budget_ms / 1000)
         self._warned_fps: set[str] = set()
 
     def plan(self, samples_16k: NDArray[np.float32], cache: AvatarCache, cursor: int = 0) -> FramePlan:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,12 +31,13 @@ from diffusers import AutoencoderKL
 from numpy.typing import NDArray
 from torch import nn
 
-from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
+from musetalk.avatar.cache import AvatarCache
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
-from musetalk.pipeline.audio import WindowSpec, audio_tokens
+from musetalk.pipeline.audio import WindowSpec, audio_tokens, audio_tokens_many
+from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports
 
 if TYPE_CHECKING:
     from transformers import WhisperFeatureExtractor
@@ -53,18 +54,42 @@ _GRAPH_WARMUP_RUNS = 3
 class PendingFaces(Protocol):
     """One submitted batch."""
 
-    def wait(self) -> NDArray[np.uint8]:
-        """Block until done → (B, 256, 256, 3) BGR uint8, one face per submitted frame, in order."""
+    def wait(self) -> NDArray[np.uint8] | list[NDArray[np.uint8]]:
+        """Block until done → one item per submitted request, in order: its (256, 256, 3) BGR face, or, for a
+        request with `blend_weight` to a source that composites, the finished (H·3/2, W) I420 frame."""
         ...
 
 
 class FaceRequest(NamedTuple):
     """One face to generate: frame `frame_id` of the utterance whose conditioning is `cond`, shown on avatar
-    source frame `source_id`. Requests of different utterances (and avatars) can share a batch."""
+    source frame `source_id`. Requests of different utterances (and avatars) can share a batch.
+
+    `blend_weight`: only for a source with `composites` set — paste the face into the source frame itself
+    with this weight and return the I420 frame instead of the face.
+    """
 
     cond: Any  # what FaceSource.prepare returned for that utterance
     frame_id: int
     source_id: int
+    blend_weight: float | None = None
+
+
+class PrepareItem(NamedTuple):
+    """What `prepare` takes for one utterance."""
+
+    cache: AvatarCache
+    samples_16k: NDArray[np.float32]
+    n_frames: int
+    phonemes: Phonemes = ()
+
+
+@runtime_checkable
+class BatchPreparer(Protocol):
+    """A FaceSource that prepares several utterances at once faster than one by one (MuseTalk: one Whisper pass)."""
+
+    def prepare_many(self, items: Sequence[PrepareItem]) -> list[Any]:
+        """`prepare` of every item, in order; raises if any fails."""
+        ...
 
 
 class FaceSource(Protocol):
@@ -73,6 +98,7 @@ class FaceSource(Protocol):
     name: str
     first_batch_size: int  # smaller first batch: the first frame arrives sooner
     batch_size: int
+    composites: bool  # pastes faces into frames itself (FaceRequest.blend_weight → I420 frames)
 
     def prepare(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
@@ -176,6 +202,7 @@ class MuseTalkConditioning:
     tokens: torch.Tensor  # (T, 50, C) in the model dtype, positional encoding added
     latents: torch.Tensor  # (N, 8, 32, 32) the avatar's [masked ‖ reference] latents in the model dtype
     clock: StageClock
+    cache: AvatarCache  # the avatar (its frames, when the source composites)
 
     def timings_ms(self) -> dict[str, float]:
         """Stage times of the utterance so far."""
@@ -231,33 +258,25 @@ def _time_replays(graphs: _Graphs, runs: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _device_index(ids: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Indices on the device without a stream sync (a blocking host→device copy would stall the pipeline)."""
-    index = torch.tensor(list(ids), dtype=torch.long)
-    if device.type != "cuda":
-        return index
-    return index.pin_memory().to(device, non_blocking=True)
-
-
 class _Pending:
-    """A batch in flight: faces land in (pinned) host memory; CUDA events time the two networks."""
+    """A batch in flight: its outputs land in (pinned) host memory; CUDA events time the two networks."""
 
     def __init__(
         self,
-        host: torch.Tensor,
+        outputs: torch.Tensor | list[torch.Tensor],
         n: int,
         shares: list[tuple[StageClock, int]],
         events: tuple[torch.cuda.Event, ...] | None,
         cpu_ms: tuple[float, float] = (0.0, 0.0),
         exclusive: threading.Lock | None = None,
     ) -> None:
-        self._host, self._n, self._shares, self._events = host, n, shares, events
+        self._outputs, self._n, self._shares, self._events = outputs, n, shares, events
         self._cpu_ms = cpu_ms
         self._exclusive = exclusive
         self._done = False
 
-    def wait(self) -> NDArray[np.uint8]:
-        """Block until this batch's copy landed → (B, 256, 256, 3) BGR uint8 view of pinned memory."""
+    def wait(self) -> NDArray[np.uint8] | list[NDArray[np.uint8]]:
+        """Block until this batch's copies landed → (B, 256, 256, 3) faces, or one array per request."""
         if not self._done:
             unet_ms, vae_ms = self._cpu_ms
             if self._events is not None:
@@ -270,7 +289,9 @@ class _Pending:
                 clock.unet += unet_ms * count / self._n
                 clock.vae += vae_ms * count / self._n
             self._done = True
-        return self._host[: self._n].numpy()  # (B, 256, 256, 3) BGR uint8
+        if isinstance(self._outputs, torch.Tensor):
+            return self._outputs[: self._n].numpy()  # (B, 256, 256, 3) BGR uint8
+        return [t.numpy() for t in self._outputs]
 
 
 class MuseTalkFaces:
@@ -283,7 +304,8 @@ class MuseTalkFaces:
 
     name = "musetalk"
 
-    def __init__(self, bundle: ModelBundle, cfg: AppConfig) -> None:
+    def __init__(self, bundle: ModelBundle, cfg: AppConfig, composite: bool | None = None) -> None:
+        """`composite`: paste faces on the device (pipeline/composite.py); None = engine.gpu_blend on CUDA."""
         missing = [n for n in ("unet", "vae", "whisper", "feature_extractor", "pe") if getattr(bundle, n) is None]
         if missing:
             raise ValueError(f"MuseTalkFaces needs a bundle with {missing} loaded")
@@ -328,6 +350,10 @@ class MuseTalkFaces:
         self._device_latents: dict[int, tuple[AvatarCache, torch.Tensor]] = {}
         self._latents_lock = threading.Lock()
         self._exclusive = threading.Lock()  # no CUDA call of the serving thread while a graph is captured
+        if composite is None:
+            composite = cuda and cfg.engine.gpu_blend and supports(cfg.blend)
+        self.compositor = DeviceCompositor(cfg.blend, cfg.prep.expand, self.device) if composite else None
+        self.composites = self.compositor is not None
 
     def _zero_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(size, 8, 32, 32) latents and (size, T, C) tokens of zeros, in the model dtype and layout."""
@@ -445,20 +471,29 @@ class MuseTalkFaces:
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
     ) -> MuseTalkConditioning:
         """Audio tokens (T, 50, C) of the utterance and the avatar's latents, on the device."""
+        return self.prepare_many([PrepareItem(cache, samples_16k, n_frames, phonemes)])[0]
+
+    def prepare_many(self, items: Sequence[PrepareItem]) -> list[MuseTalkConditioning]:
+        """`prepare` for several utterances with one batched Whisper pass (all succeed or the call raises)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # current device is per thread
-        clock = StageClock()
         t0 = time.perf_counter()
         try:
             with self._exclusive, torch.inference_mode():
-                tokens = audio_tokens(samples_16k, self.spec, *self._audio_models())  # (T, 50, C)
-                latents = self.latents_on_device(cache)
+                clips = [item.samples_16k for item in items]
+                tokens = audio_tokens_many(clips, self.spec, *self._audio_models())  # (T_i, 50, C) each
+                latents = [self.latents_on_device(item.cache) for item in items]
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory("GPU out of memory computing audio features") from exc
-        clock.features = (time.perf_counter() - t0) * 1000
-        if tokens.shape[0] != n_frames:
-            raise ValueError(f"audio gives {tokens.shape[0]} frames, caller expects {n_frames}")
-        return MuseTalkConditioning(tokens, latents, clock)
+        features_ms = (time.perf_counter() - t0) * 1000 / len(items)  # each utterance pays its share
+        conds = []
+        for item, tok, lat in zip(items, tokens, latents, strict=True):
+            if tok.shape[0] != item.n_frames:
+                raise ValueError(f"audio gives {tok.shape[0]} frames, caller expects {item.n_frames}")
+            clock = StageClock()
+            clock.features = features_ms
+            conds.append(MuseTalkConditioning(tok, lat, clock, item.cache))
+        return conds
 
     def start(
         self, cache: AvatarCache, samples_16k: NDArray[np.float32], n_frames: int, phonemes: Phonemes = ()
@@ -488,14 +523,23 @@ class MuseTalkFaces:
             group[1].append(row)
             group[2].append(req.frame_id)
             group[3].append(req.source_id)
+        # One host→device transfer for every index of the batch: each transfer gives up the GIL and, with
+        # many busy threads, waits to get it back (that wait, once per utterance, was most of a launch).
+        flat: list[int] = []
+        for _, rows, frame_ids, source_ids in groups.values():
+            flat += rows + source_ids + frame_ids
+        index = host_to_device(flat, torch.long, self.device)
         shares = []
-        for cond, rows, frame_ids, source_ids in groups.values():
-            dst = _device_index(rows, self.device)
-            lat.index_copy_(0, dst, cond.latents.index_select(0, _device_index(source_ids, self.device)))
-            tok.index_copy_(0, dst, cond.tokens.index_select(0, _device_index(frame_ids, self.device)))
+        pos = 0
+        for cond, rows, _, _ in groups.values():
+            k = len(rows)
+            dst, src, fid = index[pos : pos + k], index[pos + k : pos + 2 * k], index[pos + 2 * k : pos + 3 * k]
+            pos += 3 * k
+            lat.index_copy_(0, dst, cond.latents.index_select(0, src))
+            tok.index_copy_(0, dst, cond.tokens.index_select(0, fid))
             cond.clock.batches += 1
-            cond.clock.frames += len(rows)
-            shares.append((cond.clock, len(rows)))
+            cond.clock.frames += k
+            shares.append((cond.clock, k))
         return shares
 
     def _submit(self, requests: Sequence[FaceRequest], n: int) -> PendingFaces:
@@ -514,7 +558,7 @@ class MuseTalkFaces:
             t1 = time.perf_counter()
             faces = self.decode(pred)
             cpu_ms = ((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
-            return _Pending(faces, n, shares, None, cpu_ms)
+            return _Pending(self._outputs(requests, faces), n, shares, None, cpu_ms)
         events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(4))
         start, mid, end, copied = events
         if graphs is not None:
@@ -533,10 +577,58 @@ class MuseTalkFaces:
             mid.record()
             out = decode(pred)
             end.record()
-        host = torch.empty((n, FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=torch.uint8, pin_memory=True)
-        host.copy_(out[:n], non_blocking=True)  # ordered before the next replay overwrites `out`
+        outputs = self._outputs(requests, out)  # ordered before the next replay overwrites `out`
         copied.record()
-        return _Pending(host, n, shares, events, exclusive=self._exclusive)
+        return _Pending(outputs, n, shares, events, exclusive=self._exclusive)
+
+    def _outputs(self, requests: Sequence[FaceRequest], faces: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The batch's results in host memory: (n, 256, 256, 3) faces, or one tensor per request when composing.
+
+        On CUDA the copies go to pinned memory without blocking; `faces` (S ≥ n rows) may be a graph's
+        static output, so everything here is queued on the stream before the next replay.
+        """
+        n = len(requests)
+        cuda = self.device.type == "cuda"
+
+        def to_host(t: torch.Tensor) -> torch.Tensor:
+            if not cuda:
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        composed = [k for k, r in enumerate(requests) if r.blend_weight is not None]
+        if self.compositor is None or not composed:
+            return to_host(faces[:n])
+        results: list[torch.Tensor | None] = [None] * n
+        plain = [k for k, r in enumerate(requests) if r.blend_weight is None]
+        groups: dict[int, list[int]] = {}  # one compose per avatar (frame sizes differ)
+        for k in composed:
+            groups.setdefault(id(requests[k].cond.cache), []).append(k)
+        # All indices in one transfer and all weights in another (see _gather).
+        flat = plain + [v for rows in groups.values() for v in (*rows, *(requests[k].source_id for k in rows))]
+        index = host_to_device(flat, torch.long, self.device)
+        # As blend.composite on the CPU: alpha × float32(weight / 255), the division in double precision.
+        scales = [min(max(float(requests[k].blend_weight or 0.0), 0.0), 1.0) / 255.0 for k in composed]
+        scale = host_to_device(scales, torch.float32, self.device)
+        if plain:
+            host = to_host(faces.index_select(0, index[: len(plain)]))
+            for row, k in zip(host, plain, strict=True):
+                results[k] = row
+        pos, wpos = len(plain), 0
+        for rows in groups.values():
+            g = len(rows)
+            frames = self.compositor.compose(
+                requests[rows[0]].cond.cache,
+                faces.index_select(0, index[pos : pos + g]),
+                [requests[k].source_id for k in rows],
+                device_ids=index[pos + g : pos + 2 * g],
+                device_scale=scale[wpos : wpos + g],
+            )  # (G, H·3/2, W) I420
+            pos, wpos = pos + 2 * g, wpos + g
+            host = to_host(frames)
+            for row, k in zip(host, rows, strict=True):
+                results[k] = row
+        return [r for r in results if r is not None]
 
     def _empty_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialised inputs, every row of which _gather fills."""

@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from musetalk.avatar.cache import AvatarCache
 from musetalk.errors import GpuOutOfMemory
-from musetalk.pipeline.generate import FaceRequest, FaceSource, PendingFaces, Phonemes
+from musetalk.pipeline.generate import BatchPreparer, FaceRequest, FaceSource, PendingFaces, Phonemes, PrepareItem
 from musetalk.utils.gpu import is_out_of_memory, release_cached_memory
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,14 @@ class Utterance:
         source_ids: NDArray[np.int64],
         due_s: NDArray[np.float64],
         cv: threading.Condition,
+        blend_weights: NDArray[np.float32] | None = None,
     ) -> None:
         self.uid = uid
         self.cache, self.samples_16k, self.n_frames, self.phonemes = cache, samples_16k, n_frames, phonemes
         self.frame_ids = frame_ids  # (F,) clip frames that need a face, ascending
         self.source_ids = source_ids  # (F,) avatar source frame of each
         self.due_s = due_s  # (F,) monotonic deadline of each
+        self.blend_weights = blend_weights  # (F,) when the source composites: each frame's face weight
         self.cond: Any = None  # the face source's conditioning, set on the GPU thread
         self.scheduled = 0  # frames handed to batches (they are scheduled in order)
         self.delivered = 0  # faces generated
@@ -156,6 +158,8 @@ class FrameScheduler:
         self._next_uid = 0
         self._delivered: deque[tuple[float, int]] = deque()  # (time, frames) of recent batches
         self._lateness: deque[tuple[float, float]] = deque()  # (time, ms behind deadline) of recent faces
+        # Where the GPU thread's time went since start (s): tells a host-bound server from a GPU-bound one.
+        self._thread_s = dict.fromkeys(("idle", "calls", "prepare", "launch", "collect"), 0.0)
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
 
@@ -170,10 +174,12 @@ class FrameScheduler:
         source_ids: NDArray[np.int64],
         phonemes: Phonemes = (),
         first_frame: int = 0,
+        blend_weights: NDArray[np.float32] | None = None,
     ) -> Utterance:
         """Queue the faces of frames `frame_ids` (ascending) shown on avatar frames `source_ids`.
 
         `first_frame`: the frame id that is played first (frames before it are audio context, never shown).
+        `blend_weights` (F,): for a source that composites — the utterance then gets finished I420 frames.
         """
         t0 = time.monotonic()
         due = t0 + self.start_budget_s + (frame_ids - first_frame).astype(np.float64) / self.fps  # (F,)
@@ -181,7 +187,16 @@ class FrameScheduler:
             if self._stopping:
                 raise RuntimeError("the frame scheduler is stopped")
             utt = Utterance(
-                self._next_uid, cache, samples_16k, n_frames, phonemes, frame_ids, source_ids, due, self._cv
+                self._next_uid,
+                cache,
+                samples_16k,
+                n_frames,
+                phonemes,
+                frame_ids,
+                source_ids,
+                due,
+                self._cv,
+                blend_weights if self.source.composites else None,
             )
             self._next_uid += 1
             self._inbox.append(utt)
@@ -228,6 +243,7 @@ class FrameScheduler:
             "live_utterances": live,
             "frames_per_s": frames / window if frames else 0.0,
             "lateness_p95_ms": max(p95, 0.0),
+            "thread_s": {k: round(v, 3) for k, v in self._thread_s.items()},
         }
 
     def _prune(self, now: float) -> None:
@@ -252,6 +268,15 @@ class FrameScheduler:
 
     def _run(self) -> None:
         in_flight: deque[_Batch] = deque()
+        spent = self._thread_s
+        t = time.perf_counter()
+
+        def mark(phase: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            spent[phase] += now - t
+            t = now
+
         while True:
             with self._cv:
                 while not (self._stopping or self._has_work() or in_flight):
@@ -262,14 +287,20 @@ class FrameScheduler:
                 self._calls.clear()
                 new = list(self._inbox)
                 self._inbox.clear()
+            mark("idle")
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except BaseException as exc:
                         future.set_exception(exc)
-            for utt in new:
-                self._prepare(utt)
+            mark("calls")
+            if len(new) > 1 and isinstance(self.source, BatchPreparer):
+                self._prepare_many(new)
+            else:
+                for utt in new:
+                    self._prepare(utt)
+            mark("prepare")
             batch = None
             # A batch of first frames goes out alone: its faces are what new listeners are waiting for.
             if not (in_flight and in_flight[-1].first) and len(in_flight) < _MAX_IN_FLIGHT:
@@ -279,8 +310,10 @@ class FrameScheduler:
                     batch = self._launch(items, first)
                     if batch is not None:
                         in_flight.append(batch)
+            mark("launch")
             if in_flight and (batch is None or len(in_flight) >= _MAX_IN_FLIGHT or in_flight[0].first):
                 self._collect(in_flight.popleft())
+            mark("collect")
         for pending in in_flight:
             self._collect(pending)
         with self._cv:
@@ -291,6 +324,19 @@ class FrameScheduler:
             for _, future in self._calls:
                 future.cancel()
 
+    def _prepare_many(self, utts: list[Utterance]) -> None:
+        """Prepare utterances that arrived together in one batched call; on an error, one by one."""
+        assert isinstance(self.source, BatchPreparer)
+        try:
+            items = [PrepareItem(u.cache, u.samples_16k, u.n_frames, u.phonemes) for u in utts]
+            conds = self.source.prepare_many(items)
+        except BaseException:
+            for utt in utts:  # find out which one fails; the others still play
+                self._prepare(utt)
+            return
+        for utt, cond in zip(utts, conds, strict=True):
+            self._prepared(utt, cond)
+
     def _prepare(self, utt: Utterance) -> None:
         try:
             cond = self.source.prepare(utt.cache, utt.samples_16k, utt.n_frames, utt.phonemes)
@@ -299,6 +345,9 @@ class FrameScheduler:
                 utt.error = _as_gpu_error(exc)
                 self._cv.notify_all()
             return
+        self._prepared(utt, cond)
+
+    def _prepared(self, utt: Utterance, cond: Any) -> None:
         with self._cv:
             utt.cond = cond
             utt.t_prepared = time.perf_counter()
@@ -336,7 +385,15 @@ class FrameScheduler:
         return items, first
 
     def _launch(self, items: list[tuple[Utterance, int]], first: bool) -> _Batch | None:
-        requests = [FaceRequest(u.cond, int(u.frame_ids[k]), int(u.source_ids[k])) for u, k in items]
+        requests = [
+            FaceRequest(
+                u.cond,
+                int(u.frame_ids[k]),
+                int(u.source_ids[k]),
+                None if u.blend_weights is None else float(u.blend_weights[k]),
+            )
+            for u, k in items
+        ]
         now = time.perf_counter()
         for u, _ in items:
             if u.t_first_batch is None:
@@ -350,7 +407,7 @@ class FrameScheduler:
 
     def _collect(self, batch: _Batch) -> None:
         try:
-            faces = batch.pending.wait()  # (B, 256, 256, 3)
+            faces = batch.pending.wait()  # one face (or composed frame) per item
         except BaseException as exc:
             self._fail(batch.items, exc)
             return

@@ -247,6 +247,7 @@ class PreviewFaces:
     """FaceSource with no model: opens the avatar's mouth with the loudness envelope (see module doc)."""
 
     name = "preview"
+    composites = False  # faces go to the CPU blend pool
 
     def __init__(self, fps: int, batch_size: int = 8) -> None:
         self.fps = fps
@@ -268,7 +269,7 @@ class PreviewFaces:
     def submit(self, requests: Sequence[FaceRequest]) -> _Ready:
         """Each request's crop with its frame's opening: one of the avatar's own mouths, or the warp (synchronously)."""
         faces = np.empty((len(requests), FACE_SIZE_PX, FACE_SIZE_PX, 3), dtype=np.uint8)
-        for k, (cond, frame_id, source_id) in enumerate(requests):
+        for k, (cond, frame_id, source_id, _) in enumerate(requests):
             t0 = time.perf_counter()
             crop, landmarks = cond.crop(source_id)
             wanted = float(cond.openings[frame_id])

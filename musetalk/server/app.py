@@ -56,6 +56,7 @@ async def start_services(
 ) -> Services:
     """Build the voice engine and the renderer, check the avatars, warm up, start the render threads."""
     # serial = one clip at a time, start to encoded clip (the behaviour before the frame scheduler).
+    started_s = process_age_s()  # interpreter start, imports and uvicorn's own start-up, before any of ours
     threads = 1 if cfg.engine.scheduler == "serial" else cfg.server.queue_size
     worker = RenderPool(max_pending=cfg.server.queue_size, retry_after_s=cfg.server.retry_after_s, threads=threads)
     worker.start()
@@ -93,6 +94,7 @@ async def start_services(
             dtype=info.get("dtype"),
             avatars=",".join(configured_avatars(cfg)),
             tts=voice.name,
+            imports_s=round(started_s or 0.0, 2),
             load_ms=round(load_ms, 1),
             warmup_ms=round(warm_ms, 1),
             since_start_s=round(process_age_s() or 0.0, 2),

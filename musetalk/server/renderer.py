@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -132,9 +133,10 @@ class EngineRenderer:
     def warm_up(self) -> None:
         """Warm the audio path, start accelerating the batch shapes, render one short clip end to end.
 
-        With runtime.background_accelerate (default) CUDA graphs are captured and modules compiled in a
-        background thread while the server already serves eagerly; else all of it happens here first.
-        The warm-up clip also measures the host's cost per frame, from which capacity() is estimated.
+        With MuseTalk on CUDA and runtime.background_accelerate (default) the server is ready once the weights
+        are on the GPU: CUDA graphs are captured, modules compiled and the warm-up clip rendered in
+        background threads while requests are already served eagerly. Otherwise all of it happens here
+        first. The warm-up clip measures the host's cost per frame, from which capacity() is estimated.
         """
         source = self.engine.source
         if isinstance(source, MuseTalkFaces):
@@ -142,11 +144,22 @@ class EngineRenderer:
             if self.cfg.runtime.background_accelerate:
                 self._accelerator = threading.Thread(target=self._accelerate, name="musetalk-accelerate", daemon=True)
                 self._accelerator.start()
+                if self._device.startswith("cuda"):
+                    # The warm-up clip's eager batches autotune cuDNN for seconds; requests need not wait.
+                    threading.Thread(target=self._warm_clip_logged, name="musetalk-warmup", daemon=True).start()
+                    self.ready = True
+                    return
             else:
                 self.engine.on_gpu_thread(source.accelerate)
                 self._gen_fps = _full_batch_fps(source)
+        self._warm_clip()
+        self.ready = True
+
+    def _warm_clip(self) -> None:
+        """Render 0.5 s of noise end to end; keep the host's measured cost per frame."""
         rng = np.random.default_rng(0)
         audio = Audio((0.05 * rng.standard_normal(8000)).astype(np.float32), 16000)  # 0.5 s of noise
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             clip = self.engine.render(audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0).clip
         t = clip.timings_ms
@@ -156,7 +169,13 @@ class EngineRenderer:
         self._host_ms_per_frame = (t.get("blend_ms", 0.0) + t.get("encode_ms", 0.0) + faces_ms) / frames
         if not gpu_faces and faces_ms > 0:
             self._gen_fps = 1000.0 * frames / faces_ms
-        self.ready = True
+        log.info("warm-up clip rendered in %.0f ms", (time.perf_counter() - t0) * 1000)
+
+    def _warm_clip_logged(self) -> None:
+        try:
+            self._warm_clip()
+        except Exception:  # requests still render (eagerly); only the capacity estimate waits for acceleration
+            log.exception("background warm-up clip failed")
 
     def _accelerate(self) -> None:
         source = self.engine.source
