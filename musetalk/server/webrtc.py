@@ -38,6 +38,7 @@ from numpy.typing import NDArray
 from musetalk.avatar.cache import FrameStore
 from musetalk.config import AppConfig, WebRTCConfig
 from musetalk.errors import BadOffer, Busy, LiveUnavailable
+from musetalk.pipeline.encode import i420_video_frame
 from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, Viewer
 from musetalk.utils.logs import kv
 
@@ -123,7 +124,7 @@ class LiveVideoTrack(MediaStreamTrack):
         """The next tick's frame, stamped with its place on the stream's timeline."""
         tick = await self._viewer.video.get()
         self._on_tick(tick)
-        frame = av.VideoFrame.from_ndarray(tick.frame, format="yuv420p")
+        frame = i420_video_frame(tick.frame)  # copies without holding the GIL (many viewers, one process)
         frame.pts = round(tick.index * VIDEO_CLOCK_HZ / self._fps)
         frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
         return frame
