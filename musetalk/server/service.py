@@ -366,6 +366,8 @@ class SpeakService:
             await turnstile.wait(ticket)
             removed = await asyncio.to_thread(self.store.reset, sid)
             self._context.pop(sid, None)
+            self._base_clips.pop(sid, None)  # later requests count the (now empty) session again
+            self._seq.pop(sid, None)
         finally:
             self._done(sid, turnstile, ticket)
         log.info("reset %s", kv(session=sid, removed=removed))

@@ -93,9 +93,11 @@ class LiveUtterance:
 
     def tap(self, stream: FrameStream) -> Iterator[NDArray[np.uint8]]:
         """Engine.render's frame tap: each frame goes on the stream, then (once shown) to the encoder."""
-        pcm = fit_audio(stream.audio, stream.n_frames, self.fps, AUDIO_RATE_HZ)
+        if self._paced:  # the stream's audio (an unpaced utterance is only here so that it can be cut)
+            pcm = (fit_audio(stream.audio, stream.n_frames, self.fps, AUDIO_RATE_HZ) * 32767).astype(np.int16)
         with self._cond:
-            self._pcm = (pcm * 32767).astype(np.int16)
+            if self._paced:
+                self._pcm = pcm
             self.n_frames = stream.n_frames
             self.cursor = stream.plan.cursor
         emitted = 0
@@ -367,3 +369,6 @@ class LiveSession:
             raise
         except Exception:  # a broken avatar frame store must not take the server down; the stream ends
             log.exception("live stream of session %s stopped", self.session_id)
+            for utterance in self._queue:
+                utterance.set_paced(False)  # their renders must not wait for a clock that is gone
+            self._queue.clear()
