@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--standin-sigma", type=float, default=6.0, help="stand-in noise, grey levels")
     parser.add_argument("--skip-gfpgan-video", action="store_true", help="only the stand-in flicker run + stage")
+    parser.add_argument("--stage-only", action="store_true", help="only the server stage (no video, no dlib)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from musetalk.config import load_config
     from musetalk.enhance.restore import FaceRestorer
     from musetalk.enhance.stage import CROP_PX, MouthEnhancer
-    from musetalk.enhance.video import STAGES, enhance_video
-    from musetalk.faces import make_detector
+    from musetalk.enhance.video import STAGES
     from musetalk.models import load_models
     from musetalk.testing import write_gfpgan
 
@@ -134,50 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         assert bundle.gfpgan is not None
         results["dtype"] = str(bundle.dtype)
         restorer = FaceRestorer(bundle.gfpgan, args.batch)
-        detector = make_detector(cfg, name="dlib")
         h = args.height
-        src = tmp / "talk.mp4"
-        _video(src, args.frames, (h, h * 16 // 9 // 2 * 2))
-        # Warm-up (cuDNN autotune, allocator) on one batch, not timed.
-        restorer.restore(np.zeros((min(args.batch, 2), 512, 512, 3), np.uint8))
-        sync()
-        video: dict[str, Any] = {}
-        for temporal in () if args.skip_gfpgan_video else ("motion", "off"):
-            t0 = time.perf_counter()
-            res = enhance_video(cfg, restorer, detector, src, tmp / f"out_{temporal}.mp4", temporal=temporal,
-                                progress=False)  # fmt: skip
-            sync()
-            wall = time.perf_counter() - t0
-            video[temporal] = {
-                "frames": res.n_frames,
-                "faces": res.n_faces,
-                "wall_s": wall,
-                "frames_per_s": res.n_frames / wall,
-                "stage_s": res.seconds,
-                "flicker": res.flicker,
-            }
-        results["video"] = {"height": h, **video}
-
-        # Flicker mechanics with the deterministic stand-in (fast; same video, same pipeline).
-        standin: dict[str, Any] = {}
-        for temporal in ("off", "motion"):
-            fake = FaceRestorer(SharpenJitter(args.standin_sigma), args.batch)  # type: ignore[arg-type]
-            res = enhance_video(cfg, fake, detector, src, tmp / f"standin_{temporal}.mp4", weight=1.0,
-                                temporal=temporal, progress=False)  # fmt: skip
-            standin[temporal] = res.flicker
-        results["flicker_standin"] = standin
+        results["video"], results["flicker_standin"] = {}, {}
+        if not args.stage_only:
+            _video_runs(args, cfg, restorer, tmp, results, sync)
 
         stage: dict[str, Any] = {}
         enhancer = MouthEnhancer(
             FaceRestorer(bundle.gfpgan, batch_size=max(int(b) for b in args.stage_batches.split(","))), 0.5
         )
         for b in (int(v) for v in args.stage_batches.split(",")):
-            faces = torch.rand(b, 3, CROP_PX, CROP_PX, device=bundle.device)
-            enhancer.enhance_tensor(faces)
+            # As the server calls it: decoder-output uint8 BGR faces on the device, in and out.
+            faces = torch.randint(0, 256, (b, CROP_PX, CROP_PX, 3), dtype=torch.uint8, device=bundle.device)
+            enhancer.enhance_device(faces)
             sync()
             t0 = time.perf_counter()
             for _ in range(args.stage_reps):
-                enhancer.enhance_tensor(faces)
+                enhancer.enhance_device(faces)
             sync()
             per_batch = (time.perf_counter() - t0) / args.stage_reps
             stage[str(b)] = {"ms_per_batch": per_batch * 1000, "frames_per_s": b / per_batch}
@@ -203,6 +176,48 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
+
+
+def _video_runs(
+    args: argparse.Namespace, cfg: Any, restorer: Any, tmp: Path, results: dict[str, Any], sync: Any
+) -> None:
+    """enhance.py end to end on the 1080p video (GFPGAN, then the stand-in restorer for the flicker figures)."""
+    from musetalk.enhance.restore import FaceRestorer
+    from musetalk.enhance.video import enhance_video
+    from musetalk.faces import make_detector
+
+    detector = make_detector(cfg, name="dlib")
+    h = args.height
+    src = tmp / "talk.mp4"
+    _video(src, args.frames, (h, h * 16 // 9 // 2 * 2))
+    # Warm-up (cuDNN autotune, allocator) on one batch, not timed.
+    restorer.restore(np.zeros((min(args.batch, 2), 512, 512, 3), np.uint8))
+    sync()
+    video: dict[str, Any] = {}
+    for temporal in () if args.skip_gfpgan_video else ("motion", "off"):
+        t0 = time.perf_counter()
+        res = enhance_video(cfg, restorer, detector, src, tmp / f"out_{temporal}.mp4", temporal=temporal,
+                            progress=False)  # fmt: skip
+        sync()
+        wall = time.perf_counter() - t0
+        video[temporal] = {
+            "frames": res.n_frames,
+            "faces": res.n_faces,
+            "wall_s": wall,
+            "frames_per_s": res.n_frames / wall,
+            "stage_s": res.seconds,
+            "flicker": res.flicker,
+        }
+    results["video"] = {"height": h, **video}
+
+    # Flicker mechanics with the deterministic stand-in (fast; same video, same pipeline).
+    standin: dict[str, Any] = {}
+    for temporal in ("off", "motion"):
+        fake = FaceRestorer(SharpenJitter(args.standin_sigma), args.batch)  # type: ignore[arg-type]
+        res = enhance_video(cfg, fake, detector, src, tmp / f"standin_{temporal}.mp4", weight=1.0,
+                            temporal=temporal, progress=False)  # fmt: skip
+        standin[temporal] = res.flicker
+    results["flicker_standin"] = standin
 
 
 if __name__ == "__main__":

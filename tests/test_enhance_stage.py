@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,38 @@ def test_crop_placement_in_the_template_matches_a_detected_face() -> None:
         corners[[2, 3], 1].mean(),
     )
     assert np.allclose(measured, CROP_IN_TEMPLATE_PX, atol=6.0)
+
+
+def test_server_stage_restores_only_the_mouth_half_of_generated_faces(tiny_models_dir: Path) -> None:
+    """enhance.enabled: MuseTalkFaces runs the stage after the decoder; the build needs the GFPGAN weights."""
+    from musetalk.avatar.cache import cycle_index
+    from musetalk.errors import WeightsMissing
+    from musetalk.models import SERVE_PARTS
+    from musetalk.pipeline.generate import MuseTalkFaces
+    from musetalk.pipeline.synthetic import synthetic_avatar
+    from musetalk.server.renderer import build_renderer
+
+    base = [f"models.dir={tiny_models_dir}", "runtime.device=cpu"]
+    plain_cfg = load_config(overrides=base)
+    cfg = load_config(overrides=[*base, "enhance.enabled=true", "enhance.weight=1.0"])
+    bundle = load_models(cfg, SERVE_PARTS | {"gfpgan"})
+    avatar = synthetic_avatar(n_frames=4, height=96, width=128, vae=bundle.vae, vae_scale=bundle.vae_scale)
+    samples = (0.2 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 200)).astype(np.float32)  # 12 frames
+    faces = {}
+    for name, c in (("plain", plain_cfg), ("enhanced", cfg)):
+        source = MuseTalkFaces(bundle, c)
+        job = source.start(avatar, samples, 12)
+        ids = list(range(4))
+        faces[name] = np.array(job.submit(ids, [cycle_index(i, 4) for i in ids]).wait())
+    assert source.enhancer is not None
+    np.testing.assert_array_equal(faces["enhanced"][:, :128], faces["plain"][:, :128])  # the upper half: untouched
+    assert np.abs(faces["enhanced"][:, 160:].astype(int) - faces["plain"][:, 160:].astype(int)).mean() > 1
+
+    with pytest.raises(ValueError, match="GFPGAN"):
+        MuseTalkFaces(load_models(plain_cfg), cfg)  # enabled without the weights loaded
+    missing = tiny_models_dir.parent / "no-gfpgan"
+    shutil.copytree(tiny_models_dir, missing)
+    (missing / "gfpgan" / "GFPGANv1.4.pth").unlink()
+    with pytest.raises(WeightsMissing, match="GFPGAN"):
+        overrides = [f"models.dir={missing}", "runtime.device=cpu", "enhance.enabled=true", "server.renderer=musetalk"]
+        build_renderer(load_config(overrides=overrides))

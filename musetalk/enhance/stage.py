@@ -81,17 +81,23 @@ class MouthEnhancer:
         back = F.grid_sample(restored, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return faces_rgb + self._mask * (back - faces_rgb)
 
+    @torch.inference_mode()
+    def enhance_device(self, faces_bgr: torch.Tensor) -> torch.Tensor:
+        """(B, 256, 256, 3) BGR uint8 on the restorer's device → enhanced, same; rows above the boundary unchanged."""
+        if faces_bgr.ndim != 4 or tuple(faces_bgr.shape[1:]) != (CROP_PX, CROP_PX, 3):
+            raise ValueError(f"expected (B, {CROP_PX}, {CROP_PX}, 3) faces, got {tuple(faces_bgr.shape)}")
+        if self.weight == 0 or faces_bgr.shape[0] == 0:
+            return faces_bgr.clone()
+        rgb = faces_bgr.flip(-1).permute(0, 3, 1, 2).float() / 255
+        out = (self.enhance_tensor(rgb).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1)
+        # Exactly the input where the mask is 0 (float round trips of 8-bit values are exact, but say so).
+        boundary = int(np.ceil(UPPER_BOUNDARY_RATIO * CROP_PX))
+        out[:, :boundary] = faces_bgr[:, :boundary]
+        return out.contiguous()
+
     def enhance(self, faces_bgr: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """(B, 256, 256, 3) BGR uint8 → enhanced, same shape; rows above the boundary are unchanged."""
         if faces_bgr.ndim != 4 or faces_bgr.shape[1:] != (CROP_PX, CROP_PX, 3):
             raise ValueError(f"expected (B, {CROP_PX}, {CROP_PX}, 3) faces, got {faces_bgr.shape}")
-        if self.weight == 0 or len(faces_bgr) == 0:
-            return faces_bgr.copy()
         x = torch.from_numpy(np.ascontiguousarray(faces_bgr)).to(self.restorer.device)
-        rgb = x.flip(-1).permute(0, 3, 1, 2).float() / 255
-        out = (self.enhance_tensor(rgb).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).flip(-1)
-        result = out.cpu().numpy()
-        # Exactly the input where the mask is 0 (float round trips of 8-bit values are exact, but say so).
-        boundary = int(np.ceil(UPPER_BOUNDARY_RATIO * CROP_PX))
-        result[:, :boundary] = faces_bgr[:, :boundary]
-        return np.ascontiguousarray(result)
+        return np.ascontiguousarray(self.enhance_device(x).cpu().numpy())

@@ -1,5 +1,5 @@
 """Model loading: UNet, VAE, Whisper encoder, positional encoding, BiSeNet face parser, GFPGAN."""
 
-from musetalk.models.bundle import ModelBundle, load_models, missing_files, weights_present
+from musetalk.models.bundle import SERVE_PARTS, ModelBundle, load_models, missing_files, weights_present
 
-__all__ = ["ModelBundle", "load_models", "missing_files", "weights_present"]
+__all__ = ["SERVE_PARTS", "ModelBundle", "load_models", "missing_files", "weights_present"]

@@ -33,6 +33,8 @@ from torch import nn
 
 from musetalk.avatar.cache import AvatarCache
 from musetalk.config import AppConfig, project_path
+from musetalk.enhance.restore import FaceRestorer
+from musetalk.enhance.stage import MouthEnhancer
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
@@ -305,7 +307,11 @@ class MuseTalkFaces:
     name = "musetalk"
 
     def __init__(self, bundle: ModelBundle, cfg: AppConfig, composite: bool | None = None) -> None:
-        """`composite`: paste faces on the device (pipeline/composite.py); None = engine.gpu_blend on CUDA."""
+        """`composite`: paste faces on the device (pipeline/composite.py); None = engine.gpu_blend on CUDA.
+
+        With `enhance.enabled` the bundle must hold GFPGAN: every generated face's mouth half is restored
+        on the device right after the decoder (musetalk/enhance/stage.py), before blending.
+        """
         missing = [n for n in ("unet", "vae", "whisper", "feature_extractor", "pe") if getattr(bundle, n) is None]
         if missing:
             raise ValueError(f"MuseTalkFaces needs a bundle with {missing} loaded")
@@ -354,6 +360,12 @@ class MuseTalkFaces:
             composite = cuda and cfg.engine.gpu_blend and supports(cfg.blend)
         self.compositor = DeviceCompositor(cfg.blend, cfg.prep.expand, self.device) if composite else None
         self.composites = self.compositor is not None
+        self.enhancer: MouthEnhancer | None = None
+        if cfg.enhance.enabled:
+            if bundle.gfpgan is None:
+                raise ValueError("enhance.enabled needs the GFPGAN weights loaded (load_models with 'gfpgan')")
+            restorer = FaceRestorer(bundle.gfpgan, cfg.enhance.batch_size, cfg.enhance.fixed_noise)
+            self.enhancer = MouthEnhancer(restorer, cfg.enhance.weight)
 
     def _zero_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(size, 8, 32, 32) latents and (size, T, C) tokens of zeros, in the model dtype and layout."""
@@ -558,7 +570,7 @@ class MuseTalkFaces:
             t1 = time.perf_counter()
             faces = self.decode(pred)
             cpu_ms = ((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
-            return _Pending(self._outputs(requests, faces), n, shares, None, cpu_ms)
+            return _Pending(self._outputs(requests, self._enhanced(faces, n)), n, shares, None, cpu_ms)
         events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(4))
         start, mid, end, copied = events
         if graphs is not None:
@@ -577,9 +589,13 @@ class MuseTalkFaces:
             mid.record()
             out = decode(pred)
             end.record()
-        outputs = self._outputs(requests, out)  # ordered before the next replay overwrites `out`
+        outputs = self._outputs(requests, self._enhanced(out, n))  # ordered before the next replay overwrites `out`
         copied.record()
         return _Pending(outputs, n, shares, events, exclusive=self._exclusive)
+
+    def _enhanced(self, faces: torch.Tensor, n: int) -> torch.Tensor:
+        """The batch's first n faces (S, 256, 256, 3), their mouths restored when the enhance stage is on."""
+        return faces if self.enhancer is None else self.enhancer.enhance_device(faces[:n])
 
     def _outputs(self, requests: Sequence[FaceRequest], faces: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The batch's results in host memory: (n, 256, 256, 3) faces, or one tensor per request when composing.

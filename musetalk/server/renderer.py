@@ -24,7 +24,7 @@ from musetalk.avatar.cache import FrameStore
 from musetalk.avatar.store import avatar_dir
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotFound, AvatarNotPrepared, ConfigError, WeightsMissing
-from musetalk.models import ModelBundle, load_models, missing_files
+from musetalk.models import SERVE_PARTS, ModelBundle, load_models, missing_files
 from musetalk.pipeline.audio import WHISPER_RATE_HZ, resample
 from musetalk.pipeline.engine import Engine, FrameTap
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
@@ -247,12 +247,14 @@ def build_renderer(cfg: AppConfig) -> Renderer:
     `preparation: true` the default avatar is prepared from `video_path` first when needed.
     """
     name = resolve_renderer(cfg)
+    # The optional enhance stage restores generated mouths with GFPGAN: its weights are then needed too.
+    parts = SERVE_PARTS | {"gfpgan"} if cfg.enhance.enabled else SERVE_PARTS
     if name == "musetalk":
-        missing = missing_files(cfg.models)
+        missing = missing_files(cfg.models, parts)
         if missing:
             raise WeightsMissing(missing)
     avatars = {a: _ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
-    return engine_renderer(cfg, avatars, load_models(cfg) if name == "musetalk" else None)
+    return engine_renderer(cfg, avatars, load_models(cfg, parts) if name == "musetalk" else None)
 
 
 def engine_renderer(cfg: AppConfig, avatars: dict[str, AvatarCache], bundle: ModelBundle | None) -> EngineRenderer:
