@@ -36,6 +36,7 @@ from musetalk.server.viewer import LiveViewer, MouthMeter, Received, rms
 from musetalk.utils.ffmpeg import probe
 
 RATE_HZ = 16_000
+NTP_UNIX_OFFSET_S = 2_208_988_800  # NTP counts from 1900, the host clock from 1970
 LOUD_RMS = 500  # int16 RMS of a voiced 20 ms packet (the test voices are ~2000-5000; silence is 0)
 
 
@@ -175,7 +176,7 @@ def test_speech_is_heard_and_lips_move_only_while_voiced_in_sync(live: Live) -> 
 
 @pytest.mark.slow
 def test_interrupt_returns_to_idle_quickly_and_the_record_keeps_the_cut_utterance(live: Live) -> None:
-    async def session() -> tuple[Received, float, httpx.Response, httpx.Response, dict[str, Any]]:
+    async def session() -> tuple[Received, float, float, httpx.Response, httpx.Response, dict[str, Any]]:
         async with LiveViewer(live.url, "barge", reduce_frame=live.meter) as viewer:
             loop = asyncio.get_running_loop()
             long = asyncio.ensure_future(_post_audio(live.url, _wav([("voice", 6.0)]), "barge"))
@@ -184,20 +185,24 @@ def test_interrupt_returns_to_idle_quickly_and_the_record_keeps_the_cut_utteranc
                 await asyncio.sleep(0.02)
             queued = asyncio.ensure_future(_post_audio(live.url, _wav([("voice", 1.0)]), "barge"))
             await asyncio.sleep(1.5)
-            t_interrupt = loop.time()
+            t_interrupt, wall_interrupt = loop.time(), time.time()
             async with httpx.AsyncClient(timeout=10) as client:
                 stop = (await client.post(f"{live.url}/sessions/barge/interrupt")).json()
             cut, dropped = await long, await queued
             await asyncio.sleep(1.0)
-            return viewer.received, t_interrupt, cut, dropped, stop
+            return viewer.received, t_interrupt, wall_interrupt, cut, dropped, stop
 
-    r, t_interrupt, cut, dropped, stop = asyncio.run(session())
+    r, t_interrupt, wall_interrupt, cut, dropped, stop = asyncio.run(session())
     assert stop == {"session_id": "barge", "cut": 1, "dropped": 1}
     assert dropped.status_code == 409 and dropped.json()["error"] == "Interrupted"
+    # On the stream's own clock (the server's, through the sender reports; the same host clock as the
+    # test's): the last audible 20 ms end within 200 ms of sending the interrupt.
+    loud = [r.sender_time_s("audio", pts) - NTP_UNIX_OFFSET_S for _, pts, a in r.audio if rms(a) > LOUD_RMS]
+    assert 0 <= max(loud) + 0.02 - wall_interrupt <= 0.2
+    # At the viewer, after its jitter buffer and decoding (on a busy machine this adds a little).
     loud_after = [t for t, _, a in r.audio if t > t_interrupt and rms(a) > LOUD_RMS]
-    silent_after = (max(loud_after) - t_interrupt) if loud_after else 0.0
-    assert silent_after <= 0.2  # the stream is silent within 200 ms of the interrupt
-    assert r.events[-1][1] == {"type": "idle"}
+    assert (max(loud_after) + 0.02 - t_interrupt if loud_after else 0.0) <= 0.3
+    assert r.events[-1][1]["type"] == "idle"
     assert max(m for t, _, (_, m) in r.video if t > t_interrupt + 0.3) < 5.0  # mouth closed again
 
     assert cut.status_code == 200 and cut.json()["interrupted"], cut.text
