@@ -105,7 +105,7 @@ def build_app(cfg: AppConfig, env: Mapping[str, str] | None = None, **create_kwa
     """The server app with the web app's chat routes mounted (one process, one GPU worker)."""
     from musetalk.server.app import create_app
     from webapp.backend.routes import chat_router_from_config
-    from webapp.backend.service import SpeakOutcome
+    from webapp.backend.service import LiveSpeech, SpeakOutcome
 
     def speak(text: str, session_id: str) -> SpeakOutcome:
         """Blocking bridge for chat jobs: the same TTS → render → append path as POST /speak."""
@@ -115,8 +115,35 @@ def build_app(cfg: AppConfig, env: Mapping[str, str] | None = None, **create_kwa
         done = asyncio.run_coroutine_threadsafe(services.speaker.speak_text(text, session_id), loop).result()
         return SpeakOutcome(done.video_url, done.clip_start_s, done.clip_duration_s, done.session_duration_s)
 
-    app = create_app(cfg, routers=[chat_router_from_config(cfg, speak, os.environ if env is None else env)],
-                     **create_kwargs)
+    def running() -> tuple[Any, asyncio.AbstractEventLoop]:
+        services, loop = app.state.services, getattr(app.state, "loop", None)
+        if services is None or loop is None or not services.ready:
+            raise Busy("the server is still starting")
+        return services, loop
+
+    def speak_live(text: str, session_id: str) -> LiveSpeech:
+        """Queue a sentence on the session (its place taken now) and return at once; it plays when rendered."""
+        services, loop = running()
+        ticket = asyncio.run_coroutine_threadsafe(services.speaker.admit_text(text, session_id), loop).result()
+        done = asyncio.run_coroutine_threadsafe(services.speaker.finish_text(ticket, text, None, None), loop)
+
+        def wait() -> SpeakOutcome:
+            r = done.result()
+            return SpeakOutcome(r.video_url, r.clip_start_s, r.clip_duration_s, r.session_duration_s)
+
+        return LiveSpeech(ticket.utterance, wait)
+
+    def interrupt(session_id: str) -> None:
+        """Stop what the session is saying (on the event loop, where the session's state lives)."""
+        services, loop = running()
+
+        async def stop() -> None:
+            services.speaker.interrupt(session_id)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result()
+
+    router = chat_router_from_config(cfg, speak, os.environ if env is None else env, speak_live, interrupt)
+    app = create_app(cfg, routers=[router], **create_kwargs)
     return app
 
 

@@ -249,6 +249,30 @@ class WebappConfig(_Section):
     poll_interval_ms: int = Field(default=500, ge=100, le=10000)  # how often the page polls /status
 
 
+class IceServer(_Section):
+    """A STUN or TURN server handed to the WebRTC peer connections (as in the browser's RTCIceServer)."""
+
+    urls: tuple[str, ...]  # e.g. ["stun:stun.example.org:3478"] or ["turn:turn.example.org:3478?transport=udp"]
+    username: str | None = None  # TURN only
+    credential: str | None = None  # TURN only
+
+
+class WebRTCConfig(_Section):
+    """The live stream of a session (POST /sessions/{id}/offer): ICE, buffering, viewer limits."""
+
+    # STUN/TURN servers for viewers behind NAT; empty = host candidates only (loopback and LAN work).
+    ice_servers: tuple[IceServer, ...] = ()
+    # Addresses offered as host candidates; empty = 127.0.0.1 alone when the HTTP server is bound to a
+    # loopback address, else every interface's address.
+    host_addresses: tuple[str, ...] = ()
+    buffer_frames: int = Field(default=50, ge=1, le=1000)  # rendered frames kept ahead of the stream
+    # An utterance goes on air once this many of its frames are rendered: enough that the next batch is
+    # ready before they have played (a stall right after the first frame looks and sounds worse).
+    start_frames: int = Field(default=4, ge=1, le=250)
+    viewer_timeout_s: float = Field(default=10.0, gt=0)  # a viewer silent (no RTCP) this long is dropped
+    max_viewers_per_session: int = Field(default=4, ge=1, le=64)  # more → 503
+
+
 class ServerConfig(_Section):
     """The warm HTTP server (server_fast): address, limits, sessions, logging, auth."""
 
@@ -283,6 +307,7 @@ class ServerConfig(_Section):
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
     log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    webrtc: WebRTCConfig = WebRTCConfig()
 
 
 class TTSConfig(_Section):

@@ -74,6 +74,18 @@ class Busy(MuseTalkError):
         super().__init__(message)
 
 
+class Interrupted(MuseTalkError):
+    """An utterance was stopped by an interrupt (POST /sessions/{id}/interrupt) before any of it was shown."""
+
+
+class BadOffer(MuseTalkError):
+    """A WebRTC offer that cannot be answered (not SDP, or asking for neither video nor audio)."""
+
+
+class LiveUnavailable(MuseTalkError):
+    """The configured renderer cannot feed a live stream (it renders whole clips only)."""
+
+
 class GpuOutOfMemory(Busy):
     """The GPU ran out of memory for this request; the server keeps serving."""
 

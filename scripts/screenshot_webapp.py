@@ -29,6 +29,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
     "--disable-quic",
+    # The server offers 127.0.0.1 alone when bound to loopback; Chromium leaves loopback out of WebRTC without this.
+    "--allow-loopback-in-peer-connection",
 ]
 MP4_TYPE = 'video/mp4; codecs="avc1.42E01E, mp4a.40.2"'
 

@@ -231,6 +231,7 @@ def test_real_server_chat_round_trip(browser: Any, real_server_url: str) -> None
     ui = Page(browser, real_server_url, 1280, 800)
     try:
         page = ui.page
+        page.goto(f"{real_server_url}/?clips")  # clip mode: the live page is tested below
         page.locator("#engine").filter(has_text="Built-in responder (offline)").wait_for()
         # send_and_wait returns only once the <video> holds the reply's (cache-busted) source with
         # readyState >= 2; readyState itself may drop again right after (seeking, end of a short clip).
@@ -240,6 +241,47 @@ def test_real_server_chat_round_trip(browser: Any, real_server_url: str) -> None
         assert done["clip_duration_s"] > 0.5
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webapp-real-server.png"))
+        assert not ui.errors, ui.errors
+    finally:
+        ui.context.close()
+
+
+DECODED_FRAMES_JS = "() => document.getElementById('avatar').getVideoPlaybackQuality().totalVideoFrames"
+
+
+@pytest.mark.slow
+def test_live_chat_page_idles_speaks_and_is_interrupted(browser: Any, real_server_url: str) -> None:
+    """The page on the live stream: a MediaStream whose decoded frames grow while idle, a reply spoken on it,
+    a second message interrupting the first, no console errors."""
+    ui = Page(browser, real_server_url, 1280, 800)
+    try:
+        page = ui.page
+        page.locator("body[data-mode=live]").wait_for(timeout=30_000)
+        assert page.evaluate("() => document.getElementById('avatar').srcObject instanceof MediaStream")
+        assert page.locator("#placeholder").is_hidden()
+        page.wait_for_function(f"() => ({DECODED_FRAMES_JS})() > 0", timeout=15_000)
+        idle_start = page.evaluate(DECODED_FRAMES_JS)
+        page.wait_for_timeout(2000)
+        assert page.evaluate(DECODED_FRAMES_JS) - idle_start >= 25  # ~50 expected at 25 fps: never frozen
+
+        page.get_by_label("Message").fill("Hello! Who are you?")
+        page.get_by_label("Message").press("Enter")
+        page.locator("body[data-on-air]").wait_for(timeout=30_000)
+        page.get_by_role("status").filter(has_text="Speaking sentence 1").wait_for(timeout=10_000)
+        first = int(page.evaluate("() => document.body.dataset.onAir"))
+
+        page.get_by_label("Message").fill("Tell me more, please.")  # while the avatar talks: barge-in
+        page.get_by_label("Message").press("Enter")
+        bubbles = page.locator("#messages .msg-bot")
+        bubbles.nth(0).and_(page.locator("[data-status=interrupted]")).wait_for(timeout=10_000)
+        page.wait_for_function(
+            f"() => Number(document.body.dataset.onAir || 0) > {first} "
+            "&& document.querySelectorAll('#messages .msg-bot')[1].dataset.status !== 'error'",
+            timeout=30_000,
+        )
+        bubbles.nth(1).and_(page.locator("[data-status=done]")).wait_for(timeout=60_000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webapp-live.png"))
         assert not ui.errors, ui.errors
     finally:
         ui.context.close()

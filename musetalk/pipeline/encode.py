@@ -160,8 +160,13 @@ def write_clip(
     fps: int,
     cfg: EncodeConfig,
     pix_fmt: Literal["bgr24", "yuv420p"] = "bgr24",
+    *,
+    allow_fewer: bool = False,
 ) -> Clip:
     """Encode `n_frames` frames + audio to `path` (and `path`.wav).
+
+    With `allow_fewer`, frames may end early (an utterance cut off by an interrupt): the clip then holds
+    the frames that came, with the audio cut at the same instant; at least one frame is needed.
 
     Frames are BGR (H, W, 3) uint8, or with pix_fmt="yuv420p" planar I420 (H·3/2, W) uint8 as made by
     cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420) — converting in the producer's threads takes that work
@@ -212,10 +217,6 @@ def write_clip(
             astream = container.add_stream("aac", rate=cfg.audio_rate, layout="mono")
             astream.bit_rate = cfg.audio_bitrate_kbps * 1000
 
-            for af in audio_frames([pcm], cfg.audio_rate):
-                container.mux(astream.encode(af))
-            container.mux(astream.encode(None))
-
             frames_in = itertools.chain([first], frame_iter)
             try:
                 while True:
@@ -236,7 +237,7 @@ def write_clip(
                     else:
                         container.mux(vstream.encode(vf))
                     count += 1
-                if count != n_frames:
+                if count != n_frames and not (allow_fewer and count < n_frames):
                     raise InputError(f"expected {n_frames} frames, got {count}")
                 if segments is not None:
                     for packet in segments.packets():
@@ -247,6 +248,11 @@ def write_clip(
             finally:
                 if segments is not None:
                     segments.close()
+            # Audio after the video, so that a clip cut short gets exactly its frames' audio.
+            pcm = pcm[: count * cfg.audio_rate // fps]
+            for af in audio_frames([pcm], cfg.audio_rate):
+                container.mux(astream.encode(af))
+            container.mux(astream.encode(None))
         sf.write(str(wav_tmp), pcm, cfg.audio_rate, subtype="PCM_16", format="WAV")
         os.replace(wav_tmp, wav_path)
         os.replace(tmp, path)
@@ -258,7 +264,7 @@ def write_clip(
     total_ms = (time.perf_counter() - t0) * 1000
     return Clip(
         path=path,
-        n_frames=n_frames,
+        n_frames=count,
         fps=fps,
         audio_path=wav_path,
         timings_ms={

@@ -59,6 +59,9 @@ _POLL_S = 0.1
 _ABANDONED_AFTER_S = 120.0  # a full queue nobody drains for this long means the consumer is gone
 
 
+FrameTap = Callable[["FrameStream"], Iterator[NDArray[np.uint8]]]  # Engine.render's optional view of its frames
+
+
 class RenderResult(NamedTuple):
     """A finished clip and where the avatar cycle continues for the next clip of the session."""
 
@@ -316,16 +319,26 @@ class Engine:
         cursor: int = 0,
         *,
         left_context_16k: NDArray[np.float32] | None = None,
+        frame_tap: FrameTap | None = None,
     ) -> RenderResult:
-        """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip."""
+        """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip.
+
+        frame_tap: sees the stream and passes its I420 frames on to the encoder (e.g. showing each on a live
+        stream first); when it ends early the clip holds only the frames it passed, audio cut to match.
+        """
         t0 = time.perf_counter()
         with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k) as stream:
-            clip = write_clip(stream, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p")
+            frames = frame_tap(stream) if frame_tap is not None else stream
+            clip = write_clip(
+                frames, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p",
+                allow_fewer=frame_tap is not None,
+            )
             timings = {**stream.timings_ms, **clip.timings_ms}
         total_ms = (time.perf_counter() - t0) * 1000
         timings["total_ms"] = total_ms
-        timings["fps"] = stream.n_frames / (total_ms / 1000) if total_ms > 0 else 0.0
-        return RenderResult(replace(clip, timings_ms=timings), stream.next_cursor)
+        timings["fps"] = clip.n_frames / (total_ms / 1000) if total_ms > 0 else 0.0
+        next_cursor = (cursor + clip.n_frames) % (2 * cache.n_frames)  # = the plan's, unless cut short
+        return RenderResult(replace(clip, timings_ms=timings), next_cursor)
 
     def on_gpu_thread(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the scheduler's GPU thread, between batches, and wait for it."""

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -30,10 +30,11 @@ from musetalk.server.middleware import (
     SiteGuard,
     default_allowed_hosts,
 )
-from musetalk.server.renderer import RendererFactory, renderer_factory
+from musetalk.server.renderer import LiveRenderer, RendererFactory, renderer_factory
 from musetalk.server.routes import router
 from musetalk.server.service import SpeakService
 from musetalk.server.uploads import UploadGate
+from musetalk.server.webrtc import LiveHub
 from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
@@ -75,7 +76,10 @@ async def start_services(
         warm_ms = (time.perf_counter() - t0) * 1000
         results_dir = project_path(cfg.server.results_dir)
         store = SessionStore(results_dir, cfg.server.default_session, cfg.fps, cfg.encode)
-        speaker = SpeakService(cfg, renderer, voice, store, worker)
+        hub = LiveHub(
+            cfg, renderer.avatar_frames if isinstance(renderer, LiveRenderer) else None, _session_start(cfg, store)
+        )
+        speaker = SpeakService(cfg, renderer, voice, store, worker, hub)
     except BaseException:
         worker.stop()
         if renderer is not None:
@@ -98,7 +102,19 @@ async def start_services(
             results=results_dir,
         ),
     )
-    return Services(cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, ready=True)
+    return Services(
+        cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, hub=hub, ready=True
+    )
+
+
+def _session_start(cfg: AppConfig, store: SessionStore) -> Callable[[str], tuple[str, int]]:
+    """Where a session's live stream starts: its avatar (the configured one if it has no clips) and cursor."""
+
+    def start(session_id: str) -> tuple[str, int]:
+        state = store.state(session_id)
+        return state.avatar_id or cfg.avatar_id, state.cursor
+
+    return start
 
 
 def _close_renderer(renderer: Renderer) -> None:
@@ -133,6 +149,7 @@ def create_app(
             yield
         finally:
             services.ready = False
+            await services.hub.close()
             services.worker.stop()
             _close_renderer(services.renderer)
             services.store.close()

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from musetalk.config import AppConfig
 from musetalk.errors import Busy
 from musetalk.server.service import SpeakService
+from musetalk.server.webrtc import LiveHub
 from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
@@ -26,6 +27,7 @@ class Services:
     store: SessionStore
     worker: RenderPool
     speaker: SpeakService
+    hub: LiveHub
     ready: bool = False
 
 

@@ -13,10 +13,13 @@ from musetalk.config import PROJECT_ROOT
 from musetalk.errors import (
     AvatarNotFound,
     AvatarNotPrepared,
+    BadOffer,
     Busy,
     ConfigError,
     FfmpegFailed,
     InputError,
+    Interrupted,
+    LiveUnavailable,
     MuseTalkError,
     PayloadTooLarge,
     RangeNotSatisfiable,
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: tuple[tuple[type[MuseTalkError], int], ...] = (
     (PayloadTooLarge, 413),
+    (BadOffer, 400),
+    (LiveUnavailable, 501),
     (RangeNotSatisfiable, 416),
     (InputError, 422),
     (AvatarNotFound, 404),
@@ -41,6 +46,7 @@ STATUS_BY_ERROR: tuple[tuple[type[MuseTalkError], int], ...] = (
     (AvatarNotPrepared, 409),
     (SessionLocked, 409),
     (SessionConflict, 409),
+    (Interrupted, 409),
     (TTSFailed, 502),
     (Busy, 503),
     (WeightsMissing, 503),

@@ -15,17 +15,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from musetalk.avatar import AvatarCache, load_avatar, prepare_avatar
+from musetalk.avatar.cache import FrameStore
 from musetalk.avatar.store import avatar_dir
 from musetalk.config import AppConfig, project_path
 from musetalk.errors import AvatarNotFound, AvatarNotPrepared, ConfigError, WeightsMissing
 from musetalk.models import SERVE_PARTS, ModelBundle, load_models, missing_files
 from musetalk.pipeline.audio import WHISPER_RATE_HZ, resample
-from musetalk.pipeline.engine import Engine
+from musetalk.pipeline.engine import Engine, FrameTap
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
 from musetalk.render.preview import PreviewFaces
 from musetalk.types import Audio, Clip, Renderer
@@ -35,7 +36,28 @@ log = logging.getLogger(__name__)
 RendererFactory = Callable[[AppConfig], Renderer]
 CAPACITY_HEADROOM = 0.8  # auto max_live_sessions keeps this share of the measured frames/s
 BUILT_IN = ("auto", "musetalk", "preview")
+PREVIEW_BATCH_FRAMES = 4
 SWITCH_HINT = "preview renderer (no MuseTalk weights): run `make weights`, then restart, to serve MuseTalk"
+
+
+@runtime_checkable
+class LiveRenderer(Protocol):
+    """A renderer that can feed a session's live stream: it shows an avatar's source frames while idle and
+    lets a frame tap see each frame of a clip as it is blended (EngineRenderer does)."""
+
+    def avatar_frames(self, avatar_id: str) -> FrameStore:
+        """The avatar's source frames, (H, W, 3) BGR uint8 each (its idle cycle)."""
+
+    def render(
+        self,
+        audio: Audio,
+        out_path: Path,
+        avatar_id: str,
+        cursor: int,
+        left_context: Audio | None = None,
+        frame_tap: FrameTap | None = None,
+    ) -> tuple[Clip, int]:
+        """As Renderer.render; `frame_tap` passes the I420 frames on to the encoder and may end the clip early."""
 
 
 def resolve_renderer(cfg: AppConfig) -> str:
@@ -187,12 +209,25 @@ class EngineRenderer:
         return {**self.engine.scheduler.stats(), "accelerated": self.engine.source.accelerated()}
 
     def render(
-        self, audio: Audio, out_path: Path, avatar_id: str, cursor: int, left_context: Audio | None = None
+        self,
+        audio: Audio,
+        out_path: Path,
+        avatar_id: str,
+        cursor: int,
+        left_context: Audio | None = None,
+        frame_tap: FrameTap | None = None,
     ) -> tuple[Clip, int]:
-        """One clip of `avatar_id` from `cursor`; returns it and the next cursor (callable from many threads)."""
+        """One clip of `avatar_id` from `cursor`; returns it and the next cursor (callable from many threads).
+        `frame_tap` sees every frame before the encoder (the live stream) and may end the clip early."""
         context = resample(left_context, WHISPER_RATE_HZ) if left_context is not None else None
-        result = self.engine.render(audio, self._cache(avatar_id), out_path, cursor, left_context_16k=context)
+        result = self.engine.render(
+            audio, self._cache(avatar_id), out_path, cursor, left_context_16k=context, frame_tap=frame_tap
+        )
         return result.clip, result.next_cursor
+
+    def avatar_frames(self, avatar_id: str) -> FrameStore:
+        """The avatar's source frames (what the live stream shows while idle)."""
+        return self._cache(avatar_id).frames
 
     def close(self) -> None:
         """Stop the engine's threads."""
@@ -229,7 +264,9 @@ def engine_renderer(cfg: AppConfig, avatars: dict[str, AvatarCache], bundle: Mod
         source = MuseTalkFaces(bundle, cfg)
         device, dtype = str(bundle.device), str(bundle.dtype).removeprefix("torch.")
     else:
-        source = PreviewFaces(cfg.fps, cfg.batch_size)
+        # The preview makes faces one at a time on the CPU, so a batch only sets how many are handed over at
+        # once: small batches reach the live stream sooner at the same throughput.
+        source = PreviewFaces(cfg.fps, min(cfg.batch_size, PREVIEW_BATCH_FRAMES))
         device, dtype = "cpu", "uint8"
     renderer = EngineRenderer(cfg, Engine(cfg, source), avatars, device, dtype)
     for cache in avatars.values():

@@ -1,19 +1,29 @@
-"""HTTP routes: /speak, /speak_audio, /reset, /sessions/{id}/video, /health."""
+"""HTTP routes: /speak, /speak_audio, /reset, /sessions/{id}/video, /sessions/{id}/offer, /sessions/{id}/interrupt,
+/health."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from musetalk.config import ID_PATTERN
-from musetalk.errors import PayloadTooLarge
+from musetalk.errors import BadOffer, PayloadTooLarge
 from musetalk.server.deps import Services, ServicesDep, SpeakServiceDep
-from musetalk.server.schemas import HealthResponse, ResetResponse, SpeakRequest, SpeakResponse
-from musetalk.server.service import SpeakResult
+from musetalk.server.schemas import (
+    AcceptedResponse,
+    HealthResponse,
+    InterruptResponse,
+    OfferRequest,
+    OfferResponse,
+    ResetResponse,
+    SpeakRequest,
+    SpeakResponse,
+)
+from musetalk.server.service import Accepted, SpeakResult
 from musetalk.server.uploads import SLOT_STATE_KEY, UploadSlot
 from musetalk.server.video import CommittedFileResponse, byte_range
 from musetalk.utils.audio_io import decode_audio_file
@@ -37,14 +47,30 @@ def _response(result: SpeakResult) -> SpeakResponse:
         video_path=str(result.video_path),
         video_url=result.video_url,
         timings_ms={k: round(v, 1) for k, v in result.timings_ms.items()},
+        utterance=result.utterance,
+        interrupted=result.interrupted,
     )
 
 
-@router.post("/speak", response_model=SpeakResponse)
-async def speak(body: SpeakRequest, speaker: SpeakServiceDep) -> SpeakResponse:
-    """TTS the text, render it on the avatar and append the clip to the session video."""
-    result = await speaker.speak_text(body.text, body.session_id, body.avatar_id, body.voice, body.rate)
-    return _response(result)
+def _accepted(accepted: Accepted) -> JSONResponse:
+    body = AcceptedResponse(session_id=accepted.session_id, clip_index=accepted.clip_index,
+                            utterance=accepted.utterance)
+    return JSONResponse(body.model_dump(), status_code=202)
+
+
+SPEAK_RESPONSES: dict[int | str, dict[str, Any]] = {202: {"model": AcceptedResponse, "description": '"wait": false'}}
+
+
+@router.post("/speak", response_model=SpeakResponse, responses=SPEAK_RESPONSES)
+async def speak(body: SpeakRequest, speaker: SpeakServiceDep) -> SpeakResponse | JSONResponse:
+    """TTS the text, render it on the avatar (and the session's live stream) and append the clip to the
+    session video; with "wait": false answer 202 at once."""
+    request = await speaker.admit_text(body.text, body.session_id, body.avatar_id, interrupt=body.interrupt)
+    work = speaker.finish_text(request, body.text, body.voice, body.rate)
+    if not body.wait:
+        speaker.in_background(work)
+        return _accepted(speaker.accepted(request))
+    return _response(await work)
 
 
 @router.post("/speak_audio", response_model=SpeakResponse)
@@ -54,7 +80,9 @@ async def speak_audio(
     file: Annotated[UploadFile, File(description="wav, mp3, ogg, flac or webm")],
     session_id: Annotated[str | None, Form(pattern=ID_PATTERN)] = None,
     avatar_id: Annotated[str | None, Form(pattern=ID_PATTERN)] = None,
-) -> SpeakResponse:
+    wait: Annotated[bool, Form()] = True,
+    interrupt: Annotated[bool, Form()] = False,
+) -> SpeakResponse | JSONResponse:
     """Same as /speak with the caller's own audio instead of TTS."""
     limit = services.cfg.server.max_upload_bytes
     if file.size is None or file.size > limit:
@@ -66,8 +94,11 @@ async def speak_audio(
     finally:
         if slot is not None:
             slot.release()
-    result = await services.speaker.speak_audio(audio, session_id, avatar_id)
-    return _response(result)
+    if not wait:
+        ticket = await services.speaker.admit_audio(audio, session_id, avatar_id, interrupt=interrupt)
+        services.speaker.in_background(services.speaker.finish_audio(ticket, audio))
+        return _accepted(services.speaker.accepted(ticket))
+    return _response(await services.speaker.speak_audio(audio, session_id, avatar_id, interrupt=interrupt))
 
 
 @router.api_route("/reset", methods=["GET", "POST"], response_model=ResetResponse)
@@ -94,6 +125,28 @@ async def session_video(
     return CommittedFileResponse(file, size, span, media_type="video/mp4")
 
 
+@router.post("/sessions/{session_id}/offer", response_model=OfferResponse)
+async def offer(
+    body: OfferRequest, services: ServicesDep, session_id: Annotated[str, Path(pattern=ID_PATTERN)]
+) -> OfferResponse:
+    """WebRTC: answer a viewer's SDP offer with the session's live video (the avatar, idle when silent) and
+    audio (Opus 48 kHz)."""
+    if body.type != "offer":
+        raise BadOffer(f'type must be "offer", not {body.type!r}')
+    answer = await services.hub.offer(session_id, body.sdp, body.type)
+    return OfferResponse(sdp=answer.sdp, type=answer.type)
+
+
+@router.post("/sessions/{session_id}/interrupt", response_model=InterruptResponse)
+async def interrupt(
+    speaker: SpeakServiceDep, session_id: Annotated[str, Path(pattern=ID_PATTERN)]
+) -> InterruptResponse:
+    """Stop what the session is saying (the stream returns to idle; the record keeps the utterance cut where it
+    stopped) and drop its queued requests."""
+    done = speaker.interrupt(session_id)
+    return InterruptResponse(session_id=session_id, cut=int(done["cut"]), dropped=int(done["dropped"]))
+
+
 @router.get("/health", response_model=HealthResponse)
 async def health(request: Request) -> JSONResponse | HealthResponse:
     """Ready, renderer, device, dtype, avatars loaded, TTS engine, load."""
@@ -115,4 +168,5 @@ async def health(request: Request) -> JSONResponse | HealthResponse:
         live_sessions=services.speaker.live_sessions,
         capacity=capacity() if callable(capacity) else {"max_live_sessions": services.speaker.max_live_sessions()},
         scheduler=stats() if callable(stats) else {},
+        live=services.hub.stats(),
     )

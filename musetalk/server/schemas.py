@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from musetalk.config import ID_PATTERN, VOICE_PATTERN
 from musetalk.utils.text import speech_text_problem
@@ -23,6 +23,8 @@ class SpeakRequest(BaseModel):
     avatar_id: StrictStr | None = Field(default=None, pattern=ID_PATTERN)
     voice: StrictStr | None = Field(default=None, pattern=VOICE_PATTERN)
     rate: StrictFloat | StrictInt | None = Field(default=None, ge=0.25, le=4.0)
+    wait: StrictBool = True  # false: 202 at once with the clip index (live use); the clip is appended later
+    interrupt: StrictBool = False  # first stop what the session is saying and drop its queued requests
 
     @field_validator("text")
     @classmethod
@@ -48,6 +50,40 @@ class SpeakResponse(BaseModel):
     video_path: str
     video_url: str
     timings_ms: dict[str, float]
+    utterance: int  # the live stream's events name the utterance by this id
+    interrupted: bool  # cut by an interrupt: the clip holds what was shown until then
+
+
+class AcceptedResponse(BaseModel):
+    """What /speak and /speak_audio return (202) with "wait": false."""
+
+    session_id: str
+    clip_index: int  # where the clip lands in the session, unless a request queued before it fails
+    utterance: int
+
+
+class OfferRequest(BaseModel):
+    """POST /sessions/{id}/offer body: the viewer's SDP offer (RTCSessionDescription)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sdp: StrictStr = Field(max_length=60_000)
+    type: StrictStr
+
+
+class OfferResponse(BaseModel):
+    """The server's SDP answer (all its ICE candidates inside; no trickle)."""
+
+    sdp: str
+    type: str
+
+
+class InterruptResponse(BaseModel):
+    """What POST /sessions/{id}/interrupt did."""
+
+    session_id: str
+    cut: int  # utterances stopped while rendering or playing (the record keeps what was shown)
+    dropped: int  # queued requests dropped before they rendered (they answer 409 Interrupted)
 
 
 class ResetResponse(BaseModel):
@@ -74,6 +110,7 @@ class HealthResponse(BaseModel):
     # live_utterances, frames_per_s and lateness_p95_ms over the last 10 s, and how each batch shape runs
     # ("eager", "graphs", "compiled+graphs", ...)
     scheduler: dict[str, Any] = Field(default_factory=dict)
+    live: dict[str, int] = Field(default_factory=dict)  # sessions with a live stream, and their viewers
 
 
 class ErrorResponse(BaseModel):

@@ -4,23 +4,40 @@ Ordering: each request takes a ticket from its session's turnstile when it arriv
 (so sentence 2 is synthesised while sentence 1 renders), but render + append wait for the ticket's turn,
 so clips land in arrival order and each render starts at the cursor the previous clip left. Different
 sessions never wait for each other except for the GPU worker's queue.
+
+Live: when the session has a viewer (musetalk/server/webrtc.py), each utterance's frames go on the
+session's stream as they are blended, and reach the record's encoder once shown. The next utterance's
+turn then comes as soon as this one's frames are all generated (not appended), so it renders while this
+one plays and follows it on the stream with no gap; appends still happen in arrival order.
+Interrupt: cuts the utterance being rendered (the record keeps what was shown) and drops every request
+of the session that arrived before the interrupt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from musetalk.config import AppConfig, is_valid_id
-from musetalk.errors import Busy, InputError, MuseTalkError, SessionConflict, TTSFailed
+from musetalk.errors import Busy, InputError, Interrupted, MuseTalkError, SessionConflict, TTSFailed
+from musetalk.server.renderer import LiveRenderer
 from musetalk.server.worker import RenderPool
+from musetalk.session.live import LiveUtterance
+from musetalk.session.stitcher import AppendResult
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
 from musetalk.types import Audio, Clip, Renderer
 from musetalk.utils.logs import kv
+
+if TYPE_CHECKING:
+    from musetalk.server.webrtc import LiveHub
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +56,33 @@ class SpeakResult:
     video_path: Path
     video_url: str  # changes with every append (?v=n_clips) so players reload
     timings_ms: dict[str, float] = field(default_factory=dict)
+    utterance: int = 0  # this server's id of the utterance (the live stream's events name it)
+    interrupted: bool = False  # cut by an interrupt: the clip holds the frames shown until then
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A speak request taken on without waiting ("wait": false): where its clip will land."""
+
+    session_id: str
+    clip_index: int  # where the clip lands in the session, unless a request queued before it fails
+    utterance: int  # the live stream's events name it ({"type": "speaking", "utterance": ...})
+
+
+@dataclass
+class SpeakTicket:
+    """One admitted speak request of a session, from arrival to append (admit_*, then finish_*)."""
+
+    sid: str
+    aid: str
+    turnstile: Turnstile
+    ticket: int
+    epoch: int  # the session's interrupt count when it arrived; a later interrupt drops it
+    utterance: int
+    clip_index: int  # where its clip lands, unless a request queued before it fails
+    t0: float
+    timings: dict[str, float] = field(default_factory=dict)
+    waiting: bool = True  # not yet rendering (an interrupt drops it)
 
 
 class Turnstile:
@@ -73,7 +117,10 @@ class Turnstile:
             self._waiters.pop(ticket, None)
 
     def release(self, ticket: int) -> None:
-        """Mark `ticket` done (whether or not its turn came) and wake the next one whose turn it now is."""
+        """Mark `ticket` done (whether or not its turn came) and wake the next one whose turn it now is;
+        releasing a ticket again does nothing."""
+        if ticket < self._serving:
+            return
         self._released.add(ticket)
         while self._serving in self._released:
             self._released.discard(self._serving)
@@ -93,14 +140,26 @@ class SpeakService:
         voice: VoiceEngine,
         store: SessionStore,
         worker: RenderPool,
+        hub: LiveHub | None = None,
     ) -> None:
         self.cfg = cfg
         self.renderer = renderer
         self.voice = voice
         self.store = store
         self.worker = worker
+        self.hub = hub
         self._turnstiles: dict[str, Turnstile] = {}
         self._in_flight = 0
+        self._utterance_ids = itertools.count(1)
+        self._epoch: dict[str, int] = {}  # interrupts per session
+        self._waiting: dict[str, int] = {}  # admitted requests per session, not yet rendering
+        self._rendering: dict[str, set[LiveUtterance]] = {}  # utterances rendering now (cut by an interrupt)
+        self._last_append: dict[str, asyncio.Future[None]] = {}  # the newest request's append, per session
+        # Per session while it has requests: its clips when it became busy, and requests admitted since (that
+        # will append): a request's clip index is their sum when it arrives.
+        self._base_clips: dict[str, int] = {}
+        self._seq: dict[str, int] = {}
+        self._background: set[asyncio.Task[SpeakResult]] = set()  # "wait": false requests
         # Per session: the end of the last sentence's audio, heard first by the next one (audio.context_ms).
         # In memory only: after a restart a session's next sentence starts without it.
         self._context: dict[str, Audio] = {}
@@ -180,41 +239,127 @@ class SpeakService:
         avatar_id: str | None = None,
         voice: str | None = None,
         rate: float | None = None,
+        *,
+        interrupt: bool = False,
     ) -> SpeakResult:
         """TTS `text` and append the rendered clip to the session (the /speak and chat path)."""
-        t0 = time.perf_counter()
+        request = await self.admit_text(text, session_id, avatar_id, interrupt=interrupt)
+        return await self.finish_text(request, text, voice, rate)
+
+    async def speak_audio(
+        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
+    ) -> SpeakResult:
+        """Append a clip speaking the caller's own audio (the /speak_audio path)."""
+        request = await self.admit_audio(audio, session_id, avatar_id, interrupt=interrupt)
+        return await self.finish_audio(request, audio)
+
+    async def admit_audio(
+        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
+    ) -> SpeakTicket:
+        """Check the audio, admit the request and take its place in the session's order."""
+        self._check_audio(audio)
+        return await self._admit_request(session_id, avatar_id, interrupt)
+
+    async def admit_text(
+        self, text: str, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
+    ) -> SpeakTicket:
+        """Check the text, admit the request and take its place in the session's order."""
         text = text.strip()
         if not text:
             raise InputError("text is empty")
         if len(text) > self.cfg.server.max_text_chars:
             raise InputError(f"text has {len(text)} characters; the limit is {self.cfg.server.max_text_chars}")
-        sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
-        self._admit(sid)
-        turnstile = self._turnstile(sid)
-        ticket = turnstile.take()
-        try:
-            audio = await self._synthesize(text, voice, rate)
-            tts_ms = (time.perf_counter() - t0) * 1000
-            return await self._in_turn(sid, aid, audio, turnstile, ticket, t0, {"tts": tts_ms})
-        finally:
-            self._in_flight -= 1
-            self._done(sid, turnstile, ticket)
+        return await self._admit_request(session_id, avatar_id, interrupt)
 
-    async def speak_audio(
-        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None
-    ) -> SpeakResult:
-        """Append a clip speaking the caller's own audio (the /speak_audio path)."""
-        t0 = time.perf_counter()
-        self._check_audio(audio)
-        sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
-        self._admit(sid)
-        turnstile = self._turnstile(sid)
-        ticket = turnstile.take()
+    async def finish_text(self, request: SpeakTicket, text: str, voice: str | None, rate: float | None) -> SpeakResult:
+        """TTS, then render + append in turn (an admitted request always ends here, or in finish_audio)."""
         try:
-            return await self._in_turn(sid, aid, audio, turnstile, ticket, t0, {})
+            audio = await self._synthesize(text.strip(), voice, rate)
+            request.timings["tts"] = (time.perf_counter() - request.t0) * 1000
+            return await self._in_turn(request, audio)
         finally:
-            self._in_flight -= 1
-            self._done(sid, turnstile, ticket)
+            self._finished(request)
+
+    async def finish_audio(self, request: SpeakTicket, audio: Audio) -> SpeakResult:
+        """Render + append the caller's audio in turn."""
+        try:
+            return await self._in_turn(request, audio)
+        finally:
+            self._finished(request)
+
+    def in_background(self, work: Coroutine[Any, Any, SpeakResult]) -> None:
+        """Keep a "wait": false request running after its 202; its outcome goes to the log."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[SpeakResult]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                level = logging.INFO if isinstance(exc, Interrupted) else logging.ERROR
+                log.log(level, "speak (no wait) failed: %s: %s", type(exc).__name__, exc)
+
+        task.add_done_callback(done)
+
+    def accepted(self, request: SpeakTicket) -> Accepted:
+        """The 202 answer of a request taken on without waiting."""
+        return Accepted(request.sid, request.clip_index, request.utterance)
+
+    async def _admit_request(self, session_id: str | None, avatar_id: str | None, interrupt: bool) -> SpeakTicket:
+        t0 = time.perf_counter()
+        sid, aid = self._session_id(session_id), self._avatar_id(avatar_id)
+        if interrupt:
+            self.interrupt(sid)
+        self._admit(sid)
+        # The ticket (the session's order) is taken before anything awaits, so requests keep their arrival order.
+        turnstile = self._turnstile(sid)
+        seq = self._seq.get(sid, 0)
+        self._seq[sid] = seq + 1
+        request = SpeakTicket(
+            sid, aid, turnstile, turnstile.take(), self._epoch.get(sid, 0), next(self._utterance_ids), -1, t0
+        )
+        self._waiting[sid] = self._waiting.get(sid, 0) + 1
+        try:
+            if sid not in self._base_clips:  # the session was quiet: count its clips once
+                clips = len((await asyncio.to_thread(self.store.state, sid)).clips)
+                self._base_clips.setdefault(sid, clips)
+            request.clip_index = self._base_clips[sid] + seq
+        except BaseException:
+            self._finished(request)
+            raise
+        return request
+
+    def _stop_waiting(self, request: SpeakTicket) -> None:
+        if request.waiting:
+            request.waiting = False
+            self._waiting[request.sid] -= 1
+            if not self._waiting[request.sid]:
+                del self._waiting[request.sid]
+
+    def _finished(self, request: SpeakTicket) -> None:
+        self._stop_waiting(request)
+        self._in_flight -= 1
+        self._done(request.sid, request.turnstile, request.ticket)
+        if not self._turnstiles.get(request.sid) and request.sid not in self._last_append:
+            # quiet: the next request counts the session's clips again
+            self._seq.pop(request.sid, None)
+            self._base_clips.pop(request.sid, None)
+
+    def interrupt(self, session_id: str | None = None) -> dict[str, int | str]:
+        """Stop the session's current utterance and drop the requests that arrived before this call."""
+        sid = self._session_id(session_id)
+        self._epoch[sid] = self._epoch.get(sid, 0) + 1
+        cut = 0
+        for utterance in self._rendering.get(sid, set()):
+            utterance.cut()
+            cut += 1
+        live = self.hub.live(sid) if self.hub is not None else None
+        if live is not None:
+            live.interrupt()
+        dropped = self._waiting.get(sid, 0)
+        if sid in self._seq:
+            self._seq[sid] -= dropped  # they will not append: later requests take their places
+        log.info("interrupt %s", kv(session=sid, cut=cut, dropped=dropped))
+        return {"session_id": sid, "cut": cut, "dropped": dropped}
 
     async def reset(self, session_id: str | None = None) -> bool:
         """Delete the session's video, clips and list, after the requests that arrived before it."""
@@ -225,6 +370,8 @@ class SpeakService:
             await turnstile.wait(ticket)
             removed = await asyncio.to_thread(self.store.reset, sid)
             self._context.pop(sid, None)
+            self._base_clips.pop(sid, None)  # later requests count the (now empty) session again
+            self._seq.pop(sid, None)
         finally:
             self._done(sid, turnstile, ticket)
         log.info("reset %s", kv(session=sid, removed=removed))
@@ -246,57 +393,104 @@ class SpeakService:
         self._check_audio(audio)
         return audio
 
-    async def _in_turn(
-        self,
-        sid: str,
-        aid: str,
-        audio: Audio,
-        turnstile: Turnstile,
-        ticket: int,
-        t0: float,
-        timings: dict[str, float],
-    ) -> SpeakResult:
+    async def _in_turn(self, request: SpeakTicket, audio: Audio) -> SpeakResult:
         """Wait for the ticket's turn, then render + append; a cancelled caller still lets the step finish,
         so the next request of the session never overlaps it."""
         t_wait = time.perf_counter()
-        await turnstile.wait(ticket)
-        timings["wait_turn"] = (time.perf_counter() - t_wait) * 1000
-        step = asyncio.ensure_future(self._render_and_append(sid, aid, audio, t0, timings))
+        await request.turnstile.wait(request.ticket)
+        request.timings["wait_turn"] = (time.perf_counter() - t_wait) * 1000
+        self._stop_waiting(request)
+        if request.epoch != self._epoch.get(request.sid, 0):
+            raise Interrupted(f"dropped by an interrupt of session {request.sid!r} before it was rendered")
+        step = asyncio.ensure_future(self._render_and_append(request, audio))
         try:
             return await asyncio.shield(step)
         except asyncio.CancelledError:
             await asyncio.wait({step})
             raise
 
-    async def _render_and_append(
-        self, sid: str, aid: str, audio: Audio, t0: float, timings: dict[str, float]
-    ) -> SpeakResult:
-        state = await asyncio.to_thread(self.store.state, sid)
-        if state.clips and state.avatar_id != aid:
-            raise SessionConflict(
-                f"session {sid!r} uses avatar {state.avatar_id!r}, not {aid!r}; reset it or use another session_id"
-            )
-        out_path = await asyncio.to_thread(self.store.new_clip_path, sid)
-        (clip, cursor), queued_ms, render_ms = await self.worker.run(
-            self.renderer.render, audio, out_path, aid, state.cursor, self._context.get(sid) if state.clips else None
-        )
+    async def _render_and_append(self, request: SpeakTicket, audio: Audio) -> SpeakResult:
+        sid, aid = request.sid, request.aid
+        loop = asyncio.get_running_loop()
+        previous = self._last_append.get(sid)
+        appended_here: asyncio.Future[None] = loop.create_future()
+        self._last_append[sid] = appended_here
+        live = self.hub.live(sid) if self.hub is not None and isinstance(self.renderer, LiveRenderer) else None
+        utterance: LiveUtterance | None = None
         try:
-            appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid)
-        except Exception:  # the session did not take the clip: its files are orphans
-            _remove_clip_files(clip)
-            raise
-        self._remember_context(sid, audio)
+            if live is not None:
+                if live.busy and live.avatar_id != aid:
+                    raise SessionConflict(f"session {sid!r} is speaking with avatar {live.avatar_id!r}, not {aid!r}")
+                utterance = live.new_utterance(request.utterance, aid)
+                cursor, context = utterance.cursor, self._context.get(sid)
+            else:
+                if previous is not None:
+                    await previous
+                state = await asyncio.to_thread(self.store.state, sid)
+                if state.clips and state.avatar_id != aid:
+                    raise SessionConflict(
+                        f"session {sid!r} uses avatar {state.avatar_id!r}, not {aid!r}; "
+                        "reset it or use another session_id"
+                    )
+                cursor, context = state.cursor, self._context.get(sid) if state.clips else None
+                if isinstance(self.renderer, LiveRenderer):  # unpaced: only so that an interrupt can cut it
+                    utterance = LiveUtterance(request.utterance, self.cfg.fps, 1, loop)
+            out_path = await asyncio.to_thread(self.store.new_clip_path, sid)
+            render = functools.partial(self.renderer.render, audio, out_path, aid, cursor, context)
+            if utterance is not None:
+                render = functools.partial(render, frame_tap=utterance.tap)
+                self._rendering.setdefault(sid, set()).add(utterance)
+            job = asyncio.ensure_future(self.worker.run(render))
+            if live is not None and utterance is not None:
+                # The next request's turn comes once this one's frames exist: it renders while this one plays.
+                either: set[asyncio.Future[Any]] = {job, utterance.generated}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                self._remember_context(sid, audio)
+                request.turnstile.release(request.ticket)
+            try:
+                (clip, cursor), queued_ms, render_ms = await job
+            finally:
+                if utterance is not None:
+                    self._rendering[sid].discard(utterance)
+                    if not self._rendering[sid]:
+                        del self._rendering[sid]
+            if previous is not None:
+                await previous
+            try:
+                appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid)
+            except Exception:  # the session did not take the clip: its files are orphans
+                _remove_clip_files(clip)
+                raise
+        finally:
+            if not appended_here.done():
+                appended_here.set_result(None)
+            if self._last_append.get(sid) is appended_here:
+                del self._last_append[sid]
+        if live is None:
+            self._remember_context(sid, audio)
+        return self._result(request, clip, appended, queued_ms, render_ms, utterance)
+
+    def _result(
+        self,
+        request: SpeakTicket,
+        clip: Clip,
+        appended: AppendResult,
+        queued_ms: float,
+        render_ms: float,
+        utterance: LiveUtterance | None,
+    ) -> SpeakResult:
+        sid, timings = request.sid, request.timings
         t_end = time.perf_counter()
         new = appended.state
         timings.update(_stage_timings(clip.timings_ms, queued_ms))
         timings.update(
             render=render_ms,
             append=appended.timings_ms["append_total"],
-            total=(t_end - t0) * 1000,
+            total=(t_end - request.t0) * 1000,
         )
         result = SpeakResult(
             session_id=sid,
-            avatar_id=aid,
+            avatar_id=request.aid,
             clip_index=appended.clip_index,
             clip_start_s=appended.clip_start_s,
             clip_duration_s=clip.duration_s,
@@ -305,15 +499,18 @@ class SpeakService:
             video_path=self.store.paths(sid).video,
             video_url=self.video_url(sid, len(new.clips)),
             timings_ms=timings,
+            utterance=request.utterance,
+            interrupted=utterance is not None and utterance.was_cut,
         )
         log.info(
             "speak %s",
             kv(
                 session=sid,
-                avatar=aid,
+                avatar=request.aid,
                 clip=result.clip_index,
                 clip_s=round(result.clip_duration_s, 3),
                 session_s=round(result.session_duration_s, 3),
+                interrupted=result.interrupted,
                 **{f"{k}_ms": round(v, 1) for k, v in timings.items()},
             ),
         )

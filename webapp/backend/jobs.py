@@ -38,10 +38,11 @@ class SentenceResult:
 
     index: int  # 1-based, in reply order
     text: str
-    clip_start_s: float
-    clip_duration_s: float
+    clip_start_s: float | None  # None: sent to the live stream, not appended yet
+    clip_duration_s: float | None
     session_video_url: str
-    session_duration_s: float
+    session_duration_s: float | None
+    utterance: int | None = None  # live: the id the stream's events use for this sentence
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Job:
                     "clip_duration_s": s.clip_duration_s,
                     "video_url": s.session_video_url,
                     "session_duration_s": s.session_duration_s,
+                    "utterance": s.utterance,
                 }
                 for s in self.sentences
             ],
@@ -97,7 +99,7 @@ class Job:
             # Where the page plays from: the session video after the latest clip, from the first new clip.
             "video_url": last.session_video_url if last else None,
             "clip_start_s": first.clip_start_s if first else None,
-            "clip_duration_s": sum(s.clip_duration_s for s in self.sentences) if self.sentences else None,
+            "clip_duration_s": sum(s.clip_duration_s or 0.0 for s in self.sentences) if self.sentences else None,
             "session_duration_s": last.session_duration_s if last else None,
             "error": self.error,
         }
@@ -183,9 +185,9 @@ class JobStore:
             job = self._require(job_id)
             return self._put(replace(job, sentences=(*job.sentences, result), updated_s=self._clock()))
 
-    def finish(self, job_id: str, reply: str) -> Job:
-        """Mark a job done with the whole spoken reply."""
-        changes = {"state": JobState.DONE, "stage": "done", "detail": "Done", "progress": 1.0, "reply": reply}
+    def finish(self, job_id: str, reply: str, detail: str = "Done") -> Job:
+        """Mark a job done with the whole spoken reply (or what was said of it before an interrupt)."""
+        changes = {"state": JobState.DONE, "stage": "done", "detail": detail, "progress": 1.0, "reply": reply}
         return self._update(job_id, changes, finished=True)
 
     def fail(self, job_id: str, message: str) -> Job:

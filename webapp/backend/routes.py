@@ -16,7 +16,7 @@ from musetalk.errors import Busy
 from musetalk.utils.text import speech_text_problem
 from webapp.backend.jobs import JobNotFound, JobStore
 from webapp.backend.llm import LLM, ChatMessage, build_llm
-from webapp.backend.service import ChatService, SpeakFn
+from webapp.backend.service import ChatService, InterruptFn, LiveSpeakFn, LiveUnsupported, SpeakFn
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 # The page's files, with explicit types: the OS mime table may lack or mislabel them.
@@ -61,6 +61,8 @@ class ChatRequest(BaseModel):
     message: str
     session_id: str | None = Field(default=None, pattern=ID_PATTERN)
     history: list[ChatTurn] = Field(default_factory=list, max_length=100)
+    live: bool = False  # speak each sentence on the session's live stream as soon as it is complete
+    interrupt: bool = False  # first stop the session's reply in progress (barge-in)
 
     _message = field_validator("message")(_speakable)
 
@@ -81,10 +83,13 @@ def create_chat_router(
     settings: WebappConfig | None = None,
     default_session_id: str = "default",
     frontend_dir: Path = FRONTEND_DIR,
+    speak_live: LiveSpeakFn | None = None,
+    interrupt: InterruptFn | None = None,
 ) -> APIRouter:
-    """Routes of the chat page; jobs run LLM → `speak` per sentence on worker threads started on demand."""
+    """Routes of the chat page; jobs run LLM → `speak` per sentence on worker threads started on demand
+    (with `speak_live` and `interrupt`, pages on the live stream get each sentence as soon as it is complete)."""
     cfg = settings or WebappConfig()
-    service = ChatService(speak, llm, jobs, cfg, default_session_id)
+    service = ChatService(speak, llm, jobs, cfg, default_session_id, speak_live, interrupt)
     router = APIRouter(tags=["webapp"])
 
     @router.post("/chat", status_code=202, response_model=ChatAccepted)
@@ -97,9 +102,11 @@ def create_chat_router(
             raise HTTPException(422, f"message is longer than {cfg.max_message_chars} characters")
         history = [ChatMessage(t.role, t.content) for t in req.history]
         try:
-            job = service.submit(message, req.session_id, history)
+            job = service.submit(message, req.session_id, history, live=req.live, interrupt=req.interrupt)
         except Busy as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+        except LiveUnsupported as exc:
+            raise HTTPException(409, str(exc)) from exc
         # The session id in the status URL lets a cluster route the polls to the replica that runs the job.
         status_url = f"/status/{job.job_id}?session_id={job.session_id}"
         return ChatAccepted(job_id=job.job_id, session_id=job.session_id, status_url=status_url)
@@ -120,6 +127,7 @@ def create_chat_router(
             "poll_interval_ms": cfg.poll_interval_ms,
             "max_message_chars": cfg.max_message_chars,
             "default_session_id": default_session_id,
+            "live": service.live,
         }
 
     @router.get("/", include_in_schema=False)
@@ -138,9 +146,16 @@ def create_chat_router(
     return router
 
 
-def chat_router_from_config(cfg: AppConfig, speak: SpeakFn, env: Mapping[str, str]) -> APIRouter:
+def chat_router_from_config(
+    cfg: AppConfig,
+    speak: SpeakFn,
+    env: Mapping[str, str],
+    speak_live: LiveSpeakFn | None = None,
+    interrupt: InterruptFn | None = None,
+) -> APIRouter:
     """The chat routes as configured (`webapp.*`), with the LLM chosen by `webapp.llm.engine` and `env`."""
     web = cfg.webapp
     return create_chat_router(
-        speak, build_llm(web.llm, env), JobStore(web.max_jobs, web.job_ttl_s), settings=web
-    )
+        speak, build_llm(web.llm, env), JobStore(web.max_jobs, web.job_ttl_s), settings=web,
+        speak_live=speak_live, interrupt=interrupt,
+    )  # fmt: skip

@@ -12,13 +12,13 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
 from musetalk.config import PROJECT_ROOT, WebappConfig
-from musetalk.errors import MuseTalkError
+from musetalk.errors import Interrupted, MuseTalkError
 from musetalk.utils.text import redact_paths
 from webapp.backend.jobs import Job, JobNotFound, JobStore, SentenceResult
 from webapp.backend.llm import LLM, ChatMessage, LLMError
@@ -46,6 +46,29 @@ class SpeakFn(Protocol):
     def __call__(self, text: str, session_id: str) -> SpeakOutcome:
         """Speak `text` into session `session_id`; raise a MuseTalkError on failure."""
         ...
+
+
+@dataclass(frozen=True)
+class LiveSpeech:
+    """A sentence handed to the session's live stream: it plays as soon as it renders, after the ones before."""
+
+    utterance: int  # the id the stream's events use
+    wait: Callable[[], SpeakOutcome]  # blocks until it has played and is appended; raises its error
+
+
+class LiveSpeakFn(Protocol):
+    """Start speaking one sentence on a session without waiting for it (the server provides it)."""
+
+    def __call__(self, text: str, session_id: str) -> LiveSpeech:
+        """Queue `text` on session `session_id` (in call order); raise a MuseTalkError if it is refused."""
+        ...
+
+
+InterruptFn = Callable[[str], None]  # stop what a session is saying and drop its queued sentences
+
+
+class LiveUnsupported(MuseTalkError):
+    """A live chat request on a server that has no live stream for the chat."""
 
 
 class _SentenceFeed:
@@ -138,20 +161,49 @@ class ChatService:
         jobs: JobStore,
         settings: WebappConfig | None = None,
         default_session_id: str = "default",
+        speak_live: LiveSpeakFn | None = None,
+        interrupt: InterruptFn | None = None,
     ) -> None:
-        """`speak` renders one sentence into a session; `llm` writes the replies; `jobs` holds their state."""
+        """`speak` renders one sentence into a session; `llm` writes the replies; `jobs` holds their state;
+        `speak_live` and `interrupt` (optional) serve pages watching the session's live stream."""
         self.speak = speak
+        self.speak_live = speak_live
+        self.interrupt_session = interrupt
         self.llm = llm
         self.jobs = jobs
         self.settings = settings or WebappConfig()
         self.default_session_id = default_session_id
         self._lock = threading.Lock()
-        self._queues: dict[str, deque[tuple[str, list[ChatMessage]]]] = {}
+        self._queues: dict[str, deque[tuple[str, list[ChatMessage], bool]]] = {}
+        self._running: dict[str, str] = {}  # session → its job being run
+        self._cancelled: set[str] = set()  # jobs to stop at their next sentence (interrupted)
         self._slots = threading.BoundedSemaphore(self.settings.workers)
 
-    def submit(self, message: str, session_id: str | None = None, history: Sequence[ChatMessage] = ()) -> Job:
-        """Queue a reply to `message` in `session_id` (after that session's earlier jobs); return the job."""
+    @property
+    def live(self) -> bool:
+        """Whether replies can be spoken on the live stream (the server provides it)."""
+        return self.speak_live is not None and self.interrupt_session is not None
+
+    def submit(
+        self,
+        message: str,
+        session_id: str | None = None,
+        history: Sequence[ChatMessage] = (),
+        *,
+        live: bool = False,
+        interrupt: bool = False,
+    ) -> Job:
+        """Queue a reply to `message` in `session_id` (after that session's earlier jobs); return the job.
+
+        live: speak each sentence on the session's live stream as soon as the LLM completes it (without
+        waiting for the one before to be appended); interrupt: first stop the session's reply in progress
+        (its remaining sentences are dropped, what the avatar is saying stops) and its queued jobs.
+        """
+        if (live or interrupt) and not self.live:
+            raise LiveUnsupported("this server has no live stream for the chat")
         sid = session_id or self.default_session_id
+        if interrupt:
+            self._interrupt(sid)
         job = self.jobs.create(sid, message)
         messages = self._conversation(message, history)
         with self._lock:
@@ -159,8 +211,22 @@ class ChatService:
             if pending is None:
                 pending = self._queues[sid] = deque()
                 threading.Thread(target=self._drain, args=(sid,), name=f"chat-{sid}", daemon=True).start()
-            pending.append((job.job_id, messages))
+            pending.append((job.job_id, messages, live))
         return job
+
+    def _interrupt(self, session_id: str) -> None:
+        with self._lock:
+            dropped = list(self._queues.get(session_id, ()))
+            if session_id in self._queues:
+                self._queues[session_id].clear()
+            running = self._running.get(session_id)
+            if running is not None:
+                self._cancelled.add(running)
+        for job_id, _, _ in dropped:
+            with suppress(JobNotFound, ValueError):
+                self.jobs.finish(job_id, "", "Interrupted")
+        assert self.interrupt_session is not None
+        self.interrupt_session(session_id)
 
     def _conversation(self, message: str, history: Sequence[ChatMessage]) -> list[ChatMessage]:
         cfg = self.settings.llm
@@ -176,13 +242,21 @@ class ChatService:
                 if not pending:
                     del self._queues[session_id]
                     return
-                job_id, messages = pending.popleft()
+                job_id, messages, live = pending.popleft()
+                self._running[session_id] = job_id
             with self._slots:
                 try:
-                    self._run(job_id, session_id, messages)
+                    if live:
+                        self._run_live(job_id, session_id, messages)
+                    else:
+                        self._run(job_id, session_id, messages)
                 except BaseException:  # _run reports its own failures; this keeps the session's queue alive
                     log.exception("chat job %s: runner crashed", job_id)
                     self._fail(job_id, "Internal error: the job runner crashed")
+                finally:
+                    with self._lock:
+                        self._running.pop(session_id, None)
+                        self._cancelled.discard(job_id)
 
     def _run(self, job_id: str, session_id: str, messages: list[ChatMessage]) -> None:
         """One job: never raises (every failure becomes the job's error)."""
@@ -233,6 +307,55 @@ class ChatService:
         except Exception:
             log.exception("chat job %s failed", job_id)  # the details stay in the server log
             self._fail(job_id, f"Internal error at sentence {sentence_no}; see the server log")
+        finally:
+            feed.stop()
+
+    def _run_live(self, job_id: str, session_id: str, messages: list[ChatMessage]) -> None:
+        """One job on the live stream: each sentence is queued as soon as it is complete; the job is done once
+        all have played and been appended. Never raises."""
+        assert self.speak_live is not None
+        jobs = self.jobs
+        try:
+            jobs.start(job_id, "thinking", "Thinking…", progress=0.05)
+        except JobNotFound:
+            return
+        feed = _SentenceFeed(
+            self.llm,
+            messages,
+            self.settings.max_sentence_chars,
+            self.settings.max_reply_sentences,
+            lambda text, total: self._note(job_id, text, total),
+        )
+        started: list[tuple[str, LiveSpeech]] = []
+        spoken: list[str] = []
+        try:
+            for sentence in feed.iter_sentences(self.settings.llm.timeout_s + LLM_GRACE_S):
+                with self._lock:  # an interrupt either stops this job first or drops this sentence after
+                    if job_id in self._cancelled:
+                        break
+                    speech = self.speak_live(sentence, session_id)
+                started.append((sentence, speech))
+                total = len(feed.sentences) if feed.complete else None
+                jobs.add_sentence(
+                    job_id, SentenceResult(len(started), sentence, None, None, "", None, utterance=speech.utterance)
+                )
+                jobs.progress(job_id, stage="speaking", detail=f"Sentence {len(started)} of {total or '…'} queued",
+                              progress=0.1 + 0.4 * len(started) / max(len(feed.sentences), len(started)))  # fmt: skip
+            for sentence, speech in started:
+                speech.wait()
+                spoken.append(sentence)
+            jobs.finish(job_id, " ".join(spoken), "Interrupted" if job_id in self._cancelled else "Done")
+        except Interrupted:
+            with suppress(JobNotFound, ValueError):
+                jobs.finish(job_id, " ".join(spoken), "Interrupted")
+        except LLMError as exc:
+            self._fail(job_id, f"The language model failed: {exc}")
+        except MuseTalkError as exc:
+            log.info("chat job %s: sentence %d: %s", job_id, len(spoken) + 1, exc)
+            self._fail(job_id, f"Speaking sentence {len(spoken) + 1} failed: {redact_paths(str(exc), PROJECT_ROOT)}")
+        except Exception:
+            log.exception("chat job %s failed", job_id)
+            self._fail(job_id, f"Internal error at sentence {len(spoken) + 1}; see the server log")
         finally:
             feed.stop()
 

@@ -1,5 +1,6 @@
-// MuseTalk chat page: send a message, poll the reply job, play the avatar saying it.
-// Plain browser JavaScript, no build step and no external resources.
+// MuseTalk chat page: the avatar live over WebRTC (idle until it speaks), each reply sentence spoken as soon as
+// the LLM completes it, a new message interrupting the avatar. Without WebRTC it falls back to clip mode: poll
+// the reply job and play the session video. Plain browser JavaScript, no build step, no external resources.
 (() => {
   "use strict";
 
@@ -28,6 +29,10 @@
 
   let pollMs = 500;
   let engineNote = "";
+  let mode = "connecting"; // "live": the WebRTC stream | "clips": the session video (fallback)
+  const LIVE_CONNECT_MS = 10000; // ICE + DTLS must be up within this, else clip mode
+  // The live stream: its peer connection, what is on air (an utterance id), and which sentence each id is.
+  const live = { pc: null, onAir: null, jobId: null, bubble: null, sentences: new Map(), jobDone: false };
 
   const state = {
     sessionId: "",
@@ -74,11 +79,7 @@
       const li = addEntry(entry.kind, entry.text);
       if (entry.kind === "bot") li.dataset.status = "done";
     }
-    if (saved.video && saved.video.src) {
-      player.saved = saved.video;
-      load({ src: saved.video.src, version: saved.video.version, jobId: saved.video.jobId, count: saved.video.count },
-        saved.video.startS || 0, false);
-    }
+    if (saved.video && saved.video.src) player.saved = saved.video; // loaded if the page falls back to clips
   }
 
   // ---------------------------------------------------------------- chat log
@@ -370,6 +371,10 @@
     if (state.busy) return;
     resetBtn.disabled = true;
     try {
+      if (mode === "live") {
+        live.jobId = null;
+        await fetch(`sessions/${encodeURIComponent(state.sessionId)}/interrupt`, { method: "POST" });
+      }
       const response = await fetch(`reset?session_id=${encodeURIComponent(state.sessionId)}`, { method: "POST" });
       if (!response.ok) {
         const body = await response.json().catch(() => ({}));
@@ -387,12 +392,14 @@
     list.replaceChildren();
     player.loadToken += 1;
     Object.assign(player, { jobId: null, count: 0, version: null, pending: null, saved: null });
-    video.pause();
-    video.removeAttribute("src");
-    delete video.dataset.version;
-    video.load();
-    hideOverlay();
-    placeholder.hidden = false;
+    if (mode !== "live") { // the live stream goes on (idle)
+      video.pause();
+      video.removeAttribute("src");
+      delete video.dataset.version;
+      video.load();
+      hideOverlay();
+      placeholder.hidden = false;
+    }
     save();
     setStatus(`Conversation cleared. ${engineNote}`.trim(), null);
     input.focus();
@@ -415,10 +422,198 @@
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = input.value.trim();
-    if (!text || state.busy) return;
+    if (!text) return;
+    if (mode === "live") {
+      sendLive(text);
+      return;
+    }
+    if (state.busy) return;
     send(text);
   });
   resetBtn.addEventListener("click", reset);
+
+  // ---------------------------------------------------------------- live stream (WebRTC)
+
+  function waitFor(target, event, ready, timeoutMs, what) {
+    return new Promise((resolve, reject) => {
+      if (ready()) { resolve(); return; }
+      const timer = setTimeout(() => { target.removeEventListener(event, check); reject(new Error(`${what} timed out`)); },
+        timeoutMs);
+      function check() {
+        if (!ready()) return;
+        clearTimeout(timer);
+        target.removeEventListener(event, check);
+        resolve();
+      }
+      target.addEventListener(event, check);
+    });
+  }
+
+  async function connectLive() {
+    if (!("RTCPeerConnection" in window)) throw new Error("this browser has no WebRTC");
+    const pc = new RTCPeerConnection();
+    live.pc = pc;
+    pc.addTransceiver("video", { direction: "recvonly" });
+    pc.addTransceiver("audio", { direction: "recvonly" });
+    const events = pc.createDataChannel("events");
+    events.onmessage = (e) => onLiveEvent(JSON.parse(e.data));
+    const stream = new MediaStream();
+    pc.ontrack = (e) => {
+      stream.addTrack(e.track);
+      if (video.srcObject !== stream) video.srcObject = stream;
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    // The server takes the offer with its candidates inside (no trickle).
+    await waitFor(pc, "icegatheringstatechange", () => pc.iceGatheringState === "complete", 5000, "ICE gathering")
+      .catch(() => {}); // send what was gathered so far
+    const response = await fetch(`sessions/${encodeURIComponent(state.sessionId)}/offer`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(describeError(response.status, body));
+    await pc.setRemoteDescription(body);
+    await waitFor(pc, "connectionstatechange", () => pc.connectionState === "connected", LIVE_CONNECT_MS,
+      "connecting");
+    pc.addEventListener("connectionstatechange", () => {
+      if (mode === "live" && (pc.connectionState === "failed" || pc.connectionState === "closed")) {
+        toClips("The live stream was lost");
+      }
+    });
+    mode = "live";
+    document.body.dataset.mode = "live";
+    placeholder.hidden = true;
+    video.controls = false;
+    startPlayback();
+  }
+
+  function toClips(reason) {
+    const saved = player.saved;
+    if (saved && saved.src && !video.getAttribute("src")) {
+      load({ src: saved.src, version: saved.version, jobId: saved.jobId, count: saved.count }, saved.startS || 0, false);
+    }
+    if (live.pc) live.pc.close();
+    live.pc = null;
+    mode = "clips";
+    document.body.dataset.mode = "clips";
+    video.srcObject = null;
+    video.controls = true;
+    placeholder.textContent = "Send a message and the avatar will say the reply.";
+    placeholder.hidden = Boolean(video.getAttribute("src"));
+    setStatus(`${reason}: replies play as clips of the session video. ${engineNote}`.trim(), null);
+  }
+
+  function describeOnAir() {
+    const sentence = live.sentences.get(live.onAir);
+    if (!sentence) return "Speaking…";
+    const of = sentence.total ? ` of ${sentence.total}` : "";
+    return `Speaking sentence ${sentence.index}${of}`;
+  }
+
+  // The server says what is on air: the status names the sentence being heard, not the one rendering.
+  function onLiveEvent(event) {
+    if (event.type === "speaking") {
+      live.onAir = event.utterance;
+      document.body.dataset.onAir = String(event.utterance);
+      setStatus(describeOnAir(), null);
+    } else if (event.type === "idle") {
+      live.onAir = null;
+      delete document.body.dataset.onAir;
+      if (live.jobId === null) setStatus(`Ready. ${engineNote}`.trim(), null);
+      else setStatus(live.jobDone ? "Reply finished." : "Thinking…", null);
+    }
+  }
+
+  async function pollLive(jobId, bubble, userText) {
+    let failures = 0;
+    while (live.jobId === jobId) {
+      let job;
+      try {
+        job = await fetchStatus(jobId);
+      } catch (err) {
+        if (live.jobId === jobId) showError(bubble, err.message);
+        return;
+      }
+      if (live.jobId !== jobId) return; // a newer message took over
+      if (job === null) {
+        failures += 1;
+        if (failures > MAX_POLL_FAILURES) {
+          showError(bubble, "Lost the connection to the server while waiting for the reply.");
+          live.jobId = null;
+          return;
+        }
+        await sleep(pollMs);
+        continue;
+      }
+      failures = 0;
+      const text = job.reply || job.reply_so_far || "";
+      if (text) setBotText(bubble, text);
+      for (const s of job.sentences || []) {
+        live.sentences.set(s.utterance, { index: s.index, total: job.sentences_total });
+      }
+      if (live.onAir !== null) setStatus(describeOnAir(), null);
+      if (job.status === "done") {
+        const interrupted = job.detail === "Interrupted";
+        bubble.dataset.status = interrupted ? "interrupted" : "done";
+        state.log[Number(bubble.dataset.logIndex)].text = job.reply || text;
+        state.turns.push({ role: "user", content: userText }, { role: "assistant", content: job.reply || text });
+        live.jobId = null;
+        live.bubble = null;
+        if (live.onAir === null) setStatus(interrupted ? "Interrupted." : "Reply finished.", null);
+        save();
+        return;
+      }
+      if (job.status === "error") {
+        live.jobId = null;
+        live.bubble = null;
+        showError(bubble, `Sorry, that failed: ${job.error}`);
+        return;
+      }
+      if (live.onAir === null) setStatus(job.stage === "thinking" ? "Thinking…" : "Rendering the first sentence…", null);
+      await sleep(pollMs);
+    }
+  }
+
+  async function sendLive(text) {
+    // A new message while the avatar talks (or a reply is still coming) interrupts it.
+    const interrupt = live.jobId !== null || live.onAir !== null;
+    if (live.bubble) {
+      live.bubble.dataset.status = "interrupted";
+      const said = live.bubble.querySelector(".text").textContent.trim();
+      if (said) state.turns.push({ role: "user", content: live.userText }, { role: "assistant", content: said });
+    }
+    live.jobId = null;
+    addEntry("user", text);
+    input.value = "";
+    autosize();
+    const bubble = addEntry("bot", "");
+    bubble.dataset.status = "pending";
+    setStatus(interrupt ? "Interrupting…" : "Sending…", null);
+    try {
+      const response = await fetch("chat", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({
+          message: text, session_id: state.sessionId, history: state.turns.slice(-HISTORY_MESSAGES),
+          live: true, interrupt,
+        }),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        showError(bubble, `Could not send: ${describeError(response.status, body)}`);
+        return;
+      }
+      live.jobId = body.job_id;
+      live.jobDone = false;
+      live.bubble = bubble;
+      live.userText = text;
+      bubble.dataset.jobId = body.job_id;
+      await pollLive(body.job_id, bubble, text);
+    } catch (err) {
+      showError(bubble, `Could not reach the server: ${err.message}`);
+    }
+  }
 
   // ---------------------------------------------------------------- start
 
@@ -437,13 +632,35 @@
           + "OpenAI-compatible LLM (webapp.llm.engine: openai) for real conversation."
         : `Replies come from ${info.llm.label}.`;
       engineNote = builtin ? "Replies come from the built-in responder (offline, simple answers)." : "";
+      infoLive = Boolean(info.live);
     } catch (err) {
       engine.textContent = "LLM: unknown";
       engineNote = "";
     }
     if (!state.busy) setStatus(`Ready. ${engineNote}`.trim(), null);
+    return Boolean(infoLive);
   }
 
-  restore();
-  loadInfo();
+  let infoLive = false;
+
+  async function start() {
+    restore();
+    const canLive = await loadInfo();
+    if (new URLSearchParams(location.search).has("clips")) {
+      toClips("Clip mode (?clips)");
+      return;
+    }
+    if (!canLive) {
+      toClips("This server has no live stream for the chat");
+      return;
+    }
+    try {
+      await connectLive();
+      setStatus(`Ready. ${engineNote}`.trim(), null);
+    } catch (err) {
+      toClips(`The live stream could not connect (${err.message})`);
+    }
+  }
+
+  start();
 })();

@@ -1,0 +1,392 @@
+"""Live-stream latency at the client: aiortc viewers of the real server (server_fast.py) on 127.0.0.1.
+
+The benchmark starts `server_fast.py`, connects one aiortc viewer per session (musetalk/server/viewer.py,
+each session's viewer and requests in a process of its own so that decoding never queues behind another
+session), watches the idle avatar, then speaks `--utterances` sentences per session one after another
+("wait": false, as the chat page does) and finally interrupts `--interrupts` long utterances. Measured at
+the client, per utterance:
+
+- request → first audible audio: arrival of the first 20 ms packet above -36 dBFS;
+- request → first speaking frame: arrival of the utterance's first frame (the server's events channel names
+  its frame number); and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in
+  the mask box above the idle level, `MouthMeter`; with espeak text the first frames can be silent);
+- A/V offset: for `--av-probes` utterances of three voice bursts each, the time the mouth starts moving minus
+  the time the voice starts, both on the server's clock (RTCP sender reports: what a browser synchronises
+  with); positive = video late;
+- frame rate and frame-time jitter (standard deviation of the arrival intervals) while idle and speaking;
+- interrupt → silence: from the interrupt request to the end of the last audible packet that arrives.
+
+Inputs: `--input text` posts the sentence to /speak (TTS on the server: what a chat user waits for);
+`--input audio` posts a 2-s voiced wav to /speak_audio (the audio is in when the request arrives).
+
+    python bench/bench_live.py                                    # this CPU: preview renderer, demo avatar, espeak
+    python bench/bench_live.py --device cuda --sessions 8 --input audio --height 1080   # MuseTalk, random weights
+    python bench/bench_live.py --renderer musetalk --input audio --height 360 --utterances 2  # its path, CPU, tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_concurrency import Sampler, Server, pct, speech_wav  # noqa: E402
+
+LOUD_RMS = 500.0  # int16 RMS of an audible 20 ms packet (-36 dBFS)
+SENTENCES = [
+    "Hello there, nice to meet you.", "How are you today?", "The weather is lovely this morning.",
+    "Let me tell you a short story.", "Once upon a time there was a small robot.", "It liked to talk to people.",
+    "Every day it learned a new word.", "What would you like to know?", "I can answer questions quickly.",
+    "Please ask me anything at all.", "That is a very good question.", "Let me think about it for a moment.",
+    "The answer is forty two.", "Numbers can be surprising.", "Music makes people happy.",
+    "Do you like to read books?", "Reading opens many doors.", "Thank you for listening to me.",
+    "See you again soon.", "Goodbye for now, and take care.",
+]  # fmt: skip
+LONG_TEXT = "This is a long answer that keeps going for a while, so that there is something to interrupt. " * 3
+
+
+def _meter(args: argparse.Namespace, avatar_pickle: Path | None, cfg_overrides: list[str], width_px: int) -> Any:
+    """The mouth meter of the served avatar, at the width the viewer scales frames to."""
+    import cv2
+
+    from musetalk.server.viewer import MouthMeter
+
+    if avatar_pickle is not None:
+        with avatar_pickle.open("rb") as f:
+            cache = pickle.load(f)
+    else:
+        from musetalk.avatar import load_avatar
+        from musetalk.config import load_config
+
+        cfg = load_config(overrides=cfg_overrides)
+        cache = load_avatar(cfg, cfg.avatar_id)
+    frames = [cache.frames[i] for i in range(cache.n_frames)]
+    h, w = frames[0].shape[:2]
+    scale = width_px / (w - w % 2)
+    size = (width_px, round((h - h % 2) * scale / 2) * 2)
+    small = [cv2.resize(f[: h - h % 2, : w - w % 2], size, interpolation=cv2.INTER_AREA) for f in frames]
+    boxes = np.round(cache.mask_boxes.astype(np.float64) * scale).astype(np.int32)
+    return MouthMeter(small, boxes)
+
+
+def _intervals_ms(times: list[float]) -> tuple[float | None, float | None]:
+    """(frames/s, standard deviation of the intervals in ms) of arrival times."""
+    if len(times) < 3:
+        return None, None
+    d = np.diff(np.array(times))
+    return float(1.0 / d.mean()), float(d.std() * 1000)
+
+
+async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int) -> dict[str, Any]:
+    from musetalk.server.viewer import LiveViewer, rms
+
+    loop = asyncio.get_running_loop()
+    out: dict[str, Any] = {"session": sid, "utterances": [], "interrupts": [], "av_offsets_ms": []}
+    seed = 1 + sum(map(ord, sid)) % 7
+    wav, long_wav = speech_wav(args.audio_s, seed), speech_wav(6.0, seed)
+    # No keep-alive: the server closes idle connections after server.keep_alive_s, racing a reused one.
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    async with LiveViewer(url, sid, reduce_frame=meter, frame_width_px=width_px) as viewer, httpx.AsyncClient(
+        timeout=120, limits=no_reuse
+    ) as client:
+        r = viewer.received
+        await asyncio.sleep(args.idle_s)
+        idle = [m for _, _, (_, m) in r.video]
+        threshold = max(float(np.percentile(idle, 99)) * 1.5, float(np.percentile(idle, 99)) + 3.0)
+        out["idle_mouth_p99"] = float(np.percentile(idle, 99))
+        out["idle_fps"], out["idle_jitter_ms"] = _intervals_ms([t for t, _, _ in r.video])
+        pts_per_frame = int(np.median(np.diff([pts for _, pts, _ in r.video])))  # 90 kHz / fps
+
+        async def say(k: int, long: bool = False) -> float:
+            t0 = loop.time()
+            if args.input == "text":
+                body = {"text": LONG_TEXT if long else SENTENCES[k % len(SENTENCES)], "session_id": sid, "wait": False}
+                resp = await client.post(f"{url}/speak", json=body)
+            else:
+                resp = await client.post(
+                    f"{url}/speak_audio", files={"file": ("u.wav", long_wav if long else wav, "audio/wav")},
+                    data={"session_id": sid, "wait": "false"},
+                )  # fmt: skip
+            if resp.status_code != 202:
+                raise RuntimeError(f"speak: {resp.status_code} {resp.text}")
+            return t0
+
+        async def until(predicate: Any, timeout_s: float) -> bool:
+            deadline = loop.time() + timeout_s
+            while not predicate():
+                if loop.time() > deadline:
+                    return False
+                await asyncio.sleep(0.01)
+            return True
+
+        for k in range(args.utterances):
+            n_events = len(r.events)
+            t0 = await say(k)
+            if not await until(lambda n=n_events: any(e["type"] == "idle" for _, e in r.events[n:]), 120):
+                out["utterances"].append({"error": "no idle event"})
+                continue
+            t_on = next(t for t, e in r.events[n_events:] if e["type"] == "speaking")
+            t_off = next(t for t, e in r.events[n_events:] if e["type"] == "idle")
+            audio = [(t, pts, rms(a)) for t, pts, a in r.audio if t >= t0]
+            video = [(t, pts, m) for t, pts, (_, m) in r.video if t >= t0]
+            heard = next(((t, pts) for t, pts, a in audio if a > LOUD_RMS), None)
+            seen = next(((t, pts) for t, pts, m in video if m > threshold), None)
+            on_air = next(e["frame"] for _, e in r.events[n_events:] if e["type"] == "speaking")
+            first = next((t for t, pts, _ in video if pts >= on_air * pts_per_frame), None)
+            speaking = [t for t, _, _ in video if t_on <= t <= t_off]
+            fps, jitter = _intervals_ms(speaking)
+            item: dict[str, Any] = {
+                "first_audio_ms": (heard[0] - t0) * 1000 if heard else None,
+                "first_frame_ms": (first - t0) * 1000 if first else None,
+                "first_moving_frame_ms": (seen[0] - t0) * 1000 if seen else None,
+                "speaking_fps": fps, "speaking_jitter_ms": jitter,
+                "mouth_max": max((m for t, _, m in video if t_on <= t <= t_off), default=None),
+                "threshold": threshold,
+            }  # fmt: skip
+            out["utterances"].append(item)
+            await asyncio.sleep(args.gap_s)
+
+        for _ in range(args.av_probes):  # voice bursts: unambiguous onsets for the A/V offset
+            n_events = len(r.events)
+            t0 = loop.time()
+            await client.post(
+                f"{url}/speak_audio", files={"file": ("b.wav", BURSTS_WAV, "audio/wav")},
+                data={"session_id": sid, "wait": "false"},
+            )  # fmt: skip
+            await until(lambda n=n_events: any(e["type"] == "idle" for _, e in r.events[n:]), 120)
+            audio_on = _onsets([(r.sender_time_s("audio", pts), rms(a) > LOUD_RMS) for t, pts, a in r.audio if t >= t0])
+            video_on = _onsets(
+                [(r.sender_time_s("video", pts), m > threshold) for t, pts, (_, m) in r.video if t >= t0]
+            )
+            for a_on in audio_on:
+                near = min(video_on, key=lambda v: abs(v - a_on), default=None)
+                if near is not None and abs(near - a_on) < 0.2:
+                    out["av_offsets_ms"].append((near - a_on) * 1000)
+            await asyncio.sleep(args.gap_s)
+
+        for _ in range(args.interrupts):
+            n_events = len(r.events)
+            await say(0, long=True)
+            await until(lambda n=n_events: any(e["type"] == "speaking" for _, e in r.events[n:]), 60)
+            await asyncio.sleep(1.0)
+            t_int = loop.time()
+            await client.post(f"{url}/sessions/{sid}/interrupt")
+            t_answer = loop.time()
+            await asyncio.sleep(1.0)
+            loud = [t for t, _, a in r.audio if t > t_int and rms(a) > LOUD_RMS]
+            out["interrupts"].append({
+                "silence_ms": ((max(loud) + 0.02 - t_int) if loud else 0.0) * 1000,
+                "answer_ms": (t_answer - t_int) * 1000,
+            })  # fmt: skip
+            await asyncio.sleep(args.gap_s)
+    return out
+
+
+def _bursts_wav() -> bytes:
+    """Three 0.6-s voiced bursts between 0.6-s silences (16 kHz wav)."""
+    rate = 16000
+    t = np.arange(round(0.6 * rate)) / rate
+    voice = 0.3 * np.sin(2 * np.pi * 140 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    silence = np.zeros_like(voice)
+    x = np.concatenate([silence, voice, silence, voice, silence, voice, silence]).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+BURSTS_WAV = _bursts_wav()
+
+
+def _onsets(flags: list[tuple[float, bool]]) -> list[float]:
+    """Times where a flag turns on (after at least 3 items off), in time order."""
+    out, off_run = [], 3
+    for t, on in sorted(flags):
+        if on and off_run >= 3:
+            out.append(t)
+        off_run = 0 if on else off_run + 1
+    return out
+
+
+def _worker(url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, out_path: str) -> None:
+    result = asyncio.run(_session(url, sid, args, meter, width_px))
+    Path(out_path).write_text(json.dumps(result))
+
+
+def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    utts = [u for s in sessions for u in s["utterances"] if "error" not in u]
+
+    def col(key: str) -> list[float]:
+        return [float(u[key]) for u in utts if u.get(key) is not None]
+
+    def p(values: list[float]) -> dict[str, float | None]:
+        return {"p50": pct(values, 0.5), "p95": pct(values, 0.95), "n": len(values)}
+
+    offsets = [o for s in sessions for o in s["av_offsets_ms"]]
+    silence = [i["silence_ms"] for s in sessions for i in s["interrupts"]]
+    return {
+        "first_audio_ms": p(col("first_audio_ms")),
+        "first_frame_ms": p(col("first_frame_ms")),
+        "first_moving_frame_ms": p(col("first_moving_frame_ms")),
+        "av_offset_ms": {**p(offsets), "max_abs": max((abs(o) for o in offsets), default=None)},
+        "idle_fps": statistics.mean(s["idle_fps"] for s in sessions if s.get("idle_fps")),
+        "idle_jitter_ms": statistics.mean(s["idle_jitter_ms"] for s in sessions if s.get("idle_jitter_ms")),
+        "speaking_fps": statistics.mean(col("speaking_fps")) if col("speaking_fps") else None,
+        "speaking_jitter_ms": statistics.mean(col("speaking_jitter_ms")) if col("speaking_jitter_ms") else None,
+        "interrupt_to_silence_ms": {**p(silence), "max": max(silence, default=None)},
+        "errors": sum(1 for s in sessions for u in s["utterances"] if "error" in u),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print a table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--renderer", choices=["preview", "musetalk"], default=None,
+                        help="preview: the demo avatar (default on cpu); musetalk: random weights and a synthetic "
+                             "avatar (default on cuda)")
+    parser.add_argument("--size", choices=["full", "tiny"], default=None,
+                        help="musetalk weights (default: full on cuda)")
+    parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--utterances", type=int, default=20, help="per session")
+    parser.add_argument("--interrupts", type=int, default=5, help="per session")
+    parser.add_argument("--av-probes", type=int, default=3, help="per session: 3 voice bursts each, for the A/V offset")
+    parser.add_argument("--input", choices=["text", "audio"], default="text")
+    parser.add_argument("--audio-s", type=float, default=2.0, help="--input audio: seconds per utterance")
+    parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--gap-s", type=float, default=0.5, help="idle between utterances")
+    parser.add_argument("--height", type=int, default=1080, help="cuda: synthetic avatar height (16:9)")
+    parser.add_argument("--avatar-frames", type=int, default=50)
+    parser.add_argument("--view-width", type=int, default=480, help="viewers scale decoded frames to this width")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--preset", default="veryfast")
+    parser.add_argument("--models", type=Path, default=None)
+    parser.add_argument("--set", action="append", default=[], help="extra server overrides key=value")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_live.json")
+    args = parser.parse_args(argv)
+
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "device": args.device, "sessions": args.sessions, "input": args.input,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
+        work = Path(tmp)
+        overrides = [f"server.results_dir={work / 'results'}", f"server.log_dir={work / 'logs'}",
+                     f"encode.preset={args.preset}", f"server.max_live_sessions={args.sessions + 2}"]  # fmt: skip
+        env = {"PYTHONUNBUFFERED": "1"}
+        avatar_pickle: Path | None = None
+        renderer = args.renderer or ("musetalk" if args.device == "cuda" else "preview")
+        meta["renderer_choice"] = renderer
+        if renderer == "musetalk":
+            from bench.bench_engine import ensure_models
+
+            size = args.size or ("full" if args.device == "cuda" else "tiny")
+            models = args.models or ROOT / "results" / "bench_models" / size
+            meta["size"], meta["write_models_s"] = size, ensure_models(models, size)
+            if args.device == "cuda":
+                import torch
+
+                meta["gpu"], meta["torch"] = torch.cuda.get_device_name(0), torch.__version__
+            overrides += [
+                f"models.dir={models}", f"runtime.device={args.device}", "avatar_id=bench", "preparation=false",
+                "server.renderer=bench.bench_concurrency:bench_renderer",
+                f"runtime.compile={str(args.compile).lower()}",
+            ]  # fmt: skip
+            env.update(BENCH_AVATAR_HEIGHT=str(args.height), BENCH_AVATAR_FRAMES=str(args.avatar_frames))
+            name = f"{args.height}p-{args.avatar_frames}-{args.device}.pkl"
+            avatar_pickle = ROOT / "results" / "bench_avatars" / name  # written by bench_renderer in the server
+        else:
+            demo_video = ROOT / "data" / "video" / "demo.mp4"
+            if not demo_video.is_file():  # what `make serve` builds first (the server then prepares the avatar)
+                subprocess.run([sys.executable, "-m", "scripts.make_demo_video", "--out", str(demo_video)],
+                               cwd=ROOT, check=True)  # fmt: skip
+        if args.input == "audio":
+            overrides.append("tts.engine=tone")  # nothing is synthesised (and the host needs no espeak-ng)
+        overrides += args.set
+        server = Server(overrides, env, work / "server.log")
+        try:
+            meta["ready_s"] = server.wait_ready(900)
+            if args.device == "cuda" and renderer == "musetalk":
+                target = "compiled+graphs" if args.compile else "graphs"
+                meta["accelerated_s"] = server.wait_accelerated(target, 900)
+            health = server.health()
+            meta["renderer"], meta["capacity"] = health.get("renderer"), health.get("capacity")
+            warm = {"file": ("w.wav", speech_wav(1.0, 0), "audio/wav")}
+            httpx.post(f"{server.url}/speak_audio", files=warm, data={"session_id": "warm"}, timeout=300)
+            cfg_overrides = [o for o in overrides if not o.startswith("server.")]
+            meter = _meter(args, avatar_pickle, cfg_overrides, args.view_width)
+            sampler = Sampler()
+            ctx = multiprocessing.get_context("spawn")
+            procs = []
+            for i in range(args.sessions):
+                path = str(work / f"session-{i}.json")
+                proc = ctx.Process(target=_worker, args=(server.url, f"live{i}", args, meter, args.view_width, path))
+                proc.start()
+                procs.append((proc, path))
+            sessions = []
+            for proc, path in procs:
+                proc.join()
+                if proc.exitcode == 0:
+                    sessions.append(json.loads(Path(path).read_text()))
+                else:
+                    print(f"a session process failed with exit code {proc.exitcode}", flush=True)
+            meta.update(sampler.stop())
+        finally:
+            server.stop()
+            log_tail = (work / "server.log").read_text()[-3000:]
+    summary = _summary(sessions) if sessions else {}
+    result = {"meta": meta, "summary": summary, "sessions": sessions, "server_log_tail": log_tail}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if summary:
+        print(_table(meta, summary))
+    print(f"wrote {args.out}")
+    return 0 if sessions and len(sessions) == args.sessions else 1
+
+
+def _table(meta: dict[str, Any], s: dict[str, Any]) -> str:
+    def f(v: float | None, d: int = 0) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    rows = [
+        f"{meta['device']} {meta.get('gpu', '')} sessions={meta['sessions']} input={meta['input']} "
+        f"renderer={(meta.get('renderer') or {}).get('name')}",
+        f"request → first audible audio   p50 {f(s['first_audio_ms']['p50'])} ms   "
+        f"p95 {f(s['first_audio_ms']['p95'])} ms   (n={s['first_audio_ms']['n']})",
+        f"request → first speaking frame  p50 {f(s['first_frame_ms']['p50'])} ms   "
+        f"p95 {f(s['first_frame_ms']['p95'])} ms",
+        f"request → first moving mouth    p50 {f(s['first_moving_frame_ms']['p50'])} ms   "
+        f"p95 {f(s['first_moving_frame_ms']['p95'])} ms",
+        f"A/V offset (video − audio)      p50 {f(s['av_offset_ms']['p50'], 1)} ms   max |·| "
+        f"{f(s['av_offset_ms']['max_abs'], 1)} ms",
+        f"idle      {f(s['idle_fps'], 1)} fps, jitter {f(s['idle_jitter_ms'], 1)} ms",
+        f"speaking  {f(s['speaking_fps'], 1)} fps, jitter {f(s['speaking_jitter_ms'], 1)} ms",
+        f"interrupt → silence             p50 {f(s['interrupt_to_silence_ms']['p50'])} ms   max "
+        f"{f(s['interrupt_to_silence_ms']['max'])} ms",
+        f"errors {s['errors']}  cpu {f(meta.get('cpu_util_pct'))}%  gpu {f(meta.get('gpu_util_pct'))}%",
+    ]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

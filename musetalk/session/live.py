@@ -1,0 +1,374 @@
+"""A session's live stream: one clock that shows the idle avatar and plays utterances as they render.
+
+`LiveSession` ticks once per video frame on the event loop. Each tick puts one frame (I420) and its
+48000 / fps samples of audio on air, together — audio and video share this one clock, so the lips are
+where the audio is by construction. While nothing is being said the tick shows the avatar's ping-pong
+cycle from an idle cursor (mouth closed, silence). An utterance being rendered is a `LiveUtterance`: the
+render thread pushes its blended frames as they come out of the engine, the clock takes one per tick,
+and the encoder of the session's record only receives a frame once it has been on air — so an
+interrupt cuts the record at exactly the frame where the stream stopped. WebRTC is not in this layer
+(musetalk/server/webrtc.py sends the ticks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from musetalk.avatar.cache import FrameStore, cycle_index
+from musetalk.errors import Interrupted
+from musetalk.pipeline.encode import fit_audio
+from musetalk.pipeline.engine import FrameStream
+
+log = logging.getLogger(__name__)
+
+AUDIO_RATE_HZ = 48_000  # WebRTC's Opus clock
+LATE_RESYNC_S = 0.2  # a clock this late (the loop was blocked) restarts from now instead of bursting frames
+SUBSCRIBER_TICKS = 4  # video frames a viewer may fall behind before its oldest are dropped (bounds its latency)
+AUDIO_BACKLOG_TICKS = 250  # audio a viewer may fall behind (10 s at 25 fps) before its oldest is dropped
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What the stream shows during one frame: the frame, its audio, and whose utterance it is."""
+
+    index: int  # frame number on the stream's timeline (0 = the first tick since the stream started)
+    frame: NDArray[np.uint8]  # (H·3/2, W) I420 uint8
+    pcm: NDArray[np.int16]  # (48000 / fps,) mono int16
+    t_loop_s: float  # event-loop time at which it went on air
+    utterance: int | None  # id of the utterance on air, None while idle
+
+
+def to_i420(bgr: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """(H, W, 3) BGR → (H'·3/2, W') I420; an odd last row/column is dropped, as the engine does."""
+    h, w = bgr.shape[:2]
+    return np.asarray(cv2.cvtColor(np.ascontiguousarray(bgr[: h - h % 2, : w - w % 2]), cv2.COLOR_BGR2YUV_I420))
+
+
+class LiveUtterance:
+    """One utterance on its way to the stream; the render thread produces, the stream's clock consumes.
+
+    `tap` is the engine's frame tap (Engine.render): it pushes every frame to the stream at once and hands
+    it on to the encoder only once the clock has put it on air, keeping at most `buffer_frames` frames
+    ahead of the stream (back-pressure on the engine). Unpaced (nobody watching), frames go straight on.
+    """
+
+    def __init__(
+        self,
+        utterance_id: int,
+        fps: int,
+        buffer_frames: int,
+        loop: asyncio.AbstractEventLoop,
+        start_frames: int = 1,
+    ) -> None:
+        self.id = utterance_id
+        self.fps = fps
+        self.buffer_frames = buffer_frames
+        self.start_frames = start_frames  # frames rendered before it goes on air (an early stall is worse)
+        self.samples_per_frame = AUDIO_RATE_HZ // fps
+        self.cursor = 0  # avatar cycle position of the first frame (known once the render started)
+        self.n_frames: int | None = None
+        self.played = 0  # frames put on air
+        self._frames: collections.deque[NDArray[np.uint8]] = collections.deque()
+        self._pcm: NDArray[np.int16] = np.zeros(0, np.int16)
+        self._cond = threading.Condition()
+        self._paced = False
+        self._cut = False
+        self._ended = False  # no more frames will come (rendered, failed or cut)
+        self._loop = loop
+        # Set when all frames have been generated (or none ever will): the session's next utterance may
+        # start rendering then, so that it is ready when this one ends on air.
+        self.generated: asyncio.Future[None] = loop.create_future()
+
+    # render thread
+
+    def tap(self, stream: FrameStream) -> Iterator[NDArray[np.uint8]]:
+        """Engine.render's frame tap: each frame goes on the stream, then (once shown) to the encoder."""
+        if self._paced:  # the stream's audio (an unpaced utterance is only here so that it can be cut)
+            pcm = (fit_audio(stream.audio, stream.n_frames, self.fps, AUDIO_RATE_HZ) * 32767).astype(np.int16)
+        with self._cond:
+            if self._paced:
+                self._pcm = pcm
+            self.n_frames = stream.n_frames
+            self.cursor = stream.plan.cursor
+        emitted = 0
+        pending: collections.deque[NDArray[np.uint8]] = collections.deque()
+        try:
+            for frame in stream:
+                with self._cond:
+                    if self._cut:
+                        break
+                    if self._paced:
+                        self._frames.append(frame)
+                        self._cond.notify_all()
+                pending.append(frame)
+                while pending and self._shown(emitted, block=True):
+                    yield pending.popleft()
+                    emitted += 1
+        finally:
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+            self._loop.call_soon_threadsafe(_resolve, self.generated)
+        while pending and self._shown(emitted, block=False):
+            yield pending.popleft()
+            emitted += 1
+        if emitted == 0:
+            raise Interrupted("the utterance was interrupted before its first frame was shown")
+
+    def _shown(self, index: int, block: bool) -> bool:
+        """Whether frame `index` may go to the encoder; waits for the clock while that makes sense.
+
+        block=True (still producing): wait only while the stream's buffer is full; block=False (all frames
+        produced): wait until the frame is on air. After a cut only frames that were shown go on.
+        """
+        with self._cond:
+            while self._paced and not self._cut and self.played <= index:
+                if block and len(self._frames) < self.buffer_frames:
+                    return False
+                self._cond.wait(timeout=1.0)
+            return not self._paced or self.played > index
+
+    # stream clock (event loop)
+
+    def set_paced(self, paced: bool) -> None:
+        """Paced: frames reach the encoder as the stream shows them; else as they come (nobody watching)."""
+        with self._cond:
+            self._paced = paced
+            if not paced:
+                self._frames.clear()
+            self._cond.notify_all()
+
+    def take(self) -> tuple[NDArray[np.uint8], NDArray[np.int16]] | None:
+        """The next frame and its audio, or None if it is not rendered yet."""
+        with self._cond:
+            if not self._frames:
+                return None
+            if self.played == 0 and not self._ended and len(self._frames) < min(self.start_frames, self.n_frames or 1):
+                return None
+            frame = self._frames.popleft()
+            i = self.played
+            self.played += 1
+            self._cond.notify_all()
+        spf = self.samples_per_frame
+        return frame, self._pcm[i * spf : (i + 1) * spf]
+
+    @property
+    def done(self) -> bool:
+        """Cut, or every frame it will ever have has been shown."""
+        with self._cond:
+            return self._cut or (self._ended and not self._frames) or self.played == self.n_frames
+
+    @property
+    def end_cursor(self) -> int:
+        """Cycle position after its last frame (its start until the render has planned it)."""
+        return self.cursor + (self.n_frames or 0)
+
+    @property
+    def was_cut(self) -> bool:
+        """Whether an interrupt stopped it."""
+        return self._cut
+
+    def cut(self) -> None:
+        """Stop here: nothing more goes on air; the record keeps the frames already shown."""
+        with self._cond:
+            self._cut = True
+            self._frames.clear()
+            self._cond.notify_all()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Viewer:
+    """One viewer's queues of ticks (video and audio are pulled separately by their tracks).
+
+    A viewer whose video lags drops its oldest frames (video timestamps come from the tick numbers, so the
+    receiver still places every frame right). Audio is not dropped: WebRTC's Opus timestamps count the
+    samples sent, so a gap would shift the viewer's audio against its video for good; a late audio track
+    catches up by sending at once (up to AUDIO_BACKLOG_TICKS, for a viewer that stopped reading).
+    """
+
+    def __init__(self) -> None:
+        self.video: asyncio.Queue[Tick] = asyncio.Queue(SUBSCRIBER_TICKS)
+        self.audio: asyncio.Queue[Tick] = asyncio.Queue(AUDIO_BACKLOG_TICKS)
+
+    def drop_speech(self) -> None:
+        """An interrupt: queued frames of an utterance are dropped and its queued audio becomes silence
+        (kept, so the audio timeline stays whole)."""
+        for q, silence in ((self.video, False), (self.audio, True)):
+            kept = []
+            while not q.empty():
+                tick = q.get_nowait()
+                if tick.utterance is None:
+                    kept.append(tick)
+                elif silence:
+                    kept.append(replace(tick, pcm=np.zeros_like(tick.pcm), utterance=None))
+            for tick in kept:
+                q.put_nowait(tick)
+
+    def put(self, tick: Tick) -> None:
+        """Queue a tick; a viewer that lags drops its oldest ticks instead of holding up the others."""
+        for q in (self.video, self.audio):
+            if q.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+            q.put_nowait(tick)
+
+
+class LiveSession:
+    """The live stream of one session: its viewers, the clock, the idle cursor and the utterance queue."""
+
+    def __init__(
+        self,
+        session_id: str,
+        fps: int,
+        avatar_frames: Callable[[str], FrameStore],
+        avatar_id: str,
+        cursor: int,
+        buffer_frames: int,
+        lead_frames: int,
+        start_frames: int = 1,
+    ) -> None:
+        self.session_id = session_id
+        self.fps = fps
+        self.avatar_id = avatar_id
+        self.buffer_frames = buffer_frames
+        self.start_frames = start_frames
+        self.lead_frames = lead_frames
+        self._avatar_frames = avatar_frames
+        self._frames = avatar_frames(avatar_id)
+        self.idle_cursor = cursor
+        self.viewers: set[Viewer] = set()
+        self._queue: collections.deque[LiveUtterance] = collections.deque()
+        self._last_frame: NDArray[np.uint8] | None = None
+        self._clock: asyncio.Task[None] | None = None
+        self.ticks = 0
+
+    @property
+    def n_source_frames(self) -> int:
+        """Frames of the avatar now shown (its ping-pong cycle has twice as many)."""
+        return len(self._frames)
+
+    @property
+    def busy(self) -> bool:
+        """An utterance is on air or queued."""
+        return bool(self._queue)
+
+    def add_viewer(self) -> Viewer:
+        """A new viewer; the first one starts the clock."""
+        viewer = Viewer()
+        self.viewers.add(viewer)
+        if self._clock is None or self._clock.done():
+            self._clock = asyncio.get_running_loop().create_task(self._run(), name=f"live-{self.session_id}")
+        return viewer
+
+    def remove_viewer(self, viewer: Viewer) -> bool:
+        """Drop a viewer; True when it was the last (the clock stops, utterances go on unpaced)."""
+        self.viewers.discard(viewer)
+        if self.viewers:
+            return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """Stop the clock; utterances still rendering pass their frames straight to the record."""
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+        for utterance in self._queue:
+            utterance.set_paced(False)
+        self._queue.clear()
+
+    def new_utterance(self, utterance_id: int, avatar_id: str) -> LiveUtterance:
+        """Queue an utterance behind the ones already queued; its render should start at `start_cursor()`."""
+        utterance = LiveUtterance(
+            utterance_id, self.fps, self.buffer_frames, asyncio.get_running_loop(), self.start_frames
+        )
+        utterance.set_paced(True)
+        utterance.cursor = self.start_cursor()
+        if avatar_id != self.avatar_id:
+            self.avatar_id, self._frames = avatar_id, self._avatar_frames(avatar_id)
+        self._queue.append(utterance)
+        return utterance
+
+    def start_cursor(self) -> int:
+        """Where the next utterance should start on the avatar cycle: after the queued ones, or just ahead of
+        the idle avatar (by the frames it takes to render its first frame), so the head does not jump."""
+        cycle = 2 * self.n_source_frames
+        if self._queue:
+            return self._queue[-1].end_cursor % cycle
+        return (self.idle_cursor + self.lead_frames) % cycle
+
+    def interrupt(self) -> int:
+        """Cut the utterance on air and drop the queued ones; returns how many were cut or dropped."""
+        n = len(self._queue)
+        for utterance in self._queue:
+            utterance.cut()
+        self._queue.clear()
+        for viewer in self.viewers:
+            viewer.drop_speech()
+        return n
+
+    def _next(self) -> tuple[NDArray[np.uint8] | None, NDArray[np.int16] | None, int | None]:
+        """The current utterance's next frame (or its last one again while the next renders), else idle."""
+        while self._queue:
+            current = self._queue[0]
+            taken = current.take()
+            if taken is not None:
+                self._last_frame = taken[0]
+                return taken[0], taken[1], current.id
+            if current.done:
+                self._queue.popleft()
+                if current.played:
+                    self.idle_cursor = (current.cursor + current.played) % (2 * self.n_source_frames)
+                self._last_frame = None
+                continue
+            if current.played > 0 and self._last_frame is not None:
+                return self._last_frame, None, current.id  # render fell behind: hold the frame, no audio
+            break
+        return None, None, None
+
+    def _idle_frame(self, position: int) -> NDArray[np.uint8]:
+        return to_i420(self._frames[cycle_index(position, len(self._frames))])
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        spf = AUDIO_RATE_HZ // self.fps
+        silence = np.zeros(spf, np.int16)
+        t0, k = loop.time(), 0
+        try:
+            while self.viewers:
+                due = t0 + k / self.fps
+                now = loop.time()
+                if now < due:
+                    await asyncio.sleep(due - now)
+                elif now - due > LATE_RESYNC_S:
+                    t0 = now - k / self.fps
+                frame, pcm, utterance_id = self._next()
+                if frame is None:
+                    frame = await asyncio.to_thread(self._idle_frame, self.idle_cursor)
+                    self.idle_cursor = (self.idle_cursor + 1) % (2 * self.n_source_frames)
+                tick = Tick(k, frame, silence if pcm is None else pcm, loop.time(), utterance_id)
+                for viewer in list(self.viewers):
+                    viewer.put(tick)
+                k += 1
+                self.ticks = k
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a broken avatar frame store must not take the server down; the stream ends
+            log.exception("live stream of session %s stopped", self.session_id)
+            for utterance in self._queue:
+                utterance.set_paced(False)  # their renders must not wait for a clock that is gone
+            self._queue.clear()

@@ -1,0 +1,80 @@
+"""A session's live stream without WebRTC: the clock, idle frames, and the record holding exactly what was shown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from musetalk.avatar import PrepResult, load_avatar
+from musetalk.config import AppConfig
+from musetalk.pipeline.engine import Engine
+from musetalk.render.preview import PreviewFaces
+from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, to_i420
+from musetalk.types import Audio
+from musetalk.utils.ffmpeg import probe
+
+
+def _voice(seconds: float) -> Audio:
+    t = np.arange(round(seconds * 16000)) / 16000
+    return Audio((0.3 * np.sin(2 * np.pi * 140 * t)).astype(np.float32), 16000)
+
+
+def test_the_record_holds_exactly_the_frames_the_stream_showed_before_a_cut(
+    prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path
+) -> None:
+    cfg, _ = prepared_avatar
+    cache = load_avatar(cfg, cfg.avatar_id)
+    engine = Engine(cfg, PreviewFaces(cfg.fps, 4))
+
+    async def run() -> tuple[list[Tick], int, int]:
+        live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, buffer_frames=10, lead_frames=2)
+        viewer = live.add_viewer()
+        ticks: list[Tick] = []
+
+        async def watch() -> None:
+            while True:
+                ticks.append(await viewer.video.get())
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.3)  # idle first
+        utterance = live.new_utterance(1, cfg.avatar_id)
+        render = asyncio.create_task(
+            asyncio.to_thread(engine.render, _voice(4.0), cache, tmp_path / "c.mp4", utterance.cursor,
+                              frame_tap=utterance.tap)
+        )  # fmt: skip
+        while utterance.played < 20:
+            await asyncio.sleep(0.01)
+        live.interrupt()
+        result = await render
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+        live.close()
+        return ticks, utterance.played, result.clip.n_frames
+
+    try:
+        ticks, played, n_frames = asyncio.run(run())
+    finally:
+        engine.close()
+    on_air = [t for t in ticks if t.utterance == 1]
+    # A tick of the utterance with no audio holds its last frame (rendering fell behind); the others each
+    # showed a new frame, with its audio (the test voice is never silent).
+    spoken = [t for t in on_air if t.pcm.any()]
+    assert all(np.array_equal(t.frame, on_air[i - 1].frame) for i, t in enumerate(on_air) if not t.pcm.any())
+    assert 20 <= played < 100 and n_frames == played == len(spoken)  # the record = what was on air
+    assert [t.index for t in ticks] == list(range(ticks[0].index, ticks[0].index + len(ticks)))  # no gaps
+    idle_before = ticks[: ticks.index(on_air[0])]
+    assert idle_before and all(t.utterance is None and not t.pcm.any() for t in idle_before)  # idle: silent
+    assert np.array_equal(idle_before[0].frame, to_i420(cache.frames[0]))  # the avatar's own frame
+    assert ticks[-1].utterance is None  # idle again after the cut
+    assert all(len(t.pcm) == AUDIO_RATE_HZ // cfg.fps for t in ticks)
+    info = probe(tmp_path / "c.mp4")
+    assert info.n_video_frames == played
+    pcm, rate = sf.read(tmp_path / "c.wav")
+    assert len(pcm) == played * rate // cfg.fps  # audio cut at the same frame
+    # The stream's audio of the utterance is the clip's audio, tick by tick.
+    assert rate == AUDIO_RATE_HZ == cfg.encode.audio_rate
+    stream_audio = np.concatenate([t.pcm for t in spoken]).astype(np.float64) / 32767
+    assert np.abs(stream_audio - pcm).max() < 2e-3
