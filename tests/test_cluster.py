@@ -7,6 +7,7 @@ killed. The cluster is stopped with SIGINT, as Ctrl-C does, and every process it
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -28,6 +29,7 @@ from fastapi.testclient import TestClient
 from musetalk.avatar import PrepResult
 from musetalk.config import PROJECT_ROOT, AppConfig, with_overrides
 from musetalk.server.app import create_app
+from musetalk.server.viewer import LiveViewer
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +204,8 @@ def test_concurrent_sessions_each_stay_on_one_replica_and_get_exactly_their_clip
 
 
 def test_the_cluster_serves_the_same_api(cluster: Cluster) -> None:
-    """Errors, uploads (the session in a form field), the session video with Range, the web page, chat jobs."""
+    """Errors, uploads (the session in a form field), the session video with Range, the web page, chat jobs,
+    the live stream."""
     c = cluster
     owner = _speak(c, "s1", "Which replica owns me?").headers["x-served-by"]
     c.acknowledged["s1"].append({"text": "Which replica owns me?"})
@@ -234,6 +237,7 @@ def test_the_cluster_serves_the_same_api(cluster: Cluster) -> None:
         time.sleep(0.5)
     assert job["status"] == "done", job
     assert httpx.get(f"{c.url}/sessions/chat1/video").status_code == 200
+    assert _watch(c, "s2") > 0  # the live stream: the offer reaches the session's replica, media flows
 
 
 def test_a_killed_replica_s_sessions_are_served_again_with_every_acknowledged_clip(cluster: Cluster) -> None:
@@ -268,6 +272,18 @@ def test_a_killed_replica_s_sessions_are_served_again_with_every_acknowledged_cl
         assert len(frames) == round(answers[session].json()["session_duration_s"] * c.cfg.fps)
     health = c.health()
     assert victim["pid"] not in {r["pid"] for r in health["replicas"]}
+    assert _watch(c, moved[0]) > 0  # a viewer of a moved session reconnects to its new replica
+
+
+def _watch(c: Cluster, session: str) -> int:
+    """Connect a live viewer to `session` through the cluster; video frames received in 1 s."""
+
+    async def watch() -> int:
+        async with LiveViewer(c.url, session) as viewer:
+            await asyncio.sleep(1.0)
+            return len(viewer.received.video)
+
+    return asyncio.run(watch())
 
 
 def _speak_owner(c: Cluster, session: str) -> str:

@@ -31,6 +31,8 @@
   let engineNote = "";
   let mode = "connecting"; // "live": the WebRTC stream | "clips": the session video (fallback)
   const LIVE_CONNECT_MS = 10000; // ICE + DTLS must be up within this, else clip mode
+  const LIVE_RECONNECT_TRIES = 5; // a lost stream is connected again this many times before clip mode
+  const LIVE_RECONNECT_WAIT_MS = 2000; // between tries (a cluster moves a session within seconds)
   // The live stream: its peer connection, what is on air (an utterance id), and which sentence each id is.
   const live = { pc: null, onAir: null, jobId: null, bubble: null, sentences: new Map(), jobDone: false };
 
@@ -477,8 +479,8 @@
     await waitFor(pc, "connectionstatechange", () => pc.connectionState === "connected", LIVE_CONNECT_MS,
       "connecting");
     pc.addEventListener("connectionstatechange", () => {
-      if (mode === "live" && (pc.connectionState === "failed" || pc.connectionState === "closed")) {
-        toClips("The live stream was lost");
+      if (mode === "live" && live.pc === pc && (pc.connectionState === "failed" || pc.connectionState === "closed")) {
+        reconnectLive();
       }
     });
     mode = "live";
@@ -486,6 +488,25 @@
     placeholder.hidden = true;
     video.controls = false;
     startPlayback();
+  }
+
+  // A lost stream is connected again (the server restarted, or on a cluster the session moved to another
+  // replica); after LIVE_RECONNECT_TRIES failed tries the page falls back to clips.
+  async function reconnectLive() {
+    for (let attempt = 1; attempt <= LIVE_RECONNECT_TRIES && mode === "live"; attempt++) {
+      if (live.pc) live.pc.close();
+      live.pc = null;
+      setStatus(`The live stream was lost; reconnecting (try ${attempt} of ${LIVE_RECONNECT_TRIES})…`, null);
+      await new Promise((resolve) => setTimeout(resolve, LIVE_RECONNECT_WAIT_MS));
+      try {
+        await connectLive();
+        setStatus(`Ready. ${engineNote}`.trim(), null);
+        return;
+      } catch (_) {
+        // the next try
+      }
+    }
+    if (mode === "live") toClips("The live stream was lost");
   }
 
   function toClips(reason) {
