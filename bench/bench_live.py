@@ -326,9 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(overrides, env, work / "server.log")
         try:
             meta["ready_s"] = server.wait_ready(900)
+            print(f"server ready after {meta['ready_s']:.1f} s", flush=True)  # progress: a timed-out run still says
             if args.device == "cuda" and renderer == "musetalk":
                 target = "compiled+graphs" if args.compile else "graphs"
                 meta["accelerated_s"] = server.wait_accelerated(target, 900)
+                print(f"batch shapes {target} after {meta['accelerated_s']} s", flush=True)
             health = server.health()
             meta["renderer"], meta["capacity"] = health.get("renderer"), health.get("capacity")
             warm = {"file": ("w.wav", speech_wav(1.0, 0), "audio/wav")}
@@ -344,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
                 proc.start()
                 procs.append((proc, path))
             sessions = []
+            print(f"{args.sessions} viewer processes started", flush=True)
             for proc, path in procs:
                 proc.join()
                 if proc.exitcode == 0:
                     sessions.append(json.loads(Path(path).read_text()))
+                    print(f"session {len(sessions)} of {args.sessions} done", flush=True)
                 else:
                     print(f"a session process failed with exit code {proc.exitcode}", flush=True)
             meta.update(sampler.stop())
