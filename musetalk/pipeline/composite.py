@@ -66,13 +66,15 @@ def bgr_to_i420(frames: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _DeviceAvatar:
-    """One avatar's frames and paste geometry on the device; frames are uploaded as they are first used."""
+    """One avatar's frames and paste geometry on the device; frames and alphas are uploaded as first used."""
 
     cache: AvatarCache
     frames: torch.Tensor  # (N, H, W, 3) uint8 BGR, cropped to even H and W
-    loaded: np.ndarray  # (N,) bool: which rows of `frames` hold their source frame yet
+    loaded: np.ndarray  # (N,) bool: which rows of `frames` and `alpha` are on the device yet
     origin: torch.Tensor  # (N, 2) int64: top-left (x, y) of each frame's paste window
+    origin_host: np.ndarray  # (N, 2) int64: the same, on the host
     alpha: torch.Tensor  # (N, Rh, Rw) float32: the CPU blender's alpha (0..255) inside the window, 0 elsewhere
+    # (Rh, Rw) = the avatar's largest mask box: every frame's alpha region lies inside its own mask box.
     to_face: torch.Tensor  # (N, 2, 3) float32: window-pixel (j, i, 1) → face pixel (x, y) it samples
 
 
@@ -101,18 +103,15 @@ class DeviceCompositor:
                 return hit
         n = cache.n_frames
         fh, fw = cache.frame_size_hw
-        alphas = [self._blender.frame_alpha(cache, i) for i in range(n)]
-        rh = max(1, max(a.region[3] - a.region[1] for a in alphas))
-        rw = max(1, max(a.region[2] - a.region[0] for a in alphas))
-        rh, rw = min(rh, fh), min(rw, fw)
+        # One window size for the avatar: its largest mask box (every frame's alpha region lies in its box).
+        boxes = np.asarray(cache.mask_boxes, dtype=np.int64).reshape(n, 4)  # (N, 4) x1, y1, x2, y2
+        rh = min(fh, max(1, int((boxes[:, 3] - boxes[:, 1]).max())))
+        rw = min(fw, max(1, int((boxes[:, 2] - boxes[:, 0]).max())))
         origin = np.zeros((n, 2), np.int64)
-        alpha = np.zeros((n, rh, rw), np.float32)
         to_face = np.zeros((n, 2, 3), np.float64)
-        for i, fa in enumerate(alphas):
-            x1, y1, x2, y2 = fa.region
-            ox, oy = max(0, min(x1, fw - rw)), max(0, min(y1, fh - rh))  # the window holds the region, inside the frame
+        for i, (x1, y1, _, _) in enumerate(boxes):
+            ox, oy = max(0, min(int(x1), fw - rw)), max(0, min(int(y1), fh - rh))  # the window lies in the frame
             origin[i] = ox, oy
-            alpha[i, y1 - oy : y2 - oy, x1 - ox : x2 - ox] = fa.alpha
             to_face[i] = _window_to_face(cache, i, (ox, oy), self.cfg.subpixel_enabled)
         h2, w2 = fh - fh % 2, fw - fw % 2
         entry = _DeviceAvatar(
@@ -120,7 +119,8 @@ class DeviceCompositor:
             frames=torch.empty((n, h2, w2, 3), dtype=torch.uint8, device=self.device),
             loaded=np.zeros(n, dtype=bool),
             origin=torch.from_numpy(origin).to(self.device),
-            alpha=torch.from_numpy(alpha).to(self.device),
+            origin_host=origin,
+            alpha=torch.zeros((n, rh, rw), dtype=torch.float32, device=self.device),
             to_face=torch.from_numpy(to_face.astype(np.float32)).to(self.device),
         )
         with self._lock:
@@ -130,12 +130,21 @@ class DeviceCompositor:
         return entry
 
     def _frames(self, avatar: _DeviceAvatar, source_ids: list[int], ids: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 copies of the source frames on the device (uploading any not there yet)."""
+        """(B, H, W, 3) uint8 copies of the source frames on the device (uploading any not there yet).
+
+        A frame and its alpha map go to the device when first used (a 250-frame avatar's blurred masks take
+        about half a second to compute, which no single request should wait for)."""
         h, w = avatar.frames.shape[1:3]
         for i in sorted(set(source_ids)):
             if not avatar.loaded[i]:
                 frame = np.ascontiguousarray(avatar.cache.frames[i][:h, :w])  # (H, W, 3) uint8
                 avatar.frames[i].copy_(torch.from_numpy(frame))
+                fa = self._blender.frame_alpha(avatar.cache, i)
+                x1, y1, x2, y2 = fa.region
+                ox, oy = (int(v) for v in avatar.origin_host[i])
+                if x2 > x1 and y2 > y1:
+                    alpha = torch.from_numpy(fa.alpha.astype(np.float32))  # (h, w) values 0..255
+                    avatar.alpha[i, y1 - oy : y2 - oy, x1 - ox : x2 - ox].copy_(alpha)
                 avatar.loaded[i] = True
         return avatar.frames.index_select(0, ids)
 
