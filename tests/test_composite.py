@@ -141,3 +141,26 @@ def test_cuda_compositing_through_graphs_matches_the_cpu_blend(tiny_models_dir: 
         assert plain.shape == composed.shape
         diff = np.abs(plain.astype(np.int16) - composed.astype(np.int16))
         assert diff.max() <= 2 and diff.mean() < 0.1
+
+
+def test_a_batch_mixing_avatars_pastes_each_face_with_its_own_weight(tiny_models_dir: Path) -> None:
+    """Composed requests of two avatars interleaved in one batch: every frame gets its own source and weight."""
+    from musetalk.pipeline.generate import FaceRequest
+
+    cfg = load_config(overrides=[f"models.dir={tiny_models_dir}", "runtime.device=cpu"])
+    bundle = load_models(cfg)
+    caches = [
+        synthetic_avatar(n_frames=4, height=h, width=w, seed=s, vae=bundle.vae, vae_scale=bundle.vae_scale)
+        for s, (h, w) in enumerate(((96, 128), (72, 100)))
+    ]
+    plain, composing = MuseTalkFaces(bundle, cfg, composite=False), MuseTalkFaces(bundle, cfg, composite=True)
+    samples = _speech_with_gap(0.4, gap_s=(1.0, 1.0)).samples  # 10 frames, all voiced
+    plans = [(0, 1, 1.0), (1, 2, 0.3), (0, 3, 0.6), (1, 0, 0.9)]  # (avatar, source frame, weight), interleaved
+    conds = {name: [src.prepare(c, samples, 10) for c in caches] for name, src in (("p", plain), ("c", composing))}
+    faces = plain.submit([FaceRequest(conds["p"][a], k, sid) for k, (a, sid, _) in enumerate(plans)]).wait()
+    frames = composing.submit([FaceRequest(conds["c"][a], k, sid, w) for k, (a, sid, w) in enumerate(plans)]).wait()
+    blender = Blender(cfg.blend, cfg.prep.expand)
+    for (a, sid, w), face, frame in zip(plans, faces, frames, strict=True):
+        ref = _cpu_i420(blender, caches[a], sid, np.asarray(face), w)
+        assert frame.shape == ref.shape
+        assert np.abs(frame.astype(np.int16) - ref.astype(np.int16)).max() <= 2

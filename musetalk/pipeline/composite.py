@@ -45,6 +45,11 @@ def host_to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, 
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def weight_scale(weight: float) -> float:
+    """What alpha (uint8 values) is multiplied by for a face weight, as blend.composite does: weight / 255."""
+    return min(max(weight, 0.0), 1.0) / 255.0
+
+
 def supports(cfg: BlendConfig) -> bool:
     """Whether the device path produces what the CPU path would for this blend config."""
     return cfg.blend_mode == "feather" and not cfg.color_match and cfg.temporal_smoothing == 0
@@ -161,7 +166,7 @@ class DeviceCompositor:
         """(B, 256, 256, 3) uint8 BGR faces (device) pasted into source frames `source_ids` with `weights`
         (0 = source untouched, 1 = full face) → (B, H·3/2, W) uint8 I420 on the device.
 
-        `device_ids` / `device_scale`: the source ids and the weights / 255 already on the device (a caller
+        `device_ids` / `device_scale`: the source ids and the `weight_scale`s already on the device (a caller
         batching its transfers), instead of `weights`.
         """
         b = len(source_ids)
@@ -171,8 +176,7 @@ class DeviceCompositor:
         if device_scale is None:
             if weights is None or len(weights) != b:
                 raise ValueError(f"{b} frames need {b} weights")
-            # As blend.composite: alpha (uint8 values) × float32(weight / 255).
-            device_scale = host_to_device([min(max(w, 0.0), 1.0) / 255.0 for w in weights], torch.float32, self.device)
+            device_scale = host_to_device([weight_scale(w) for w in weights], torch.float32, self.device)
         avatar = self._avatar(cache)
         frames = self._frames(avatar, source_ids, ids)  # (B, H, W, 3)
         rh, rw = avatar.alpha.shape[1:]

@@ -39,7 +39,7 @@ from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
 from musetalk.pipeline.audio import WindowSpec, audio_tokens, audio_tokens_many
-from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports
+from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports, weight_scale
 
 if TYPE_CHECKING:
     from transformers import WhisperFeatureExtractor
@@ -620,11 +620,10 @@ class MuseTalkFaces:
         groups: dict[int, list[int]] = {}  # one compose per avatar (frame sizes differ)
         for k in composed:
             groups.setdefault(id(requests[k].cond.cache), []).append(k)
-        # All indices in one transfer and all weights in another (see _gather).
+        # All indices in one transfer and all weights in another (see _gather), both in group order.
         flat = plain + [v for rows in groups.values() for v in (*rows, *(requests[k].source_id for k in rows))]
         index = host_to_device(flat, torch.long, self.device)
-        # As blend.composite on the CPU: alpha × float32(weight / 255), the division in double precision.
-        scales = [min(max(float(requests[k].blend_weight or 0.0), 0.0), 1.0) / 255.0 for k in composed]
+        scales = [weight_scale(float(requests[k].blend_weight or 0.0)) for rows in groups.values() for k in rows]
         scale = host_to_device(scales, torch.float32, self.device)
         if plain:
             host = to_host(faces.index_select(0, index[: len(plain)]))
