@@ -196,7 +196,7 @@ class FrameScheduler:
                 source_ids,
                 due,
                 self._cv,
-                blend_weights if self.source.composites else None,
+                blend_weights,
             )
             self._next_uid += 1
             self._inbox.append(utt)
