@@ -97,7 +97,5 @@ class MouthEnhancer:
 
     def enhance(self, faces_bgr: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """(B, 256, 256, 3) BGR uint8 → enhanced, same shape; rows above the boundary are unchanged."""
-        if faces_bgr.ndim != 4 or faces_bgr.shape[1:] != (CROP_PX, CROP_PX, 3):
-            raise ValueError(f"expected (B, {CROP_PX}, {CROP_PX}, 3) faces, got {faces_bgr.shape}")
         x = torch.from_numpy(np.ascontiguousarray(faces_bgr)).to(self.restorer.device)
         return np.ascontiguousarray(self.enhance_device(x).cpu().numpy())
