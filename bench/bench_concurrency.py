@@ -217,7 +217,7 @@ class Server:
             time.sleep(0.2)
         return None
 
-    def profile(self, out: Path, seconds: int = 4) -> subprocess.Popen[bytes] | None:
+    def profile(self, out: Path, seconds: int = 4) -> threading.Thread | None:
         """py-spy while a round runs: `out`.gil.txt (GIL holders), then `out`.all.txt (every thread, idle too)."""
         spy = shutil.which("py-spy")
         if spy is None:
@@ -225,11 +225,15 @@ class Server:
             return None
         base = [spy, "record", "--pid", str(self.proc.pid), "--duration", str(seconds), "--rate", "250",
                 "--threads", "--format", "raw", "--nonblocking"]  # fmt: skip
-        script = " && ".join(
-            " ".join([*base, *extra, "--output", f"{out}.{tag}.txt"])
-            for tag, extra in (("gil", ["--gil"]), ("all", ["--idle"]))
-        )
-        return subprocess.Popen(["bash", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def record() -> None:
+            for tag, extra in (("gil", ["--gil"]), ("all", ["--idle"])):
+                cmd = [*base, *extra, "--output", f"{out}.{tag}.txt"]
+                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+        thread = threading.Thread(target=record, daemon=True)
+        thread.start()
+        return thread
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then kill)."""
@@ -353,7 +357,7 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
                 spy = server.profile(args.out.parent / f"pyspy-{height}-{mode}-{tag}") if n in args.profile_ns else None
                 r = run_round(server.url, n, tag, staggered, wavs)
                 if spy is not None:
-                    spy.wait()
+                    spy.join()
                 after = server.health().get("scheduler", {}).get("thread_s", {})
                 # Where the scheduler's GPU thread spent this round (s): idle, prepare, launch, collect.
                 r["gpu_thread_s"] = {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
