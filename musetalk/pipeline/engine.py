@@ -82,9 +82,10 @@ class FramePlan:
         """Frames in the clip."""
         return len(self.source_ids)
 
-    def next_cursor(self, n_source_frames: int) -> int:
-        """Cycle position after this clip (kept below one full ping-pong cycle)."""
-        return (self.cursor + self.n_frames) % (2 * n_source_frames)
+    def next_cursor(self, n_source_frames: int, n_shown: int | None = None) -> int:
+        """Cycle position after this clip, or after its first `n_shown` frames (below one ping-pong cycle)."""
+        shown = self.n_frames if n_shown is None else n_shown
+        return (self.cursor + shown) % (2 * n_source_frames)
 
 
 class _Failure:
@@ -337,8 +338,8 @@ class Engine:
         total_ms = (time.perf_counter() - t0) * 1000
         timings["total_ms"] = total_ms
         timings["fps"] = clip.n_frames / (total_ms / 1000) if total_ms > 0 else 0.0
-        next_cursor = (cursor + clip.n_frames) % (2 * cache.n_frames)  # = the plan's, unless cut short
-        return RenderResult(replace(clip, timings_ms=timings), next_cursor)
+        # The clip may have been cut short (frame_tap): the avatar continues after the frames it holds.
+        return RenderResult(replace(clip, timings_ms=timings), stream.plan.next_cursor(cache.n_frames, clip.n_frames))
 
     def on_gpu_thread(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the scheduler's GPU thread, between batches, and wait for it."""
