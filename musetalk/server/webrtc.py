@@ -252,7 +252,7 @@ class LiveHub:
                 if live is None:
                     live = LiveSession(
                         session_id, self.cfg.fps, self._avatar_frames, avatar_id, cursor,
-                        wcfg.buffer_frames, lead_frames(self.cfg), wcfg.start_frames,
+                        wcfg.buffer_frames, lead_frames(self.cfg), wcfg.start_frames, wcfg.max_height,
                     )
                 viewer = live.add_viewer()
                 self._sessions[session_id] = live

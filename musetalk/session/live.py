@@ -48,10 +48,35 @@ class Tick:
     utterance: int | None  # id of the utterance on air, None while idle
 
 
-def to_i420(bgr: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """(H, W, 3) BGR → (H'·3/2, W') I420; an odd last row/column is dropped, as the engine does."""
-    h, w = bgr.shape[:2]
-    return np.asarray(cv2.cvtColor(np.ascontiguousarray(bgr[: h - h % 2, : w - w % 2]), cv2.COLOR_BGR2YUV_I420))
+def stream_size(height: int, width: int, max_height: int) -> tuple[int, int]:
+    """(height, width) of a frame on the stream: scaled down to `max_height` (0 = never), kept even."""
+    if max_height <= 0 or height <= max_height:
+        return height - height % 2, width - width % 2
+    h = max_height - max_height % 2
+    return h, max(2, round(width * h / height / 2) * 2)
+
+
+def to_i420(bgr: NDArray[np.uint8], max_height: int = 0) -> NDArray[np.uint8]:
+    """(H, W, 3) BGR → (H'·3/2, W') I420, scaled to `max_height` if taller; an odd row/column is dropped."""
+    h, w = stream_size(bgr.shape[0], bgr.shape[1], max_height)
+    picture = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA) if h < bgr.shape[0] - 1 else bgr[:h, :w]
+    return np.asarray(cv2.cvtColor(np.ascontiguousarray(picture), cv2.COLOR_BGR2YUV_I420))
+
+
+def scale_i420(frame: NDArray[np.uint8], max_height: int) -> NDArray[np.uint8]:
+    """(H·3/2, W) I420 → the same picture at most `max_height` tall (each plane resized; 0 = unchanged)."""
+    height, width = frame.shape[0] * 2 // 3, frame.shape[1]
+    h, w = stream_size(height, width, max_height)
+    if h == height:
+        return frame
+    flat, luma, chroma = frame.reshape(-1), height * width, height * width // 4
+    out = np.empty(h * w * 3 // 2, np.uint8)
+    out[: h * w] = cv2.resize(flat[:luma].reshape(height, width), (w, h), interpolation=cv2.INTER_AREA).reshape(-1)
+    for k in range(2):  # U, then V: (height/2, width/2) planes laid out one after the other
+        plane = flat[luma + k * chroma : luma + (k + 1) * chroma].reshape(height // 2, width // 2)
+        start = h * w + k * (h * w // 4)
+        out[start : start + h * w // 4] = cv2.resize(plane, (w // 2, h // 2), interpolation=cv2.INTER_AREA).reshape(-1)
+    return out.reshape(h * 3 // 2, w)
 
 
 class LiveUtterance:
@@ -69,8 +94,10 @@ class LiveUtterance:
         buffer_frames: int,
         loop: asyncio.AbstractEventLoop,
         start_frames: int = 1,
+        max_height: int = 0,
     ) -> None:
         self.id = utterance_id
+        self.max_height = max_height  # stream frames taller than this are scaled down (the record is not)
         self.fps = fps
         self.buffer_frames = buffer_frames
         self.start_frames = start_frames  # frames rendered before it goes on air (an early stall is worse)
@@ -104,11 +131,13 @@ class LiveUtterance:
         pending: collections.deque[NDArray[np.uint8]] = collections.deque()
         try:
             for frame in stream:
+                # Scaled here, in the render thread, not on the event loop (paced only goes from on to off).
+                on_air = scale_i420(frame, self.max_height) if self._paced else frame
                 with self._cond:
                     if self._cut:
                         break
                     if self._paced:
-                        self._frames.append(frame)
+                        self._frames.append(on_air)
                         self._cond.notify_all()
                 pending.append(frame)
                 while pending and self._shown(emitted, block=True):
@@ -240,8 +269,10 @@ class LiveSession:
         buffer_frames: int,
         lead_frames: int,
         start_frames: int = 1,
+        max_height: int = 0,
     ) -> None:
         self.session_id = session_id
+        self.max_height = max_height  # frames on the stream are at most this tall (0 = the avatar's size)
         self.fps = fps
         self.avatar_id = avatar_id
         self.buffer_frames = buffer_frames
@@ -294,7 +325,7 @@ class LiveSession:
     def new_utterance(self, utterance_id: int, avatar_id: str) -> LiveUtterance:
         """Queue an utterance behind the ones already queued; its render should start at `start_cursor()`."""
         utterance = LiveUtterance(
-            utterance_id, self.fps, self.buffer_frames, asyncio.get_running_loop(), self.start_frames
+            utterance_id, self.fps, self.buffer_frames, asyncio.get_running_loop(), self.start_frames, self.max_height
         )
         utterance.set_paced(True)
         utterance.cursor = self.start_cursor()
@@ -341,7 +372,7 @@ class LiveSession:
         return None, None, None
 
     def _idle_frame(self, position: int) -> NDArray[np.uint8]:
-        return to_i420(self._frames[cycle_index(position, len(self._frames))])
+        return to_i420(self._frames[cycle_index(position, len(self._frames))], self.max_height)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
