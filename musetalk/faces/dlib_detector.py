@@ -1,4 +1,4 @@
-"""dlib HOG face detector + the 68-point shape predictor shipped in `face-recognition-models`.
+"""dlib HOG face detector + a 68-point shape predictor (by default the one in `face-recognition-models`).
 
 Works on any machine with no weights folder at all: the predictor file comes with the pip package
 (no download at run time). The package itself is never imported (it needs pkg_resources); its files are found
@@ -42,17 +42,22 @@ class DlibDetector(DetectorBase):
 
     name = "dlib"
 
-    def __init__(self, detect_max_side_px: int = 640) -> None:
+    def __init__(self, detect_max_side_px: int = 640, predictor: Path | None = None) -> None:
         try:
             import dlib
         except ImportError:
             raise PluginUnavailable(f"the dlib face detector needs dlib: {INSTALL_HINT}") from None
-        path = predictor_path()
+        path = Path(predictor) if predictor is not None else predictor_path()
+        if predictor is not None and not (path and path.is_file()):
+            raise WeightsMissing([Path(predictor)], hint="prep.dlib_predictor names a 68-point dlib predictor (.dat)")
         if path is None:
             raise WeightsMissing([Path("face_recognition_models/models") / PREDICTOR_FILE], hint=INSTALL_HINT)
         self._dlib: Any = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(path))
+        parts = self._predictor(np.zeros((8, 8), np.uint8), dlib.rectangle(0, 0, 7, 7)).num_parts
+        if parts != 68:
+            raise ValueError(f"{path}: a {parts}-point shape predictor; the dlib detector needs 68")
         self._path = path
         self.detect_max_side_px = detect_max_side_px
 
