@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 from musetalk.server.cluster.routing import ReplicaLoad, ReportBoard, SessionTable, session_from_body, session_from_head
@@ -107,3 +108,13 @@ def test_report_board_keeps_only_live_replicas() -> None:
     assert snapshot == {"r2": {"pid": 2}}
     snapshot["r2"]["pid"] = 99
     assert board.snapshot()["r2"]["pid"] == 2
+
+
+def test_replicas_keep_the_drivers_python_path_after_the_project_root() -> None:
+    from musetalk.config import PROJECT_ROOT
+    from musetalk.server.cluster.deployment import replica_python_path
+
+    root = str(PROJECT_ROOT)
+    assert replica_python_path("") == root
+    inherited = os.pathsep.join(["/opt/site", root, "/x"])
+    assert replica_python_path(inherited) == os.pathsep.join([root, "/opt/site", "/x"])

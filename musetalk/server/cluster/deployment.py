@@ -273,6 +273,15 @@ class Gateway:
         return gateway_app(self._cfg, self._replicas)
 
 
+def replica_python_path(inherited: str) -> str:
+    """The replicas' PYTHONPATH: the project root, then the driver's own entries (duplicates dropped).
+
+    A runtime_env variable replaces the inherited value, so packages the driver finds through PYTHONPATH
+    (Ray's own, when it is installed that way) would vanish from the replicas without them."""
+    entries = (str(PROJECT_ROOT), *inherited.split(os.pathsep))
+    return os.pathsep.join(dict.fromkeys(p for p in entries if p))
+
+
 def build_application(
     cfg: AppConfig,
     app_factory: AppFactory,
@@ -284,7 +293,7 @@ def build_application(
 ) -> serve.Application:
     """The Ray Serve application: `replicas` copies of the server, each with `gpus_per_replica` GPUs (0: none)
     and `cpus_per_replica` cores, behind `gateways` gateway replicas."""
-    runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT), **(env or {})}}
+    runtime_env = {"env_vars": {"PYTHONPATH": replica_python_path(os.environ.get("PYTHONPATH", "")), **(env or {})}}
     # The cores matter beyond scheduling: Ray sets a worker's OMP_NUM_THREADS to its CPU count (1 when none
     # is asked for), which would leave a GPU replica's host-side work one thread where server_fast.py has all.
     actor_options: dict[str, Any] = {"runtime_env": runtime_env, "num_cpus": cpus_per_replica}
