@@ -344,6 +344,9 @@ class EnhanceConfig(_Section):
     temporal_tau: float = Field(default=12.0, gt=0)  # grey-level change at which new detail is taken in full
     temporal_min_follow: float = Field(default=0.2, gt=0, le=1)  # share of new detail taken where still
     fixed_noise: bool = True  # use GFPGAN's stored noise maps (repeatable); false = fresh noise per frame
+    # enhance.py: threads for face detection and paste-back (0 = the host's cores, at most 8). A dlib
+    # detector is not thread-safe, so each thread gets its own (~100 MB each with the 68-point model).
+    workers: int = Field(default=0, ge=0, le=64)
 
 
 class AppConfig(_Section):

@@ -208,3 +208,34 @@ def test_network_output_depends_on_the_input() -> None:
     with torch.no_grad():
         a, b = net(torch.zeros(1, 3, 512, 512)), net(torch.ones(1, 3, 512, 512))
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.slow
+def test_parallel_stages_give_the_same_video_as_one_thread(tiny_models_dir: Path, tmp_path: Path) -> None:
+    from musetalk.enhance.restore import FaceRestorer
+    from musetalk.enhance.video import enhance_video
+    from musetalk.faces.base import FaceDetector
+    from musetalk.faces.dlib_detector import DlibDetector
+
+    src = _talking_video(tmp_path / "talk.mp4")
+    outputs = []
+    for workers in (1, 3):
+        overrides = [f"models.dir={tiny_models_dir}", "runtime.device=cpu", "encode.crf=0", "enhance.batch_size=4",
+                     f"enhance.workers={workers}", "prep.detector=dlib"]  # fmt: skip
+        cfg = load_config(overrides=overrides)
+        bundle = load_models(cfg, parts={"gfpgan"})
+        assert bundle.gfpgan is not None
+        made: list[FaceDetector] = []
+        first = DlibDetector()
+
+        def more(made: list[FaceDetector] = made, first: DlibDetector = first) -> FaceDetector:
+            made.append(first.sibling())
+            return made[-1]
+
+        res = enhance_video(cfg, FaceRestorer(bundle.gfpgan, 4), first, src, tmp_path / f"w{workers}.mp4",
+                            weight=1.0, progress=False, more_detectors=more)  # fmt: skip
+        assert res.n_faces == N_FACE and len(made) == workers - 1  # a detector of its own per extra thread
+        outputs.append(_yuv_frames(tmp_path / f"w{workers}.mp4"))
+    assert len(outputs[0]) == len(outputs[1]) == N_FACELESS + N_FACE
+    for i, (a, b) in enumerate(zip(*outputs, strict=True)):
+        assert np.array_equal(a, b), f"frame {i} differs between 1 and 3 threads"

@@ -83,6 +83,21 @@ def test_dwpose_without_mmpose_gives_the_install_recipe(tmp_path: Path) -> None:
     assert "mmcv==2.1.0" in str(err.value) and "mmpose==1.3.2" in str(err.value)
 
 
+def test_dlib_siblings_detect_in_parallel_threads_as_one_detector_does(dlib_detector: DlibDetector) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = [np.ascontiguousarray(np.roll(astronaut_bgr(), 3 * i, axis=1)) for i in range(8)]
+    serial = [dlib_detector.detect(f) for f in frames]
+    twins = [dlib_detector.sibling() for _ in range(2)]
+    assert twins[0]._predictor is dlib_detector._predictor  # the landmark model is shared, not reloaded
+    with ThreadPoolExecutor(2) as pool:  # one HOG detector per thread: sharing one crashes the process
+        for _ in range(10):
+            found = list(pool.map(lambda k: [twins[k].detect(f) for f in frames[k::2]], range(2)))
+            parallel = [found[i % 2][i // 2] for i in range(len(frames))]
+            pairs = zip(serial, parallel, strict=True)
+            assert all(a is not None and b is not None and np.array_equal(a, b) for a, b in pairs)
+
+
 def test_prep_dlib_predictor_loads_a_users_own_68_point_model(tmp_path: Path) -> None:
     own = write_dlib_predictor(tmp_path / "own68.dat", "tiny")
     det = make_detector(load_config(overrides=[f"prep.dlib_predictor={own}", "prep.detector=dlib"]))

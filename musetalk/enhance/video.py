@@ -2,7 +2,9 @@
 
 Per batch of frames: find the face (`find_faces`, 68 landmarks) → align it to the 512² template
 (5-point similarity) → GFPGAN on the device → optional temporal smoothing → paste back with the
-inverse transform and a soft mask. Frames without a face are passed through unchanged. Video is
+inverse transform and a soft mask. Reading+detection, the device and paste+encoding run in three
+threads, one batch each, so the CPU stages overlap with the GPU (and detection and paste-back are
+spread over `enhance.workers` threads). Frames without a face are passed through unchanged. Video is
 re-encoded with libx264 at the source's frame rate, frame for frame; the audio packets are remuxed
 bit-exact. The output is written to a temp file and renamed.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -48,8 +51,9 @@ class EnhanceResult:
     fps: float
     size_wh: tuple[int, int]
     audio_packets: int
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # busy time per stage (stages overlap)
     flicker: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
 
 
 def _open_input(path: Path) -> Any:
@@ -104,14 +108,34 @@ def _batched(frames: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 
 class _Clock:
+    """Busy seconds per stage; each stage runs in one thread (the stages overlap, so they add up to more
+    than the wall time)."""
+
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
-        self._t = time.perf_counter()
 
-    def lap(self, stage: str) -> None:
+    def since(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
-        self.seconds[stage] += now - self._t
-        self._t = now
+        self.seconds[stage] += now - t0
+        return now
+
+
+def auto_workers(workers: int) -> int:
+    """enhance.workers: 0 = the host's cores, at most 8."""
+    return workers or max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class _Batch:
+    """One batch on its way through the pipeline (decode+detect → restore → paste+encode)."""
+
+    first: int  # index of its first frame in the video
+    vframes: list[Any]  # decoded av.VideoFrames
+    frames: list[NDArray[np.uint8]]  # (H, W, 3) BGR
+    landmarks: list[Landmarks | None]
+    idx: list[int] = field(default_factory=list)  # frames with a face to restore
+    matrices: list[NDArray[np.float64]] = field(default_factory=list)  # (2, 3) frame → template, per idx
+    faces: NDArray[np.uint8] | None = None  # (len(idx), 512, 512, 3) restored BGR
 
 
 def enhance_video(
@@ -124,8 +148,13 @@ def enhance_video(
     temporal: str | None = None,
     progress: bool = True,
     measure_flicker: bool = True,
+    more_detectors: Callable[[], FaceDetector] | None = None,
 ) -> EnhanceResult:
-    """Restore every face of `src` into `dst` (same frames, fps, duration; audio packets copied)."""
+    """Restore every face of `src` into `dst` (same frames, fps, duration; audio packets copied).
+
+    Three stages overlap: decoding and face detection (split over `enhance.workers` threads, each with a
+    detector of its own from `more_detectors`; without it `detector` does all), GFPGAN on the device, and
+    paste-back (over the same threads) with encoding."""
     import av
 
     opts = cfg.enhance
@@ -137,7 +166,10 @@ def enhance_video(
         raise InputError(f"temporal must be 'off' or 'motion', got {temporal!r}")
     smoother = DetailSmoother(opts.temporal_tau, opts.temporal_min_follow) if temporal == "motion" else None
     mask = template_mask(FACE_SIZE_PX)
+    workers = auto_workers(opts.workers)
+    detectors = [detector]  # detectors[k] finds the faces of the k-th slice of every batch
     clock = _Clock()
+    t_start = time.perf_counter()
     reader = _open_input(src)
     audio_reader = _open_input(src)
     tmp = _tmp_path(dst)
@@ -152,7 +184,12 @@ def enhance_video(
         width, height = vin.codec_context.width, vin.codec_context.height
         total = vin.frames or None
         ain = audio_reader.streams.audio[0] if audio_reader.streams.audio else None
-        with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+        with (
+            av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as out,
+            ThreadPoolExecutor(workers, thread_name_prefix="enhance") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="enhance-read") as read_stage,
+            ThreadPoolExecutor(1, thread_name_prefix="enhance-write") as write_stage,
+        ):
             vout = out.add_stream(
                 "libx264", rate=rate, options={"crf": str(cfg.encode.crf), "preset": cfg.encode.preset}
             )
@@ -160,6 +197,9 @@ def enhance_video(
             vout.codec_context.time_base = 1 / rate
             aout = out.add_stream_from_template(ain) if ain is not None else None
             audio_packets = audio_reader.demux(ain) if ain is not None else iter(())
+            batches = _batched(reader.decode(vin), opts.batch_size)
+            even = width % 2 == 0 and height % 2 == 0
+            bar = tqdm(total=total, desc="enhance", unit="frame", disable=not progress, dynamic_ncols=True)
 
             def mux_audio_until(t_s: float) -> None:
                 nonlocal n_audio
@@ -173,63 +213,96 @@ def enhance_video(
                     if packet.time_base is not None and float(packet.dts * packet.time_base) > t_s:
                         return
 
-            even = width % 2 == 0 and height % 2 == 0
-            bar = tqdm(total=total, desc="enhance", unit="frame", disable=not progress, dynamic_ncols=True)
-            clock.lap("decode")
-            for vframes in _batched(reader.decode(vin), opts.batch_size):
-                batch = [f.to_ndarray(format="bgr24") for f in vframes]
-                clock.lap("decode")
-                landmarks = find_faces(detector, batch)
-                clock.lap("detect")
-                idx = [i for i, lm in enumerate(landmarks) if lm is not None] if weight > 0 else []
-                matrices = [face_to_template(landmarks[i]) for i in idx]  # type: ignore[arg-type]
-                clock.lap("align")
-                results: list[NDArray[np.uint8] | None] = [None] * len(batch)
-                if idx:
-                    crops = np.stack([warp_to_template(batch[i], m) for i, m in zip(idx, matrices, strict=True)])
-                    clock.lap("align")
-                    restored = restorer.restore(crops)
-                    if smoother is not None:
-                        source_t = torch.from_numpy(crops).to(restored.device).flip(-1).permute(0, 3, 1, 2) / 255.0
-                        # A frame without a face breaks the track: the next face starts afresh.
-                        has = [prev_face] + [lm is not None for lm in landmarks]
-                        clock.lap("restore")
-                        restored = smoother.run(source_t, restored, [has[i] for i in idx])
-                        clock.lap("temporal")
-                    faces = to_bgr_uint8(restored)
-                    clock.lap("restore")
-                    for k, i in enumerate(idx):
-                        results[i] = paste_back(batch[i], faces[k], matrices[k], mask, weight)
-                    clock.lap("paste")
-                elif smoother is not None:
-                    smoother.reset()
-                for i, (frame, vframe) in enumerate(zip(results, vframes, strict=True)):
+            def read(first: int) -> _Batch | None:
+                """Stage 1 (its own thread): decode the next batch and find its faces."""
+                t0 = time.perf_counter()
+                vframes = next(batches, None)
+                if vframes is None:
+                    return None
+                frames = [f.to_ndarray(format="bgr24") for f in vframes]
+                t0 = clock.since("decode", t0)
+                if more_detectors is not None:
+                    while len(detectors) < min(workers, len(frames)):
+                        detectors.append(more_detectors())
+                # Contiguous slices, one per detector, each used by one thread at a time (dlib's are not
+                # thread-safe; they release the GIL, so the slices run in parallel).
+                slices = np.array_split(np.arange(len(frames)), len(detectors))
+                found = pool.map(lambda k: find_faces(detectors[k], [frames[i] for i in slices[k]]), range(len(slices)))
+                landmarks = [lm for part in found for lm in part]
+                clock.since("detect", t0)
+                return _Batch(first, vframes, frames, landmarks)
+
+            def write(b: _Batch) -> None:
+                """Stage 3 (its own thread): paste the faces back, encode, and mux audio up to here."""
+                t0 = time.perf_counter()
+                results: list[NDArray[np.uint8] | None] = [None] * len(b.frames)
+                if b.faces is not None:
+                    faces = b.faces
+
+                    def paste(k: int) -> NDArray[np.uint8]:
+                        return paste_back(b.frames[b.idx[k]], faces[k], b.matrices[k], mask, weight)
+
+                    for k, pasted in enumerate(pool.map(paste, range(len(b.idx)))):
+                        results[b.idx[k]] = pasted
+                t0 = clock.since("paste", t0)
+                for i, (frame, vframe) in enumerate(zip(results, b.vframes, strict=True)):
                     if frame is None and even:
                         # Untouched frames skip the RGB round trip: their YUV planes are encoded as decoded.
                         vf = vframe.reformat(format="yuv420p")
                     else:
-                        img = batch[i] if frame is None else frame
+                        img = b.frames[i] if frame is None else frame
                         vf = av.VideoFrame.from_ndarray(
                             np.ascontiguousarray(img[: vout.height, : vout.width]), format="bgr24"
                         )
-                    vf.pts, vf.time_base = n_frames + i, 1 / rate
+                    vf.pts, vf.time_base = b.first + i, 1 / rate
                     out.mux(vout.encode(vf))
                     if measure_flicker:
-                        lm = landmarks[i]
+                        lm = b.landmarks[i]
                         box = mouth_box(lm, (height, width)) if lm is not None else None
-                        meter.add(batch[i], batch[i] if frame is None else frame, box)
-                n_frames += len(batch)
-                n_faces += len(idx)
-                prev_face = landmarks[-1] is not None
-                clock.lap("encode")
-                mux_audio_until(float(n_frames / rate))
-                bar.update(len(batch))
+                        meter.add(b.frames[i], b.frames[i] if frame is None else frame, box)
+                mux_audio_until(float((b.first + len(b.frames)) / rate))
+                clock.since("encode", t0)
+                bar.update(len(b.frames))
+
+            # Stage 2 (this thread): the device. The next batch is read while this one restores, and the
+            # one before is written meanwhile; one batch in flight per stage keeps the order and the memory.
+            reading: Future[_Batch | None] = read_stage.submit(read, 0)
+            writing: Future[None] | None = None
+            while (b := reading.result()) is not None:
+                reading = read_stage.submit(read, b.first + len(b.frames))
+                t0 = time.perf_counter()
+                b.idx = [i for i, lm in enumerate(b.landmarks) if lm is not None] if weight > 0 else []
+                b.matrices = [face_to_template(b.landmarks[i]) for i in b.idx]  # type: ignore[arg-type]
+                if b.idx:
+                    crops = np.stack([warp_to_template(b.frames[i], m) for i, m in zip(b.idx, b.matrices, strict=True)])
+                    t0 = clock.since("align", t0)
+                    restored = restorer.restore(crops)
+                    if smoother is not None:
+                        source_t = torch.from_numpy(crops).to(restored.device).flip(-1).permute(0, 3, 1, 2) / 255.0
+                        # A frame without a face breaks the track: the next face starts afresh.
+                        has = [prev_face] + [lm is not None for lm in b.landmarks]
+                        t0 = clock.since("restore", t0)
+                        restored = smoother.run(source_t, restored, [has[i] for i in b.idx])
+                        t0 = clock.since("temporal", t0)
+                    b.faces = to_bgr_uint8(restored)
+                    clock.since("restore", t0)
+                elif smoother is not None:
+                    smoother.reset()
+                prev_face = b.landmarks[-1] is not None
+                n_frames += len(b.frames)
+                n_faces += len(b.idx)
+                if writing is not None:
+                    writing.result()  # in order; a failed write stops here
+                writing = write_stage.submit(write, b)
+            if writing is not None:
+                writing.result()
             bar.close()
             if n_frames == 0:
                 raise InputError(f"{EMPTY_INPUT}: {src} (no video frames)")
+            t0 = time.perf_counter()
             out.mux(vout.encode(None))
             mux_audio_until(float("inf"))
-            clock.lap("encode")
+            clock.since("encode", t0)
         os.replace(tmp, dst)
     except av.FFmpegError as exc:
         raise FfmpegFailed(f"enhancing {src.name} failed: {exc}") from exc
@@ -247,4 +320,5 @@ def enhance_video(
         audio_packets=n_audio,
         seconds=clock.seconds,
         flicker=flicker,
+        wall_s=time.perf_counter() - t_start,
     )

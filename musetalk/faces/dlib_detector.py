@@ -7,6 +7,7 @@ with importlib. The 68-point model is trained on iBUG 300-W (non-commercial term
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ class DlibDetector(DetectorBase):
             raise ValueError(f"{path}: a {parts}-point shape predictor; the dlib detector needs 68")
         self._path = path
         self.detect_max_side_px = detect_max_side_px
+
+    def sibling(self) -> DlibDetector:
+        """A detector for another thread: its own HOG detector (which is not thread-safe: two threads on one
+        crash the process), the same landmark model (read-only, safe to share; no second 100 MB load)."""
+        twin = copy.copy(self)
+        twin._detector = self._dlib.get_frontal_face_detector()
+        return twin
 
     def _rects(self, gray: NDArray[np.uint8]) -> tuple[list[Any], list[float], float]:
         scale = min(1.0, self.detect_max_side_px / max(gray.shape))
