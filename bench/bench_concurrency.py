@@ -335,7 +335,7 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
     out: dict[str, Any] = {"height": height, "mode": mode, "rounds": []}
     try:
         out["ready_s"] = server.wait_ready(args.start_timeout_s)
-        out["ready_log"] = _ready_line(server)
+        out["ready_log"] = ready_line(server)
         wavs = [speech_wav(AUDIO_S, seed) for seed in range(8)]
         # The first request while graphs are still being captured / modules compiled in the background.
         early = speak(server.url, "early", wavs[0], time.perf_counter())
@@ -387,7 +387,7 @@ def startup_only(args: argparse.Namespace, models_dir: Path, compile_: bool, wor
     server = Server(overrides, env, work / f"server-start-{tag}.log")
     try:
         ready = server.wait_ready(args.start_timeout_s)
-        ready_log = _ready_line(server)
+        ready_log = ready_line(server)
         early = speak(server.url, "early", speech_wav(AUDIO_S, 0), time.perf_counter())
         accel = server.wait_accelerated("compiled+graphs" if compile_ else "graphs", args.accel_timeout_s)
     finally:
@@ -399,7 +399,7 @@ def startup_only(args: argparse.Namespace, models_dir: Path, compile_: bool, wor
     return row
 
 
-def _ready_line(server: Server) -> str:
+def ready_line(server: Server) -> str:
     """The server's "ready" log line (its start-up breakdown)."""
     server.log.flush()
     lines = [ln for ln in Path(server.log.name).read_text().splitlines() if " ready " in ln]

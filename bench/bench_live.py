@@ -49,7 +49,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_concurrency import Sampler, Server, pct, speech_wav  # noqa: E402
+from bench.bench_concurrency import Sampler, Server, pct, ready_line, speech_wav  # noqa: E402
 
 LOUD_RMS = 500.0  # int16 RMS of an audible 20 ms packet (-36 dBFS)
 SENTENCES = [
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(overrides, env, work / "server.log")
         try:
             meta["ready_s"] = server.wait_ready(900)
+            meta["ready_log"] = ready_line(server)  # the server's own start-up breakdown (imports, load, ...)
             print(f"server ready after {meta['ready_s']:.1f} s", flush=True)  # progress: a timed-out run still says
             if args.device == "cuda" and renderer == "musetalk":
                 target = "compiled+graphs" if args.compile else "graphs"
