@@ -10,6 +10,7 @@ the client, per utterance:
 - request → first speaking frame: arrival of the utterance's first frame (the server's events channel names
   its frame number); and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in
   the mask box above the idle level, `MouthMeter`; with espeak text the first frames can be silent);
+  split by the arrival of the events channel's "speaking" message (request → on air: the server's part);
 - A/V offset: for `--av-probes` utterances of three voice bursts each, the time the mouth starts moving minus
   the time the voice starts, both on the server's clock (RTCP sender reports: what a browser synchronises
   with); positive = video late;
@@ -157,6 +158,10 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
             item: dict[str, Any] = {
                 "first_audio_ms": (heard[0] - t0) * 1000 if heard else None,
                 "first_frame_ms": (first - t0) * 1000 if first else None,
+                # When the events channel said "on air": the server's part (upload, first frames rendered, the
+                # wait for the stream's tick); first_frame_ms minus this is the video path (encode, RTP,
+                # the viewer's jitter buffer, decode).
+                "on_air_event_ms": (t_on - t0) * 1000,
                 "first_moving_frame_ms": (seen[0] - t0) * 1000 if seen else None,
                 "speaking_fps": fps, "speaking_jitter_ms": jitter,
                 "mouth_max": max((m for t, _, m in video if t_on <= t <= t_off), default=None),
@@ -245,6 +250,7 @@ def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "first_audio_ms": p(col("first_audio_ms")),
         "first_frame_ms": p(col("first_frame_ms")),
+        "on_air_event_ms": p(col("on_air_event_ms")),
         "first_moving_frame_ms": p(col("first_moving_frame_ms")),
         "av_offset_ms": {**p(offsets), "max_abs": max((abs(o) for o in offsets), default=None)},
         "idle_fps": statistics.mean(s["idle_fps"] for s in sessions if s.get("idle_fps")),
@@ -380,6 +386,8 @@ def _table(meta: dict[str, Any], s: dict[str, Any]) -> str:
         f"p95 {f(s['first_audio_ms']['p95'])} ms   (n={s['first_audio_ms']['n']})",
         f"request → first speaking frame  p50 {f(s['first_frame_ms']['p50'])} ms   "
         f"p95 {f(s['first_frame_ms']['p95'])} ms",
+        f"  of which: request → on air    p50 {f(s['on_air_event_ms']['p50'])} ms   "
+        f"p95 {f(s['on_air_event_ms']['p95'])} ms   (the events channel's \"speaking\")",
         f"request → first moving mouth    p50 {f(s['first_moving_frame_ms']['p50'])} ms   "
         f"p95 {f(s['first_moving_frame_ms']['p95'])} ms",
         f"A/V offset (video − audio)      p50 {f(s['av_offset_ms']['p50'], 1)} ms   max |·| "
