@@ -95,7 +95,8 @@ def segment_workers(cfg: EncodeConfig) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
-def _video_options(cfg: EncodeConfig) -> dict[str, str]:
+def video_options(cfg: EncodeConfig) -> dict[str, str]:
+    """libx264 options of every clip: CRF, preset, no B-frames, a fixed GOP with no scene cuts."""
     return {
         "crf": str(cfg.crf),
         "preset": cfg.preset,
@@ -197,7 +198,7 @@ def write_clip(
             raise InputError(f"frame size {width}x{height} must be even for yuv420p")
         with av.open(str(tmp), mode="w", options={"movflags": "+faststart"}) as container:
             # All streams must exist before the first packet is muxed (the header is written then).
-            vstream = container.add_stream("libx264", rate=fps, options=_video_options(cfg))
+            vstream = container.add_stream("libx264", rate=fps, options=video_options(cfg))
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
             vstream.codec_context.time_base = Fraction(1, fps)
             vstream.thread_count = cfg.threads
@@ -207,7 +208,7 @@ def write_clip(
                 ctx = av.CodecContext.create("libx264", "w")
                 ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
                 ctx.time_base, ctx.framerate = Fraction(1, fps), Fraction(fps, 1)
-                ctx.options = _video_options(cfg)
+                ctx.options = video_options(cfg)
                 ctx.thread_count = cfg.threads
                 ctx.flags |= vstream.codec_context.flags & av.codec.context.Flags.global_header
                 return ctx
