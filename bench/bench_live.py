@@ -17,6 +17,10 @@ the client, per utterance:
 - frame rate and frame-time jitter (standard deviation of the arrival intervals) while idle and speaking;
 - interrupt → silence: from the interrupt request to the end of the last audible packet that arrives.
 
+Sessions start speaking at the same moment and then stay in step (their utterances are alike), the worst
+case for first frames: their first batches meet on the GPU every time. `--stagger-s S` starts session i
+i·S/sessions later instead.
+
 Inputs: `--input text` posts the sentence to /speak (TTS on the server: what a chat user waits for);
 `--input audio` posts a 2-s voiced wav to /speak_audio (the audio is in when the request arrives).
 
@@ -97,7 +101,9 @@ def _intervals_ms(times: list[float]) -> tuple[float | None, float | None]:
     return float(1.0 / d.mean()), float(d.std() * 1000)
 
 
-async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int) -> dict[str, Any]:
+async def _session(
+    url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, offset_s: float = 0.0
+) -> dict[str, Any]:
     from musetalk.server.viewer import LiveViewer, rms
 
     loop = asyncio.get_running_loop()
@@ -116,6 +122,7 @@ async def _session(url: str, sid: str, args: argparse.Namespace, meter: Any, wid
         out["idle_mouth_p99"] = float(np.percentile(idle, 99))
         out["idle_fps"], out["idle_jitter_ms"] = _intervals_ms([t for t, _, _ in r.video])
         pts_per_frame = int(np.median(np.diff([pts for _, pts, _ in r.video])))  # 90 kHz / fps
+        await asyncio.sleep(offset_s)  # --stagger-s: sessions start speaking at different moments
 
         async def say(k: int, long: bool = False) -> float:
             t0 = loop.time()
@@ -231,8 +238,10 @@ def _onsets(flags: list[tuple[float, bool]]) -> list[float]:
     return out
 
 
-def _worker(url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, out_path: str) -> None:
-    result = asyncio.run(_session(url, sid, args, meter, width_px))
+def _worker(
+    url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, out_path: str, offset_s: float
+) -> None:
+    result = asyncio.run(_session(url, sid, args, meter, width_px, offset_s))
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -279,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-s", type=float, default=2.0, help="--input audio: seconds per utterance")
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--gap-s", type=float, default=0.5, help="idle between utterances")
+    parser.add_argument("--stagger-s", type=float, default=0.0,
+                        help="session i starts speaking i/sessions of this later (0: all at once)")  # fmt: skip
     parser.add_argument("--height", type=int, default=1080, help="cuda: synthetic avatar height (16:9)")
     parser.add_argument("--avatar-frames", type=int, default=50)
     parser.add_argument("--view-width", type=int, default=480, help="viewers scale decoded frames to this width")
@@ -349,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             procs = []
             for i in range(args.sessions):
                 path = str(work / f"session-{i}.json")
-                proc = ctx.Process(target=_worker, args=(server.url, f"live{i}", args, meter, args.view_width, path))
+                offset = args.stagger_s * i / args.sessions
+                proc = ctx.Process(
+                    target=_worker, args=(server.url, f"live{i}", args, meter, args.view_width, path, offset)
+                )
                 proc.start()
                 procs.append((proc, path))
             sessions = []
