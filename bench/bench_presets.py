@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from musetalk.avatar.synthetic import astronaut_bgr, smooth_path  # noqa: E402
 from musetalk.config import EncodeConfig  # noqa: E402
-from musetalk.pipeline.encode import i420_video_frame, video_options  # noqa: E402
+from musetalk.pipeline.encode import video_options  # noqa: E402
+from musetalk.utils.yuv import i420_video_frame  # noqa: E402
 
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster")
 SIZE_HW = (1080, 1920)

@@ -103,7 +103,7 @@ def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: in
 def test_i420_video_frame_matches_pyav_conversion() -> None:
     import av
 
-    from musetalk.pipeline.encode import i420_video_frame
+    from musetalk.utils.yuv import i420_video_frame
 
     rng = np.random.default_rng(3)
     for h, w in ((36, 64), (1080, 1920), (10, 6)):

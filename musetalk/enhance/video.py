@@ -20,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -30,6 +31,7 @@ from musetalk.enhance.align import FACE_SIZE_PX, face_to_template, paste_back, t
 from musetalk.enhance.restore import DetailSmoother, FaceRestorer, FlickerMeter, mouth_box, to_bgr_uint8
 from musetalk.errors import FfmpegFailed, InputError
 from musetalk.faces.base import FaceDetector
+from musetalk.utils.yuv import i420_video_frame
 
 EMPTY_INPUT = "Input video not found or empty"  # the seed's message
 STAGES = ("decode", "detect", "align", "restore", "temporal", "paste", "encode")
@@ -232,28 +234,28 @@ def enhance_video(
                 clock.since("detect", t0)
                 return _Batch(first, vframes, frames, landmarks)
 
+            def finish(b: _Batch, i: int, k: int | None) -> tuple[NDArray[np.uint8] | None, NDArray[np.uint8] | None]:
+                """(pasted BGR frame or None, the encoder's I420 planes or None) of frame i, whose restored face
+                is b.faces[k] (None: no face); runs in the pool."""
+                if k is None and even:
+                    return None, None  # untouched: its decoded YUV planes are encoded as they are
+                frame = b.frames[i]
+                if k is not None:
+                    assert b.faces is not None
+                    frame = paste_back(frame, b.faces[k], b.matrices[k], mask, weight)
+                crop = np.ascontiguousarray(frame[: vout.height, : vout.width])
+                planes = np.asarray(cv2.cvtColor(crop, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
+                return (None if k is None else frame), planes
+
             def write(b: _Batch) -> None:
                 """Stage 3 (its own thread): paste the faces back, encode, and mux audio up to here."""
                 t0 = time.perf_counter()
-                results: list[NDArray[np.uint8] | None] = [None] * len(b.frames)
-                if b.faces is not None:
-                    faces = b.faces
-
-                    def paste(k: int) -> NDArray[np.uint8]:
-                        return paste_back(b.frames[b.idx[k]], faces[k], b.matrices[k], mask, weight)
-
-                    for k, pasted in enumerate(pool.map(paste, range(len(b.idx)))):
-                        results[b.idx[k]] = pasted
+                # Paste-back and the conversion to I420 (the encoder's input) over the pool's threads.
+                slot = {i: k for k, i in enumerate(b.idx)} if b.faces is not None else {}
+                done = list(pool.map(lambda i: finish(b, i, slot.get(i)), range(len(b.frames))))
                 t0 = clock.since("paste", t0)
-                for i, (frame, vframe) in enumerate(zip(results, b.vframes, strict=True)):
-                    if frame is None and even:
-                        # Untouched frames skip the RGB round trip: their YUV planes are encoded as decoded.
-                        vf = vframe.reformat(format="yuv420p")
-                    else:
-                        img = b.frames[i] if frame is None else frame
-                        vf = av.VideoFrame.from_ndarray(
-                            np.ascontiguousarray(img[: vout.height, : vout.width]), format="bgr24"
-                        )
+                for i, ((frame, planes), vframe) in enumerate(zip(done, b.vframes, strict=True)):
+                    vf = vframe.reformat(format="yuv420p") if planes is None else i420_video_frame(planes)
                     vf.pts, vf.time_base = b.first + i, 1 / rate
                     out.mux(vout.encode(vf))
                     if measure_flicker:

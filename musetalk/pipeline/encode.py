@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError
 from musetalk.types import Audio, Clip
+from musetalk.utils.yuv import i420_video_frame
 
 if TYPE_CHECKING:
     import av
@@ -61,27 +62,6 @@ def audio_frames(parts: Sequence[NDArray[np.float32]], rate: int, chunk: int = 4
             frame.sample_rate, frame.pts = rate, pts
             pts += len(piece)
             yield frame
-
-
-def i420_video_frame(i420: NDArray[np.uint8]) -> av.VideoFrame:
-    """A yuv420p VideoFrame from a planar (H·3/2, W) I420 array (cv2's COLOR_BGR2YUV_I420 layout).
-
-    The planes are filled by numpy copies, which run without the GIL; PyAV's from_ndarray copies while
-    holding it, which serialised every session's encoder feeding behind one lock.
-    """
-    import av
-
-    rows, width = i420.shape
-    height = rows * 2 // 3
-    frame = av.VideoFrame(width, height, "yuv420p")
-    flat = i420.reshape(-1)
-    offset = 0
-    sizes = ((height, width), (height // 2, width // 2), (height // 2, width // 2))
-    for plane, (h, w) in zip(frame.planes, sizes, strict=True):
-        dst = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]  # type: ignore[call-overload]
-        np.copyto(dst, flat[offset : offset + h * w].reshape(h, w))
-        offset += h * w
-    return frame
 
 
 def _tmp_path(path: Path) -> Path:

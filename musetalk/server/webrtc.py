@@ -38,9 +38,9 @@ from numpy.typing import NDArray
 from musetalk.avatar.cache import FrameStore
 from musetalk.config import AppConfig, WebRTCConfig
 from musetalk.errors import BadOffer, Busy, LiveUnavailable
-from musetalk.pipeline.encode import i420_video_frame
 from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, Viewer
 from musetalk.utils.logs import kv
+from musetalk.utils.yuv import i420_video_frame
 
 log = logging.getLogger(__name__)
 
