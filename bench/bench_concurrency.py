@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import pickle
 import platform
@@ -61,7 +62,9 @@ def bench_renderer(cfg: AppConfig) -> Renderer:
     height = int(os.environ.get("BENCH_AVATAR_HEIGHT", "1080"))
     width = (height * 16 // 9) // 2 * 2
     n_frames = int(os.environ.get("BENCH_AVATAR_FRAMES", "50"))
+    t0 = time.perf_counter()
     bundle = load_models(cfg)
+    t1 = time.perf_counter()
     # Built once per size and kept as a pickle, so that start-up figures measure the server, not this build
     # (a real avatar cache loads from disk in a fraction of a second).
     stored = ROOT / "results" / "bench_avatars" / f"{height}p-{n_frames}-{bundle.device.type}.pkl"
@@ -76,7 +79,13 @@ def bench_renderer(cfg: AppConfig) -> Renderer:
         stored.parent.mkdir(parents=True, exist_ok=True)
         with stored.open("wb") as f:
             pickle.dump(avatar, f)
-    return engine_renderer(cfg, {cfg.avatar_id: avatar}, bundle)
+    t2 = time.perf_counter()
+    renderer = engine_renderer(cfg, {cfg.avatar_id: avatar}, bundle)
+    logging.getLogger("bench").info(
+        "bench renderer: models_ms=%.0f avatar_ms=%.0f engine_ms=%.0f",
+        (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000,
+    )  # fmt: skip
+    return renderer
 
 
 def speech_wav(seconds: float, seed: int) -> bytes:
@@ -345,6 +354,7 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
         }
         target = ("compiled+graphs" if args.compile else "graphs") if args.device == "cuda" else ""
         out["accelerated_s"] = server.wait_accelerated(target, args.accel_timeout_s) if target else None
+        out["startup_log"] = startup_lines(server)  # phases up to now: built, warmed, accelerated
         health = server.health()
         out["health"] = {k: health.get(k) for k in ("renderer", "capacity", "scheduler")}
         speak(server.url, "warm", wavs[1], time.perf_counter())  # every stage warm once more
@@ -399,11 +409,21 @@ def startup_only(args: argparse.Namespace, models_dir: Path, compile_: bool, wor
     return row
 
 
+STARTUP_MARKS = (
+    " ready ", "renderer built", "bench renderer:", "audio path warmed", "warm-up clip rendered", "shapes accelerated"
+)
+
+
 def ready_line(server: Server) -> str:
     """The server's "ready" log line (its start-up breakdown)."""
+    lines = startup_lines(server)
+    return next((ln for ln in reversed(lines) if " ready " in ln), "")
+
+
+def startup_lines(server: Server) -> list[str]:
+    """The server's log lines about its start-up so far (phases and their times)."""
     server.log.flush()
-    lines = [ln for ln in Path(server.log.name).read_text().splitlines() if " ready " in ln]
-    return lines[-1] if lines else ""
+    return [ln for ln in Path(server.log.name).read_text().splitlines() if any(m in ln for m in STARTUP_MARKS)]
 
 
 def _f(v: float | None, digits: int = 2) -> str:

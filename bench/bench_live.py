@@ -54,7 +54,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_concurrency import Sampler, Server, pct, ready_line, speech_wav  # noqa: E402
+from bench.bench_concurrency import Sampler, Server, pct, ready_line, speech_wav, startup_lines  # noqa: E402
 
 LOUD_RMS = 500.0  # int16 RMS of an audible 20 ms packet (-36 dBFS)
 SENTENCES = [
@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 target = "compiled+graphs" if args.compile else "graphs"
                 meta["accelerated_s"] = server.wait_accelerated(target, 900)
                 print(f"batch shapes {target} after {meta['accelerated_s']} s", flush=True)
+            meta["startup_log"] = startup_lines(server)  # phases up to now: built, warmed, accelerated
             health = server.health()
             meta["renderer"], meta["capacity"] = health.get("renderer"), health.get("capacity")
             warm = {"file": ("w.wav", speech_wav(1.0, 0), "audio/wav")}

@@ -30,6 +30,7 @@ from musetalk.pipeline.engine import Engine, FrameTap
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
 from musetalk.render.preview import PreviewFaces
 from musetalk.types import Audio, Clip, Renderer
+from musetalk.utils.logs import kv
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class EngineRenderer:
         """
         source = self.engine.source
         if isinstance(source, MuseTalkFaces):
+            t0 = time.perf_counter()
             self.engine.on_gpu_thread(source.warm_audio)
+            log.info("audio path warmed in %.0f ms", (time.perf_counter() - t0) * 1000)
             if self.cfg.runtime.background_accelerate:
                 self._accelerator = threading.Thread(target=self._accelerate, name="musetalk-accelerate", daemon=True)
                 self._accelerator.start()
@@ -253,8 +256,16 @@ def build_renderer(cfg: AppConfig) -> Renderer:
         missing = missing_files(cfg.models, parts)
         if missing:
             raise WeightsMissing(missing)
+    t0 = time.perf_counter()
     avatars = {a: ensure_prepared(cfg, a) for a in dict.fromkeys([cfg.avatar_id, *cfg.server.avatars])}
-    return engine_renderer(cfg, avatars, load_models(cfg, parts) if name == "musetalk" else None)
+    t1 = time.perf_counter()
+    bundle = load_models(cfg, parts) if name == "musetalk" else None
+    t2 = time.perf_counter()
+    renderer = engine_renderer(cfg, avatars, bundle)
+    # Where start-up time goes (the "ready" line has the total as load_ms).
+    log.info("renderer built: %s", kv(avatars_ms=round((t1 - t0) * 1000, 1), models_ms=round((t2 - t1) * 1000, 1),
+                                      engine_ms=round((time.perf_counter() - t2) * 1000, 1)))  # fmt: skip
+    return renderer
 
 
 def engine_renderer(cfg: AppConfig, avatars: dict[str, AvatarCache], bundle: ModelBundle | None) -> EngineRenderer:
