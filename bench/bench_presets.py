@@ -13,6 +13,10 @@ sensor noise, the hard case).
 
     python -m bench.bench_presets                       # 100 frames, presets ultrafast..faster
     python -m bench.bench_presets --frames 50 --json results/bench_presets.json
+    python -m bench.bench_presets --presets veryfast --parallel 1 2 4 8 16   # encoders at once: threads 1 vs auto
+
+`--parallel` runs N default-preset encoders at once, as N sessions' clips do, with one x264 thread each and
+with x264's automatic thread count, and reports the total frames/s (the grain source, 50 frames each).
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ def source_frames(n: int, grain: float, seed: int = 0) -> list[NDArray[np.uint8]
     return frames
 
 
-def encode(frames: list[NDArray[np.uint8]], preset: str, crf: int) -> tuple[list[bytes], float]:
-    """(packets, encode seconds) of the frames with the clip encoder's options and one x264 thread."""
+def encode(frames: list[NDArray[np.uint8]], preset: str, crf: int, threads: int = 1) -> tuple[list[bytes], float]:
+    """(packets, encode seconds) of the frames with the clip encoder's options and `threads` x264 threads."""
     import av
 
     cfg = EncodeConfig.model_validate({"preset": preset, "crf": crf})
@@ -70,7 +74,7 @@ def encode(frames: list[NDArray[np.uint8]], preset: str, crf: int) -> tuple[list
     ctx.width, ctx.height, ctx.pix_fmt = SIZE_HW[1], SIZE_HW[0], "yuv420p"
     ctx.time_base, ctx.framerate = Fraction(1, FPS), Fraction(FPS, 1)
     ctx.options = video_options(cfg)
-    ctx.thread_count = 1
+    ctx.thread_count = threads  # 0 = x264's own choice (1.5 × the cores)
     packets: list[bytes] = []
     t0 = time.perf_counter()
     for i, frame in enumerate(frames):
@@ -98,6 +102,16 @@ def psnr(a: NDArray[np.uint8], b: NDArray[np.uint8]) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def parallel_fps(frames: list[NDArray[np.uint8]], encoders: int, threads: int) -> float:
+    """Total frames/s of `encoders` clip encoders running at once (as sessions' clips do), each `threads`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(encoders) as pool:
+        list(pool.map(lambda _: encode(frames, EncodeConfig().preset, EncodeConfig().crf, threads), range(encoders)))
+    return encoders * len(frames) / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Encode the two sources with each preset; print a table and write JSON."""
     from skimage.metrics import structural_similarity
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crf", type=int, default=EncodeConfig().crf)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--ssim-every", type=int, default=10, help="SSIM on every k-th frame (it is slow)")
+    parser.add_argument("--parallel", type=int, nargs="*", default=[],
+                        help="also: total frames/s of N encoders at once, 1 thread vs auto")  # fmt: skip
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "bench_presets.json")
     args = parser.parse_args(argv)
 
@@ -143,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(row)
             print(f"{source:6s} {preset:10s} {row['fps_per_core']:8.1f} {kbps:8.0f} {row['psnr_y']:9.2f} "
                   f"{row['ssim_y']:7.4f}", flush=True)  # fmt: skip
+    result["parallel"] = []
+    frames = source_frames(min(args.frames, 50), 2.0)
+    for n in args.parallel:
+        for threads in (1, 0):
+            fps = parallel_fps(frames, n, threads)
+            result["parallel"].append({"encoders": n, "threads": threads or "auto", "total_fps": fps})
+            print(f"{n} encoders at once, x264 threads {threads or 'auto'}: {fps:.1f} frames/s in total", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"wrote {args.json}")
