@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from bench.bench_concurrency import (  # noqa: E402
     Server,
     _f,
     free_port,
+    run_meta,
     run_round,
     speak,
     speech_wav,
@@ -277,19 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     write_s = ensure_models(models_dir, size)
     import ray
 
-    meta: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), "size": size,
-        "ray": ray.__version__, "write_models_s": write_s, "audio_s": AUDIO_S, "preset": args.preset,
-        "compile": args.compile, "repeats": args.repeats,
-    }
-    if args.device == "cuda":
-        import torch
-
-        meta["gpu"] = torch.cuda.get_device_name(0)
-        meta["gpus"] = torch.cuda.device_count()
-        meta["torch"] = torch.__version__
+    meta = run_meta(args.device, size=size, ray=ray.__version__, write_models_s=write_s, audio_s=AUDIO_S,
+                    preset=args.preset, compile=args.compile, repeats=args.repeats)  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "runs": [], "summary": []}
     wavs = [speech_wav(AUDIO_S, seed) for seed in range(8)]
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:

@@ -409,6 +409,20 @@ def startup_only(args: argparse.Namespace, models_dir: Path, compile_: bool, wor
     return row
 
 
+def run_meta(device: str, /, **extra: Any) -> dict[str, Any]:
+    """The header of a bench's JSON: when, the command, the host, and on CUDA the GPUs and torch; plus `extra`."""
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), **extra,
+    }  # fmt: skip
+    if device == "cuda":
+        import torch
+
+        meta.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), torch=torch.__version__)
+    return meta
+
+
 STARTUP_MARKS = (
     " ready ", "renderer built", "bench renderer:", "audio path warmed", "warm-up clip rendered", "shapes accelerated"
 )
@@ -457,17 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.bench_engine import ensure_models
 
     write_s = ensure_models(models_dir, size)
-    meta: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), "size": size,
-        "write_models_s": write_s, "audio_s": AUDIO_S, "preset": args.preset, "compile": args.compile,
-    }
-    if args.device == "cuda":
-        import torch
-
-        meta["gpu"] = torch.cuda.get_device_name(0)
-        meta["torch"] = torch.__version__
+    meta = run_meta(args.device, size=size, write_models_s=write_s, audio_s=AUDIO_S, preset=args.preset,
+                    compile=args.compile)  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "configs": [], "startup": []}
     with tempfile.TemporaryDirectory(prefix="bench-conc-") as tmp:
         work = Path(tmp)

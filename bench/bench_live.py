@@ -36,14 +36,11 @@ import asyncio
 import io
 import json
 import multiprocessing
-import os
 import pickle
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +51,15 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_concurrency import Sampler, Server, pct, ready_line, speech_wav, startup_lines  # noqa: E402
+from bench.bench_concurrency import (  # noqa: E402
+    Sampler,
+    Server,
+    pct,
+    ready_line,
+    run_meta,
+    speech_wav,
+    startup_lines,
+)
 
 LOUD_RMS = 500.0  # int16 RMS of an audible 20 ms packet (-36 dBFS)
 SENTENCES = [
@@ -300,12 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_live.json")
     args = parser.parse_args(argv)
 
-    meta: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "device": args.device, "sessions": args.sessions, "input": args.input,
-    }  # fmt: skip
+    meta = run_meta(args.device, device=args.device, sessions=args.sessions, input=args.input)
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         work = Path(tmp)
         overrides = [f"server.results_dir={work / 'results'}", f"server.log_dir={work / 'logs'}",
@@ -320,10 +320,6 @@ def main(argv: list[str] | None = None) -> int:
             size = args.size or ("full" if args.device == "cuda" else "tiny")
             models = args.models or ROOT / "results" / "bench_models" / size
             meta["size"], meta["write_models_s"] = size, ensure_models(models, size)
-            if args.device == "cuda":
-                import torch
-
-                meta["gpu"], meta["torch"] = torch.cuda.get_device_name(0), torch.__version__
             overrides += [
                 f"models.dir={models}", f"runtime.device={args.device}", "avatar_id=bench", "preparation=false",
                 "server.renderer=bench.bench_concurrency:bench_renderer",
