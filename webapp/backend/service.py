@@ -261,18 +261,10 @@ class ChatService:
     def _run(self, job_id: str, session_id: str, messages: list[ChatMessage]) -> None:
         """One job: never raises (every failure becomes the job's error)."""
         jobs = self.jobs
-        try:
-            jobs.start(job_id, "thinking", "Thinking…", progress=0.05)
-        except JobNotFound:
-            return  # evicted while queued
+        feed = self._begin(job_id, messages)
+        if feed is None:
+            return
         sentence_no = 0
-        feed = _SentenceFeed(
-            self.llm,
-            messages,
-            self.settings.max_sentence_chars,
-            self.settings.max_reply_sentences,
-            lambda text, total: self._note(job_id, text, total),
-        )
         try:
             spoken: list[str] = []
             for sentence in feed.iter_sentences(self.settings.llm.timeout_s + LLM_GRACE_S):
@@ -299,14 +291,8 @@ class ChatService:
                 )
                 spoken.append(sentence)
             jobs.finish(job_id, " ".join(spoken))
-        except LLMError as exc:
-            self._fail(job_id, f"The language model failed: {exc}")
-        except MuseTalkError as exc:
-            log.info("chat job %s: sentence %d: %s", job_id, sentence_no, exc)
-            self._fail(job_id, f"Speaking sentence {sentence_no} failed: {redact_paths(str(exc), PROJECT_ROOT)}")
-        except Exception:
-            log.exception("chat job %s failed", job_id)  # the details stay in the server log
-            self._fail(job_id, f"Internal error at sentence {sentence_no}; see the server log")
+        except Exception as exc:
+            self._fail_at(job_id, sentence_no, exc)
         finally:
             feed.stop()
 
@@ -315,17 +301,9 @@ class ChatService:
         all have played and been appended. Never raises."""
         assert self.speak_live is not None
         jobs = self.jobs
-        try:
-            jobs.start(job_id, "thinking", "Thinking…", progress=0.05)
-        except JobNotFound:
+        feed = self._begin(job_id, messages)
+        if feed is None:
             return
-        feed = _SentenceFeed(
-            self.llm,
-            messages,
-            self.settings.max_sentence_chars,
-            self.settings.max_reply_sentences,
-            lambda text, total: self._note(job_id, text, total),
-        )
         started: list[tuple[str, LiveSpeech]] = []
         spoken: list[str] = []
         try:
@@ -348,16 +326,35 @@ class ChatService:
         except Interrupted:
             with suppress(JobNotFound, ValueError):
                 jobs.finish(job_id, " ".join(spoken), "Interrupted")
-        except LLMError as exc:
-            self._fail(job_id, f"The language model failed: {exc}")
-        except MuseTalkError as exc:
-            log.info("chat job %s: sentence %d: %s", job_id, len(spoken) + 1, exc)
-            self._fail(job_id, f"Speaking sentence {len(spoken) + 1} failed: {redact_paths(str(exc), PROJECT_ROOT)}")
-        except Exception:
-            log.exception("chat job %s failed", job_id)
-            self._fail(job_id, f"Internal error at sentence {len(spoken) + 1}; see the server log")
+        except Exception as exc:
+            self._fail_at(job_id, len(spoken) + 1, exc)
         finally:
             feed.stop()
+
+    def _begin(self, job_id: str, messages: list[ChatMessage]) -> _SentenceFeed | None:
+        """Mark the job started and open its reply's sentence feed; None if the job was evicted while queued."""
+        try:
+            self.jobs.start(job_id, "thinking", "Thinking…", progress=0.05)
+        except JobNotFound:
+            return None
+        return _SentenceFeed(
+            self.llm,
+            messages,
+            self.settings.max_sentence_chars,
+            self.settings.max_reply_sentences,
+            lambda text, total: self._note(job_id, text, total),
+        )
+
+    def _fail_at(self, job_id: str, sentence_no: int, exc: Exception) -> None:
+        """Fail the job on `exc`, raised at sentence `sentence_no`, with a message the page can show."""
+        if isinstance(exc, LLMError):
+            self._fail(job_id, f"The language model failed: {exc}")
+        elif isinstance(exc, MuseTalkError):
+            log.info("chat job %s: sentence %d: %s", job_id, sentence_no, exc)
+            self._fail(job_id, f"Speaking sentence {sentence_no} failed: {redact_paths(str(exc), PROJECT_ROOT)}")
+        else:
+            log.error("chat job %s failed", job_id, exc_info=exc)  # the details stay in the server log
+            self._fail(job_id, f"Internal error at sentence {sentence_no}; see the server log")
 
     def _note(self, job_id: str, text: str, total: int | None) -> None:
         with suppress(JobNotFound):
