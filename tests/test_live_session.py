@@ -22,6 +22,17 @@ def _voice(seconds: float) -> Audio:
     return Audio((0.3 * np.sin(2 * np.pi * 140 * t)).astype(np.float32), 16000)
 
 
+def _watch(live: LiveSession, ticks: list[Tick]) -> asyncio.Task[None]:
+    """A viewer of `live` whose video ticks are appended to `ticks` until the task is cancelled."""
+    viewer = live.add_viewer()
+
+    async def watch() -> None:
+        while True:
+            ticks.append(await viewer.video.get())
+
+    return asyncio.create_task(watch())
+
+
 def test_the_record_holds_exactly_the_frames_the_stream_showed_before_a_cut(
     prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path
 ) -> None:
@@ -31,14 +42,8 @@ def test_the_record_holds_exactly_the_frames_the_stream_showed_before_a_cut(
 
     async def run() -> tuple[list[Tick], int, int]:
         live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, buffer_frames=10, lead_frames=2)
-        viewer = live.add_viewer()
         ticks: list[Tick] = []
-
-        async def watch() -> None:
-            while True:
-                ticks.append(await viewer.video.get())
-
-        watcher = asyncio.create_task(watch())
+        watcher = _watch(live, ticks)
         await asyncio.sleep(0.3)  # idle first
         utterance = live.new_utterance(1, cfg.avatar_id)
         render = asyncio.create_task(
@@ -102,14 +107,8 @@ def test_a_capped_stream_shows_smaller_frames_while_the_record_keeps_the_avatars
 
     async def run() -> list[Tick]:
         live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, 10, 2, max_height=cap)
-        viewer = live.add_viewer()
         ticks: list[Tick] = []
-
-        async def watch() -> None:
-            while True:
-                ticks.append(await viewer.video.get())
-
-        watcher = asyncio.create_task(watch())
+        watcher = _watch(live, ticks)
         await asyncio.sleep(0.2)
         utterance = live.new_utterance(1, cfg.avatar_id)
         await asyncio.to_thread(engine.render, _voice(0.6), cache, tmp_path / "c.mp4", utterance.cursor,
