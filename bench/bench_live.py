@@ -8,7 +8,8 @@ the client, per utterance:
 
 - request → first audible audio: arrival of the first 20 ms packet above -36 dBFS;
 - request → first speaking frame: arrival of the utterance's first frame (the server's events channel names
-  its frame number); and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in
+  its frame number) out of aiortc's decoder, and of its last RTP packet (what a browser decodes from;
+  aiortc's jitter buffer holds each frame until the next frame's first packet arrives, one frame later); and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in
   the mask box above the idle level, `MouthMeter`; with espeak text the first frames can be silent);
   split by the arrival of the events channel's "speaking" message (request → on air: the server's part);
 - A/V offset: for `--av-probes` utterances of three voice bursts each, the time the mouth starts moving minus
@@ -164,12 +165,15 @@ async def _session(
             heard = next(((t, pts) for t, pts, a in audio if a > LOUD_RMS), None)
             seen = next(((t, pts) for t, pts, m in video if m > threshold), None)
             on_air = next(e["frame"] for _, e in r.events[n_events:] if e["type"] == "speaking")
-            first = next((t for t, pts, _ in video if pts >= on_air * pts_per_frame), None)
+            first, first_pts = next(((t, pts) for t, pts, _ in video if pts >= on_air * pts_per_frame), (None, None))
+            complete = r.video_complete_s(first_pts) if first_pts is not None else None
             speaking = [t for t, _, _ in video if t_on <= t <= t_off]
             fps, jitter = _intervals_ms(speaking)
             item: dict[str, Any] = {
                 "first_audio_ms": (heard[0] - t0) * 1000 if heard else None,
                 "first_frame_ms": (first - t0) * 1000 if first else None,
+                # Its last packet's arrival: when a browser can decode it (aiortc holds it one more frame).
+                "first_frame_complete_ms": (complete - t0) * 1000 if complete else None,
                 # When the events channel said "on air": the server's part (upload, first frames rendered, the
                 # wait for the stream's tick); first_frame_ms minus this is the video path (encode, RTP,
                 # the viewer's jitter buffer, decode).
@@ -264,6 +268,7 @@ def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "first_audio_ms": p(col("first_audio_ms")),
         "first_frame_ms": p(col("first_frame_ms")),
+        "first_frame_complete_ms": p(col("first_frame_complete_ms")),
         "on_air_event_ms": p(col("on_air_event_ms")),
         "first_moving_frame_ms": p(col("first_moving_frame_ms")),
         "av_offset_ms": {**p(offsets), "max_abs": max((abs(o) for o in offsets), default=None)},
@@ -397,6 +402,8 @@ def _table(meta: dict[str, Any], s: dict[str, Any]) -> str:
         f"p95 {f(s['first_audio_ms']['p95'])} ms   (n={s['first_audio_ms']['n']})",
         f"request → first speaking frame  p50 {f(s['first_frame_ms']['p50'])} ms   "
         f"p95 {f(s['first_frame_ms']['p95'])} ms",
+        f"  its last packet arrived       p50 {f(s['first_frame_complete_ms']['p50'])} ms   "
+        f"p95 {f(s['first_frame_complete_ms']['p95'])} ms   (a browser decodes it then)",
         f"  of which: request → on air    p50 {f(s['on_air_event_ms']['p50'])} ms   "
         f"p95 {f(s['on_air_event_ms']['p95'])} ms   (the events channel's \"speaking\")",
         f"request → first moving mouth    p50 {f(s['first_moving_frame_ms']['p50'])} ms   "

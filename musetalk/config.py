@@ -271,7 +271,7 @@ class WebRTCConfig(_Section):
     buffer_frames: int = Field(default=50, ge=1, le=1000)  # rendered frames kept ahead of the stream
     # An utterance goes on air once this many of its frames are rendered: enough that the next batch is
     # ready before they have played (a stall right after the first frame looks and sounds worse).
-    start_frames: int = Field(default=4, ge=1, le=250)
+    start_frames: int = Field(default=2, ge=1, le=250)
     # Taller avatars are scaled down to this height on the stream (0 = never); the session video keeps the
     # avatar's size. Each viewer's video is encoded in this process: at 1080p that costs 2.25× the pixels.
     max_height: int = Field(default=720, ge=0)

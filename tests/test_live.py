@@ -124,6 +124,9 @@ def test_idle_stream_has_both_tracks_at_fps_and_keeps_moving(live: Live) -> None
     assert abs((len(last_2s) - 1) / (last_2s[-1] - last_2s[0]) - fps) <= 2
     pts = [p for _, p, _ in r.video]
     assert all(b - a == 90_000 // fps for a, b in zip(pts, pts[1:], strict=False))  # one frame per tick
+    # Each decoded frame's last packet was seen, before aiortc's decoder let the frame out.
+    complete = [(r.video_complete_s(p), t) for t, p, _ in r.video]
+    assert all(c is not None and c <= t for c, t in complete)
     assert r.audio and max(rms(a) for _, _, a in r.audio) == 0  # silence
     ids = [i for _, _, (i, _) in r.video]
     mouths = [m for _, _, (_, m) in r.video]

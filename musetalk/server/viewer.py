@@ -44,12 +44,20 @@ class Received:
 
     # kind → the RTP timestamp aiortc's receiver subtracts from every frame's pts (its first frame's)
     rtp_origins: dict[str, int] = field(default_factory=dict)
+    # RTP timestamp → loop time (s) its video frame's last packet (RTP marker bit) arrived: when a browser can
+    # decode it. aiortc's own jitter buffer releases a frame only when the next frame's first packet arrives.
+    video_complete: dict[int, float] = field(default_factory=dict)
 
     def sender_time_s(self, kind: str, pts: int) -> float:
         """The server's wall-clock time (NTP seconds) of a received frame's pts on track `kind`."""
         ntp_s, rtp = self.sender_reports[kind]
         clock_hz = VIDEO_CLOCK_HZ if kind == "video" else AUDIO_RATE_HZ
         return ntp_s + _rtp_delta(pts + self.rtp_origins[kind], rtp) / clock_hz
+
+    def video_complete_s(self, pts: int) -> float | None:
+        """Loop time (s) the last packet of the video frame with this pts arrived (None if not seen)."""
+        origin = self.rtp_origins.get("video")
+        return None if origin is None else self.video_complete.get((pts + origin) % 2**32)
 
 
 def _rtp_delta(a: int, b: int) -> int:
@@ -120,6 +128,8 @@ class LiveViewer:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         for receiver in self.pc.getReceivers():
             self._watch_sender_reports(receiver)
+            if receiver.track.kind == "video":
+                self._watch_frame_ends(receiver)
         deadline = loop.time() + timeout_s
         while not (self.received.video and self.received.audio):
             if loop.time() > deadline:
@@ -147,6 +157,19 @@ class LiveViewer:
             await handle(packet)
 
         receiver._handle_rtcp_packet = handle_rtcp
+
+    def _watch_frame_ends(self, receiver: Any) -> None:
+        """Note when each video frame's last packet arrives; the receiver's RTP handler (looked up per packet by
+        the transport) is wrapped."""
+        handle = receiver._handle_rtp_packet
+        loop = asyncio.get_running_loop()
+
+        async def handle_rtp(packet: Any, arrival_time_ms: int) -> None:
+            if packet.marker:
+                self.received.video_complete.setdefault(packet.timestamp, loop.time())
+            await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = handle_rtp
 
     async def _pull(self, track: MediaStreamTrack) -> None:
         loop = asyncio.get_running_loop()
