@@ -9,9 +9,10 @@ the client, per utterance:
 - request → first audible audio: arrival of the first 20 ms packet above -36 dBFS;
 - request → first speaking frame: arrival of the utterance's first frame (the server's events channel names
   its frame number) out of aiortc's decoder, and of its last RTP packet (what a browser decodes from;
-  aiortc's jitter buffer holds each frame until the next frame's first packet arrives, one frame later); and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in
-  the mask box above the idle level, `MouthMeter`; with espeak text the first frames can be silent);
-  split by the arrival of the events channel's "speaking" message (request → on air: the server's part);
+  aiortc's jitter buffer holds each frame until the next frame's first packet arrives, one frame later);
+  and of the first frame whose mouth differs from the avatar's own frame (mean |Δ| in the mask box above
+  the idle level, `MouthMeter`; with espeak text the first frames can be silent); split by the arrival of
+  the events channel's "speaking" message (request → on air: the server's part);
 - A/V offset: for `--av-probes` utterances of three voice bursts each, the time the mouth starts moving minus
   the time the voice starts, both on the server's clock (RTCP sender reports: what a browser synchronises
   with); positive = video late;
