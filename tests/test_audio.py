@@ -15,14 +15,17 @@ from musetalk.config import load_config
 from musetalk.errors import InputError
 from musetalk.models import load_models
 from musetalk.pipeline.audio import (
+    WHISPER_BATCH_SHAPES,
     WindowSpec,
     audio_tokens,
     audio_tokens_many,
     feature_length,
     frame_windows,
     load_audio,
+    log_mel_windows,
     num_frames,
     resample,
+    whisper_batch_shape,
     whisper_hidden_states,
 )
 from musetalk.types import Audio
@@ -103,6 +106,25 @@ def test_tokens_from_tiny_whisper_equal_upstream_chunks_plus_pe(tiny_models_dir:
     assert torch.equal(tokens, reference)
 
 
+def test_batched_log_mel_equals_the_feature_extractor_on_each_window() -> None:
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor()
+    rng = np.random.default_rng(3)
+    segments = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (100, 16_000, 80_000, 30 * 16_000)]
+    segments[1] *= 50  # a loud window next to quiet ones: the max − 8 floor is per window
+    mel = log_mel_windows(segments, extractor, torch.device("cpu"))
+    assert tuple(mel.shape) == (4, 80, 3000)
+    for segment, mine in zip(segments, mel, strict=True):
+        reference = extractor(segment, sampling_rate=16000, return_tensors="pt").input_features[0]
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
+
+
+def test_whisper_runs_only_its_fixed_batch_shapes() -> None:
+    assert [whisper_batch_shape(n) for n in range(1, 17)] == [1, 2, 4, 4, 8, 8, 8, 8] + [16] * 8
+    assert WHISPER_BATCH_SHAPES[-1] == 16
+
+
 def test_audio_longer_than_one_whisper_window(tiny_models_dir: Path) -> None:
     cfg = load_config(overrides=[f"models.dir={tiny_models_dir}", "runtime.device=cpu"])
     bundle = load_models(cfg, parts={"whisper"})
@@ -119,7 +141,9 @@ def test_utterances_encoded_together_get_the_tokens_they_get_alone(tiny_models_d
     assert bundle.whisper is not None and bundle.feature_extractor is not None and bundle.pe is not None
     models = (bundle.whisper, bundle.feature_extractor, bundle.pe)
     rng = np.random.default_rng(2)
-    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (8_000, 31 * 16_000, 20_000)]  # 2nd: 2 windows
+    # 6 windows in all (the 2nd clip has 2): the encoder runs them padded to its fixed batch of 8.
+    lengths = (8_000, 31 * 16_000, 20_000, 3_000, 16_000)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
     together = audio_tokens_many(clips, WindowSpec(25), *models)
     for clip, tokens in zip(clips, together, strict=True):
         alone = audio_tokens(clip, WindowSpec(25), *models)

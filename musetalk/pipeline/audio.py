@@ -176,7 +176,38 @@ def frame_windows(hidden: torch.Tensor, n_samples: int, spec: WindowSpec) -> tor
     return windows.reshape(n_frames, width * n_layers, dim)
 
 
-_MAX_WINDOWS_PER_CALL = 16  # 30-s windows per encoder call when several clips are encoded together
+# Batch sizes of the Whisper encoder: a call with another number of windows is padded up to the next one, so
+# only these few shapes ever run (cuDNN autotunes once per shape; an unseen shape would stall its batch).
+WHISPER_BATCH_SHAPES = (1, 2, 4, 8, 16)
+
+
+def whisper_batch_shape(n_windows: int) -> int:
+    """The encoder batch size that carries `n_windows` windows (1 ≤ n ≤ the largest shape)."""
+    return next(size for size in WHISPER_BATCH_SHAPES if size >= n_windows)
+
+
+def log_mel_windows(
+    segments: Sequence[NDArray[np.float32]], extractor: WhisperFeatureExtractor, device: torch.device
+) -> torch.Tensor:
+    """Whisper's log-mel input of each ≤ 30 s segment (zero-padded to 30 s), all at once on `device`.
+
+    → (W, n_mels, frames) float32. The same math as the feature extractor applied to each segment alone
+    (Hann STFT, power, mel filters, log10, floor at the window's max − 8, (x + 4) / 4), but one batched
+    pass on the GPU instead of a round trip through NumPy per window.
+    """
+    n_samples = int(extractor.n_samples)
+    waves = torch.zeros(len(segments), n_samples, dtype=torch.float32, device=device)  # (W, 480000)
+    for i, segment in enumerate(segments):
+        n = min(len(segment), n_samples)
+        waves[i, :n] = torch.from_numpy(np.ascontiguousarray(segment[:n], dtype=np.float32)).to(device)
+    n_fft, hop = int(extractor.n_fft), int(extractor.hop_length)
+    window = torch.hann_window(n_fft, device=device)
+    spectrum = torch.stft(waves, n_fft, hop, window=window, return_complex=True)  # (W, n_fft/2+1, frames+1)
+    power = spectrum[..., :-1].abs() ** 2  # (W, 201, 3000): the last STFT frame is not used
+    filters = torch.as_tensor(np.asarray(extractor.mel_filters), dtype=torch.float32, device=device)  # (201, 80)
+    log_spec = (filters.T @ power).clamp(min=1e-10).log10()  # (W, 80, 3000)
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # per window, as when each is extracted alone
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
 
 @torch.inference_mode()
@@ -192,25 +223,21 @@ def whisper_hidden_states_many(
     """
     param = next(encoder.parameters())
     device, dtype = param.device, param.dtype
-    mels, counts = [], []
+    segments, counts = [], []
     for samples_16k in clips_16k:
         n_windows = max(1, math.ceil(len(samples_16k) / WINDOW_SAMPLES))
-        for i in range(n_windows):
-            segment = samples_16k[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-            # One call per window: the log-mel floor (max − 8) is per window, as upstream.
-            feats = extractor(
-                segment,
-                sampling_rate=WHISPER_RATE_HZ,
-                return_tensors="pt",
-                device=device.type if device.type == "cuda" else "cpu",
-            ).input_features  # (1, 80, 3000) float32
-            mels.append(feats)
+        segments.extend(samples_16k[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES] for i in range(n_windows))
         counts.append(n_windows)
-    mel = torch.cat(mels, dim=0).to(device=device, dtype=dtype)  # (ΣW, 80, 3000)
+    mel = log_mel_windows(segments, extractor, device).to(dtype)  # (ΣW, 80, 3000)
     parts = []
-    for start in range(0, mel.shape[0], _MAX_WINDOWS_PER_CALL):
-        states = encoder(mel[start : start + _MAX_WINDOWS_PER_CALL], output_hidden_states=True).hidden_states
-        parts.append(torch.stack(states, dim=2))  # (w, 1500, layers+1, C)
+    largest = WHISPER_BATCH_SHAPES[-1]
+    for start in range(0, mel.shape[0], largest):
+        chunk = mel[start : start + largest]  # (w, 80, 3000)
+        size = whisper_batch_shape(chunk.shape[0])
+        if size > chunk.shape[0]:  # pad to a fixed shape; the padding windows' states are dropped
+            chunk = torch.cat([chunk, chunk.new_zeros(size - chunk.shape[0], *chunk.shape[1:])])
+        states = encoder(chunk, output_hidden_states=True).hidden_states
+        parts.append(torch.stack(states, dim=2)[: min(largest, mel.shape[0] - start)])  # (w, 1500, layers+1, C)
     stacked = torch.cat(parts, dim=0)  # (ΣW, 1500, layers+1, C)
     out, pos = [], 0
     for n_windows in counts:

@@ -38,7 +38,13 @@ from musetalk.enhance.stage import MouthEnhancer
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
 from musetalk.models.unet import PositionalEncoding
-from musetalk.pipeline.audio import WindowSpec, audio_tokens, audio_tokens_many
+from musetalk.pipeline.audio import (
+    WHISPER_BATCH_SHAPES,
+    WindowSpec,
+    audio_tokens,
+    audio_tokens_many,
+    whisper_hidden_states_many,
+)
 from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports, weight_scale
 
 if TYPE_CHECKING:
@@ -433,11 +439,18 @@ class MuseTalkFaces:
 
     @torch.inference_mode()
     def warm_audio(self) -> None:
-        """Run the audio encoder once (its kernels and handles load on the calling thread)."""
+        """Run the audio path once (its kernels and handles load on the calling thread); on CUDA once per
+        Whisper batch shape, so that utterances arriving together never wait for cuDNN to autotune."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        silence = np.zeros(16000, np.float32)
         with self._exclusive:
-            audio_tokens(np.zeros(16000, np.float32), self.spec, *self._audio_models())
+            audio_tokens(silence, self.spec, *self._audio_models())
+            if self.device.type == "cuda":
+                encoder, extractor, _ = self._audio_models()
+                for size in WHISPER_BATCH_SHAPES[1:]:
+                    whisper_hidden_states_many([silence] * size, encoder, extractor)
+                torch.cuda.synchronize(self.device)
 
     def warmup(self) -> None:
         """Warm the audio path and accelerate every batch shape now (blocking): the first request pays nothing."""
