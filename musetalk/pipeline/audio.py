@@ -223,7 +223,8 @@ def whisper_hidden_states_many(
     """
     param = next(encoder.parameters())
     device, dtype = param.device, param.dtype
-    segments, counts = [], []
+    segments: list[NDArray[np.float32]] = []
+    counts: list[int] = []
     for samples_16k in clips_16k:
         n_windows = max(1, math.ceil(len(samples_16k) / WINDOW_SAMPLES))
         segments.extend(samples_16k[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES] for i in range(n_windows))
