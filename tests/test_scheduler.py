@@ -224,3 +224,31 @@ def test_utterances_arriving_together_are_prepared_in_one_call_and_a_bad_one_fai
         assert source.groups[-1] == [7, -1]  # tried together, then one by one
     finally:
         sched.close()
+
+
+class SlowPrepare(Tagged):
+    """Tagged whose preparation takes a while and says when it started (so a test can submit during it)."""
+
+    def __init__(self) -> None:
+        super().__init__(first=4, size=8)
+        self.preparing = threading.Event()
+
+    def prepare(self, cache: AvatarCache, samples_16k: np.ndarray, n_frames: int, phonemes: object = ()) -> int:
+        self.preparing.set()
+        time.sleep(0.2)
+        return super().prepare(cache, samples_16k, n_frames, phonemes)
+
+
+def test_an_utterance_arriving_while_another_is_prepared_joins_its_first_batch(avatar: AvatarCache) -> None:
+    source = SlowPrepare()
+    sched = FrameScheduler(source, fps=25, queue_frames=64, start_budget_s=0.1)
+    try:
+        early = _submit(sched, avatar, 1, 10)
+        assert source.preparing.wait(10)
+        late = _submit(sched, avatar, 2, 10)  # while the first one is still being prepared
+        assert _drain(early) == [(1, i) for i in range(10)]
+        assert _drain(late) == [(2, i) for i in range(10)]
+    finally:
+        sched.close()
+    # Both went out in the very first batch, sharing it (4 frames each of a batch of 8).
+    assert sorted(source.batches[0]) == [(t, i) for t in (1, 2) for i in range(4)]

@@ -41,6 +41,7 @@ T = TypeVar("T")
 
 STATS_WINDOW_S = 10.0  # frames/s and lateness in /health cover this much recent time
 _MAX_IN_FLIGHT = 2  # the GPU works on batch k+1 while the host collects batch k
+_PREPARE_ROUNDS = 3  # passes over late arrivals before a first batch goes out (each pass takes ~10 ms on a GPU)
 
 
 class UtteranceCancelled(Exception):
@@ -295,11 +296,21 @@ class FrameScheduler:
                     except BaseException as exc:
                         future.set_exception(exc)
             mark("calls")
-            if len(new) > 1 and isinstance(self.source, BatchPreparer):
-                self._prepare_many(new)
-            else:
-                for utt in new:
-                    self._prepare(utt)
+            for _ in range(_PREPARE_ROUNDS):
+                if not new:
+                    break
+                if len(new) > 1 and isinstance(self.source, BatchPreparer):
+                    self._prepare_many(new)
+                else:
+                    for utt in new:
+                        self._prepare(utt)
+                # Utterances that arrived while these were prepared join the same first batch instead of
+                # waiting for it to finish (sessions that speak at the same moment).
+                with self._cv:
+                    new = list(self._inbox)
+                    self._inbox.clear()
+            with self._cv:
+                self._inbox.extendleft(reversed(new))  # still unprepared after the last round: next pass
             mark("prepare")
             batch = None
             # A batch of first frames goes out alone: its faces are what new listeners are waiting for.
