@@ -512,6 +512,8 @@ class SpeakService:
                 session_s=round(result.session_duration_s, 3),
                 interrupted=result.interrupted,
                 **{f"{k}_ms": round(v, 1) for k, v in timings.items()},
+                # Where the append's time went (read the clip, encode the audio, write + fsync, commit).
+                **{f"{k}_ms": round(v, 1) for k, v in appended.timings_ms.items() if k != "append_total"},
             ),
         )
         return result
