@@ -8,7 +8,7 @@ CPU (tiny models; what `make bench` runs):
 
     python bench/bench_engine.py --device cpu --size tiny --out results/bench_engine_cpu.json
 
-Needs torch, diffusers, transformers, av, soxr, soundfile, opencv and this repository; no network.
+Needs torch, av, soxr, soundfile, opencv and this repository (not diffusers / transformers); no network.
 Steps, each timed: write random weights in the real on-disk formats (reused from --models-dir when
 present), load them through load_models, build a synthetic avatar cache (latents = VAE encodings of its
 crops), then
@@ -158,8 +158,8 @@ def make_cfg(args: argparse.Namespace, models_dir: Path, *extra: str) -> AppConf
 def set_memory_format(bundle: ModelBundle, channels_last: bool) -> None:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert bundle.unet is not None and bundle.vae is not None
-    bundle.unet.to(memory_format=fmt)
-    bundle.vae.to(memory_format=fmt)
+    bundle.unet.to(memory_format=fmt)  # type: ignore[call-overload]  # torch's stubs omit memory_format
+    bundle.vae.to(memory_format=fmt)  # type: ignore[call-overload]
 
 
 # ------------------------------------------------------------------------------------ 1. generation
@@ -410,11 +410,11 @@ def bench_baseline(
             idx = range(start, min(start + 4, n))
             latent_batch = torch.cat([up.latents[i % len(up.latents)] for i in idx]).to(bundle.dtype)
             feats = chunks[start : idx.stop]
-            pred = bundle.unet(latent_batch, timesteps, encoder_hidden_states=feats).sample
-            pred = pred.to(dtype=bundle.vae.dtype)
-            image = bundle.vae.decode((1 / bundle.vae_scale) * pred).sample
-            image = (image / 2 + 0.5).clamp(0, 1)
-            image = image.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+            pred = bundle.unet(latent_batch, timesteps, feats)
+            pred = pred.to(dtype=next(bundle.vae.parameters()).dtype)
+            decoded = bundle.vae.decode((1 / bundle.vae_scale) * pred)
+            decoded = (decoded / 2 + 0.5).clamp(0, 1)
+            image = decoded.detach().cpu().permute(0, 2, 3, 1).float().numpy()
             image = (image * 255).round().astype("uint8")[..., ::-1]
             for face in image:
                 res_queue.put(face)

@@ -24,8 +24,8 @@ from musetalk.testing import write_models
 
 def _step_fn(bundle: Any, latents: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """UNet at t=0 then VAE decode → (B, 3, 256, 256) in [-1, 1]."""
-    pred = bundle.unet(latents, t, encoder_hidden_states=bundle.pe(tokens)).sample
-    return bundle.vae.decode(pred / bundle.vae_scale).sample
+    pred = bundle.unet(latents, t, bundle.pe(tokens))
+    return bundle.vae.decode(pred / bundle.vae_scale)
 
 
 def _time_cuda(fn: Any, reps: int) -> float:
@@ -80,7 +80,7 @@ def main() -> None:
             torch.cuda.synchronize()
             eager_ms = _time_cuda(lambda lat=lat, tok=tok: _step_fn(bundle, lat, tok, t), 10)
             unet_ms = _time_cuda(
-                lambda lat=lat, tok=tok: unet(lat, t, encoder_hidden_states=pe(tok)).sample, 10
+                lambda lat=lat, tok=tok: unet(lat, t, pe(tok)), 10
             )
             row: dict[str, Any] = {"batch": b, "eager_ms": eager_ms, "eager_fps": b / eager_ms * 1000,
                                    "unet_ms": unet_ms}
@@ -116,7 +116,7 @@ def main() -> None:
             tok = torch.randn(b, n_tok, bundle.audio_dim, device="cuda", dtype=bundle.dtype)
 
             def step_c() -> torch.Tensor:
-                pred = unet_c(lat, t, encoder_hidden_states=pe(tok)).sample
+                pred = unet_c(lat, t, pe(tok))
                 return dec_c(vae.post_quant_conv(pred / bundle.vae_scale))
 
             for _ in range(3):

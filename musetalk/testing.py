@@ -13,6 +13,10 @@ models) for GPU benchmarks. Layout:
     <root>/syncnet/latentsync_syncnet.pt               {"state_dict", "global_step"} pickle (tiny only)
 
 `write_dlib_predictor(path)` writes a 68-point dlib landmark model (dlib's own serialisation).
+
+The networks are the native ones (musetalk/models/nets_*.py): diffusers and transformers are not needed to write
+the folders. UNet and VAE weights are the ones diffusers would initialise for the same seed; the Whisper weights
+follow transformers' initialisation (normal(0, 0.02) weights, zero biases, sinusoidal encoder positions).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+from torch import nn
 
 from musetalk.models.bisenet import BiSeNet
 from musetalk.models.gfpgan import GFPGANSpec, GFPGANv1Clean
+from musetalk.models.nets_unet import UNet2DCondition, unet_spec
+from musetalk.models.nets_vae import AutoencoderKL, vae_spec
+from musetalk.models.nets_whisper import WhisperEncoder, sinusoids, whisper_encoder_config
 from musetalk.models.syncnet import AUDIO_STRIDES, VISUAL_STRIDES, SyncNetShape, write_syncnet
 
 Size = Literal["tiny", "full"]
@@ -97,31 +103,153 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def whisper_config(size: Size) -> WhisperConfig:
-    """whisper-tiny's config (transformers defaults), or a narrow one with the same 4+1 hidden states."""
-    if size == "full":
-        return WhisperConfig()
-    # 4 encoder layers → 5 hidden states → 50 audio tokens per frame, as in the real model.
-    # 1500 source positions: the encoder insists on full 30 s (3000 mel frame) windows.
-    return WhisperConfig(
-        vocab_size=64,
-        num_mel_bins=80,
-        d_model=TINY_AUDIO_DIM,
-        encoder_layers=4,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=64,
-        max_source_positions=1500,
-        max_target_positions=64,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-        decoder_start_token_id=2,
-        suppress_tokens=[],
-        begin_suppress_tokens=[],
-    )
+# whisper/config.json as transformers 5.24 writes its WhisperConfig() defaults (= whisper-tiny's architecture).
+REAL_WHISPER_CONFIG: dict[str, Any] = {
+    "activation_dropout": 0.0,
+    "activation_function": "gelu",
+    "apply_spec_augment": False,
+    "attention_dropout": 0.0,
+    "begin_suppress_tokens": [220, 50256],
+    "bos_token_id": 50256,
+    "classifier_proj_size": 256,
+    "d_model": 384,
+    "decoder_attention_heads": 6,
+    "decoder_ffn_dim": 1536,
+    "decoder_layerdrop": 0.0,
+    "decoder_layers": 4,
+    "decoder_start_token_id": 50257,
+    "dropout": 0.0,
+    "encoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "encoder_layerdrop": 0.0,
+    "encoder_layers": 4,
+    "eos_token_id": 50256,
+    "init_std": 0.02,
+    "is_encoder_decoder": True,
+    "mask_feature_length": 10,
+    "mask_feature_min_masks": 0,
+    "mask_feature_prob": 0.0,
+    "mask_time_length": 10,
+    "mask_time_min_masks": 2,
+    "mask_time_prob": 0.05,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+    "median_filter_width": 7,
+    "model_type": "whisper",
+    "num_mel_bins": 80,
+    "pad_token_id": 50256,
+    "scale_embedding": False,
+    "suppress_tokens": None,
+    "tie_word_embeddings": True,
+    "transformers_version": "5.24.0",
+    "use_cache": True,
+    "use_weighted_layer_sum": False,
+    "vocab_size": 51865,
+}
+
+# A narrow Whisper with the real 4 encoder layers → 5 hidden states → 50 audio tokens per frame, and the real
+# 1500 source positions: the encoder insists on full 30 s (3000 mel frame) windows.
+TINY_WHISPER_CONFIG: dict[str, Any] = {
+    **REAL_WHISPER_CONFIG,
+    "vocab_size": 64,
+    "num_mel_bins": 80,
+    "d_model": TINY_AUDIO_DIM,
+    "encoder_layers": 4,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 2,
+    "decoder_ffn_dim": 64,
+    "max_source_positions": 1500,
+    "max_target_positions": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+    "decoder_start_token_id": 2,
+    "suppress_tokens": [],
+    "begin_suppress_tokens": [],
+}
+
+# whisper/preprocessor_config.json as transformers writes WhisperFeatureExtractor(feature_size=80).
+WHISPER_PREPROCESSOR_CONFIG: dict[str, Any] = {
+    "chunk_length": 30,
+    "dither": 0.0,
+    "feature_extractor_type": "WhisperFeatureExtractor",
+    "feature_size": 80,
+    "hop_length": 160,
+    "n_fft": 400,
+    "n_samples": 480000,
+    "nb_max_frames": 3000,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": False,
+    "sampling_rate": 16000,
+}
+
+
+def whisper_config(size: Size) -> dict[str, Any]:
+    """whisper/config.json contents: whisper-tiny's (transformers defaults), or a narrow one with 4+1 hidden states."""
+    return copy.deepcopy(REAL_WHISPER_CONFIG if size == "full" else TINY_WHISPER_CONFIG)
+
+
+def _hf_json(obj: dict[str, Any]) -> str:
+    """JSON laid out as transformers' save_pretrained writes it (sorted keys, 2-space indent, final newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+class _WhisperDecoderLayout(nn.Module):
+    """Parameters of transformers' WhisperDecoder (names, shapes, order) only: written to files, never run."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        dim, ffn = cfg["d_model"], cfg["decoder_ffn_dim"]
+
+        def attention() -> nn.Module:
+            block = nn.Module()
+            block.k_proj = nn.Linear(dim, dim, bias=False)
+            block.v_proj = nn.Linear(dim, dim)
+            block.q_proj = nn.Linear(dim, dim)
+            block.out_proj = nn.Linear(dim, dim)
+            return block
+
+        def layer() -> nn.Module:
+            block = nn.Module()
+            block.self_attn = attention()
+            block.self_attn_layer_norm = nn.LayerNorm(dim)
+            block.encoder_attn = attention()
+            block.encoder_attn_layer_norm = nn.LayerNorm(dim)
+            block.fc1 = nn.Linear(dim, ffn)
+            block.fc2 = nn.Linear(ffn, dim)
+            block.final_layer_norm = nn.LayerNorm(dim)
+            return block
+
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], dim, padding_idx=cfg["pad_token_id"])
+        self.embed_positions = nn.Embedding(cfg["max_target_positions"], dim)
+        self.layers = nn.ModuleList([layer() for _ in range(cfg["decoder_layers"])])
+        self.layer_norm = nn.LayerNorm(dim)
+
+
+def _whisper_state(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """WhisperForConditionalGeneration's state dict layout ('model.encoder.*', 'model.decoder.*', tied 'proj_out')."""
+    model = nn.Module()
+    model.encoder = WhisperEncoder(whisper_encoder_config(cfg))
+    model.decoder = _WhisperDecoderLayout(cfg)
+    with torch.no_grad():  # transformers' _init_weights: N(0, init_std) weights, zero biases, unit norms
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Conv1d | nn.Embedding):
+                module.weight.normal_(0.0, cfg["init_std"])
+            if isinstance(module, nn.Linear | nn.Conv1d) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        positions = model.encoder.embed_positions.weight
+        positions.copy_(sinusoids(*positions.shape))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["proj_out.weight"] = state["model.decoder.embed_tokens.weight"]  # tied, as in the real file
+    return state
 
 
 def _old_vae_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,7 +267,7 @@ def _old_vae_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_unet(folder: Path, weights_name: str, config: dict[str, Any], seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    unet = UNet2DCondition(unet_spec({k: v for k, v in config.items() if not k.startswith("_")}))
     (folder / "musetalk.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     torch.save(unet.state_dict(), folder / weights_name)
 
@@ -155,7 +283,7 @@ def write_models(root: Path, size: Size = "tiny", seed: int = 0, versions: tuple
 
     vae_cfg = copy.deepcopy(REAL_VAE_CONFIG if size == "full" else TINY_VAE_CONFIG)
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL.from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")})
+    vae = AutoencoderKL(vae_spec(vae_cfg))
     vae_dir = root / "sd-vae"
     vae_dir.mkdir(exist_ok=True)
     (vae_dir / "config.json").write_text(json.dumps(vae_cfg, indent=2), encoding="utf-8")
@@ -163,14 +291,13 @@ def write_models(root: Path, size: Size = "tiny", seed: int = 0, versions: tuple
 
     torch.manual_seed(seed + 3)
     wcfg = whisper_config(size)
-    whisper = WhisperForConditionalGeneration(wcfg)
     wdir = root / "whisper"
     wdir.mkdir(exist_ok=True)
-    wcfg.save_pretrained(str(wdir))
-    # torch.save, not save_pretrained: the real repo ships pytorch_model.bin and transformers now
-    # writes safetensors whatever it is asked.
-    torch.save(whisper.state_dict(), wdir / "pytorch_model.bin")
-    WhisperFeatureExtractor(feature_size=wcfg.num_mel_bins).save_pretrained(str(wdir))
+    (wdir / "config.json").write_text(_hf_json(wcfg), encoding="utf-8")
+    # pytorch_model.bin, as the real repo ships (transformers' save_pretrained would write safetensors).
+    torch.save(_whisper_state(wcfg), wdir / "pytorch_model.bin")
+    preprocessor = {**WHISPER_PREPROCESSOR_CONFIG, "feature_size": wcfg["num_mel_bins"]}
+    (wdir / "preprocessor_config.json").write_text(_hf_json(preprocessor), encoding="utf-8")
 
     write_bisenet(root / "face-parse-bisent" / "79999_iter.pth", seed + 4)
     if size == "tiny":  # the full-size SyncNet is 1.5 GB and only scores videos: write_syncnet(..., full) on demand

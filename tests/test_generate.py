@@ -57,11 +57,11 @@ def _upstream_faces(bundle: ModelBundle, avatar: AvatarCache, samples: np.ndarra
             whisper_batch = chunks[start : idx.stop]
             latent_batch = torch.cat([cycle[i % len(cycle)] for i in idx])
             audio_feature_batch = bundle.pe(whisper_batch)
-            pred = bundle.unet(latent_batch, timesteps, encoder_hidden_states=audio_feature_batch).sample
+            pred = bundle.unet(latent_batch, timesteps, audio_feature_batch)
             latents = (1 / bundle.vae_scale) * pred
-            image = bundle.vae.decode(latents).sample
-            image = (image / 2 + 0.5).clamp(0, 1)
-            image = image.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+            decoded = bundle.vae.decode(latents)
+            decoded = (decoded / 2 + 0.5).clamp(0, 1)
+            image = decoded.detach().cpu().permute(0, 2, 3, 1).float().numpy()
             image = (image * 255).round().astype("uint8")
             out.append(image[..., ::-1])  # RGB → BGR
     return np.concatenate(out)

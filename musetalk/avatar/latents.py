@@ -18,9 +18,8 @@ from musetalk.errors import ConfigError
 from musetalk.faces.tracking import closed_mouth_frame
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL
-
     from musetalk.avatar.cache import AvatarCache
+    from musetalk.models.nets_vae import AutoencoderKL
 
 REFERENCE_CHANNELS = slice(4, 8)  # the UNet input is [masked lower half ‖ reference]: channels 4-7
 
@@ -72,6 +71,6 @@ def encode_crops(
     masked = x.clone()
     masked[:, :, x.shape[2] // 2 :, :] = 0
     both = torch.cat([masked, x], dim=0) * 2.0 - 1.0
-    latents = vae.encode(both).latent_dist.mean * scale  # (2B, 4, S/8, S/8)
+    latents = vae.encode(both) * scale  # (2B, 4, S/8, S/8): the posterior mean
     n = x.shape[0]
     return torch.cat([latents[:n], latents[n:]], dim=1).float().cpu()

@@ -19,6 +19,7 @@ import torch
 from numpy.typing import NDArray
 
 from musetalk.faces.tracking import MEAN_SHAPE_68, RIGID_POINTS
+from musetalk.models.nets_whisper import mel_filter_bank
 from musetalk.models.syncnet import FACE_PX, MEL_BINS, MEL_FRAMES, N_FRAMES, SyncNet
 
 RATE_HZ = 16000
@@ -36,18 +37,13 @@ TEMPLATE_OFFSET = np.array([128.0, 112.0])
 
 def log_mel(samples_16k: NDArray[np.float32]) -> NDArray[np.float32]:
     """(n,) 16 kHz samples → (80, T) normalised log-mel, T = n / 200 + 1 (centred frames)."""
-    from transformers.audio_utils import mel_filter_bank
-
     x = np.asarray(samples_16k, dtype=np.float32)
     x = np.append(x[:1], x[1:] - PREEMPHASIS * x[:-1]).astype(np.float32)
     spec = torch.stft(
         torch.from_numpy(x), N_FFT, HOP, N_FFT, window=torch.hann_window(N_FFT), center=True,
         pad_mode="reflect", return_complex=True,
     ).abs().numpy()  # (401, T)  # fmt: skip
-    filters = mel_filter_bank(
-        num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=MEL_BINS, min_frequency=55.0, max_frequency=7600.0,
-        sampling_rate=RATE_HZ, norm="slaney", mel_scale="slaney",
-    )  # (401, 80)  # fmt: skip
+    filters = mel_filter_bank(N_FFT // 2 + 1, MEL_BINS, RATE_HZ, f_min=55.0, f_max=7600.0)  # (401, 80) Slaney
     mel_db = 20.0 * np.log10(np.maximum(1e-5, filters.T @ spec)) - REF_LEVEL_DB
     scaled = 2 * MAX_ABS * (mel_db - MIN_LEVEL_DB) / -MIN_LEVEL_DB - MAX_ABS
     return np.clip(scaled, -MAX_ABS, MAX_ABS).astype(np.float32)

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import WhisperFeatureExtractor
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from musetalk.config import AppConfig, ModelsConfig
 from musetalk.errors import ConfigError, WeightsMissing
 from musetalk.models.bisenet import BiSeNet, load_bisenet
 from musetalk.models.gfpgan import GFPGANv1Clean, load_gfpgan
+from musetalk.models.nets_unet import UNet2DCondition
+from musetalk.models.nets_vae import AutoencoderKL
+from musetalk.models.nets_whisper import WhisperEncoder, WhisperFeatures
 from musetalk.models.syncnet import SyncNet, load_syncnet
 from musetalk.models.unet import PositionalEncoding, load_unet
 from musetalk.models.vae import VAE_WEIGHT_NAMES, load_vae, vae_weights_file
@@ -34,10 +34,10 @@ class ModelBundle:
 
     device: torch.device
     dtype: torch.dtype
-    unet: UNet2DConditionModel | None
+    unet: UNet2DCondition | None
     vae: AutoencoderKL | None
     whisper: WhisperEncoder | None
-    feature_extractor: WhisperFeatureExtractor | None
+    feature_extractor: WhisperFeatures | None
     pe: PositionalEncoding | None
     face_parser: BiSeNet | None
     version: str
@@ -48,19 +48,19 @@ class ModelBundle:
     def vae_scale(self) -> float:
         """Latent scaling factor from the VAE config (0.18215 for sd-vae-ft-mse)."""
         assert self.vae is not None
-        return float(self.vae.config.scaling_factor)
+        return self.vae.scaling_factor
 
     @property
     def audio_layers(self) -> int:
         """Hidden states stacked per encoder frame: encoder layers + the embedding output."""
         assert self.whisper is not None
-        return int(self.whisper.config.encoder_layers) + 1
+        return self.whisper.config.encoder_layers + 1
 
     @property
     def audio_dim(self) -> int:
         """Audio token width (Whisper d_model; 384 for whisper-tiny)."""
         assert self.whisper is not None
-        return int(self.whisper.config.d_model)
+        return self.whisper.config.d_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,7 +131,7 @@ def load_models(cfg: AppConfig, parts: Collection[str] = SERVE_PARTS) -> ModelBu
     if "whisper" in parts:
         encoder, extractor = load_whisper_encoder(root / cfg.models.whisper, dtype)
         whisper = encoder.to(device)
-        pe = PositionalEncoding(d_model=int(encoder.config.d_model)).to(device)
+        pe = PositionalEncoding(d_model=encoder.config.d_model).to(device)
     if "face_parser" in parts:
         # Parsing runs once per avatar at prep time; float32 keeps argmax labels stable.
         parser = load_bisenet(root / cfg.models.face_parser).to(device=device)

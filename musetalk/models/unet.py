@@ -1,4 +1,4 @@
-"""MuseTalk UNet (diffusers UNet2DConditionModel from musetalk.json) and the audio positional encoding."""
+"""MuseTalk UNet (native UNet2DCondition built from musetalk.json) and the audio positional encoding."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from musetalk.errors import WeightsInvalid
 from musetalk.models.checkpoint import build_on_meta, load_strict, read_state_dict
+from musetalk.models.nets_unet import UNet2DCondition, unet_spec
 
 
 def read_unet_config(path: Path) -> dict[str, Any]:
@@ -26,14 +26,15 @@ def read_unet_config(path: Path) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
-def build_unet(config: dict[str, Any]) -> UNet2DConditionModel:
-    """Build the UNet skeleton on the meta device (no memory, no random init)."""
-    return build_on_meta(lambda: UNet2DConditionModel.from_config(config))
+def build_unet(config: dict[str, Any], source: str = "UNet config") -> UNet2DCondition:
+    """Build the UNet skeleton on the meta device (no memory, no random init); WeightsInvalid for other configs."""
+    spec = unet_spec(config, source)
+    return build_on_meta(lambda: UNet2DCondition(spec))
 
 
-def load_unet(config_path: Path, weights_path: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+def load_unet(config_path: Path, weights_path: Path, dtype: torch.dtype = torch.float32) -> UNet2DCondition:
     """Build from musetalk.json and load the plain diffusers-named state dict strictly (on CPU)."""
-    unet = build_unet(read_unet_config(config_path))
+    unet = build_unet(read_unet_config(config_path), str(config_path))
     load_strict(unet, read_state_dict(weights_path), weights_path, dtype)
     return unet.eval().requires_grad_(False)
 

@@ -1,4 +1,4 @@
-"""SD VAE (stabilityai/sd-vae-ft-mse, diffusers folder) loaded strictly, old attention names renamed."""
+"""SD VAE (stabilityai/sd-vae-ft-mse, diffusers folder) loaded strictly into the native AutoencoderKL."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
 from musetalk.errors import WeightsInvalid
 from musetalk.models.checkpoint import StateDict, build_on_meta, load_strict, read_state_dict
+from musetalk.models.nets_vae import AutoencoderKL, vae_spec
 
 VAE_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # diffusers <= 0.13 named the mid-block attention projections differently.
@@ -37,7 +37,7 @@ def rename_old_attention_keys(state: StateDict) -> StateDict:
 
 
 def load_vae(vae_dir: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """Build AutoencoderKL from config.json and load its weights strictly (on CPU)."""
+    """Build the native AutoencoderKL from config.json and load its weights strictly (on CPU)."""
     weights = vae_weights_file(vae_dir)
     if weights is None:
         raise WeightsInvalid(f"{vae_dir}: no {' or '.join(VAE_WEIGHT_NAMES)}")
@@ -45,6 +45,9 @@ def load_vae(vae_dir: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL
         config = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise WeightsInvalid(f"{vae_dir}/config.json: {exc}") from exc
-    vae = build_on_meta(lambda: AutoencoderKL.from_config(config))
+    if not isinstance(config, dict):
+        raise WeightsInvalid(f"{vae_dir}/config.json: expected a JSON object")
+    spec = vae_spec(config, str(vae_dir / "config.json"))
+    vae = build_on_meta(lambda: AutoencoderKL(spec))
     load_strict(vae, rename_old_attention_keys(read_state_dict(weights)), weights, dtype)
     return vae.eval().requires_grad_(False)

@@ -32,9 +32,7 @@ from musetalk.errors import InputError
 from musetalk.types import Audio
 
 if TYPE_CHECKING:
-    from transformers import WhisperFeatureExtractor
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
+    from musetalk.models.nets_whisper import WhisperEncoder, WhisperFeatures
     from musetalk.models.unet import PositionalEncoding
 
 WHISPER_RATE_HZ = 16000  # Whisper's input rate
@@ -187,7 +185,7 @@ def whisper_batch_shape(n_windows: int) -> int:
 
 
 def log_mel_windows(
-    segments: Sequence[NDArray[np.float32]], extractor: WhisperFeatureExtractor, device: torch.device
+    segments: Sequence[NDArray[np.float32]], extractor: WhisperFeatures, device: torch.device
 ) -> torch.Tensor:
     """Whisper's log-mel input of each ≤ 30 s segment (zero-padded to 30 s), all at once on `device`.
 
@@ -214,7 +212,7 @@ def log_mel_windows(
 def whisper_hidden_states_many(
     clips_16k: Sequence[NDArray[np.float32]],
     encoder: WhisperEncoder,
-    extractor: WhisperFeatureExtractor,
+    extractor: WhisperFeatures,
 ) -> list[torch.Tensor]:
     """whisper_hidden_states of several clips, their 30 s windows encoded together in a few large batches.
 
@@ -251,7 +249,7 @@ def whisper_hidden_states_many(
 def whisper_hidden_states(
     samples_16k: NDArray[np.float32],
     encoder: WhisperEncoder,
-    extractor: WhisperFeatureExtractor,
+    extractor: WhisperFeatures,
 ) -> torch.Tensor:
     """All encoder hidden states of every 30 s window, stacked → (1500·windows, layers + 1, C) on the encoder."""
     return whisper_hidden_states_many([samples_16k], encoder, extractor)[0]
@@ -261,7 +259,7 @@ def audio_tokens_many(
     clips_16k: Sequence[NDArray[np.float32]],
     spec: WindowSpec,
     encoder: WhisperEncoder,
-    extractor: WhisperFeatureExtractor,
+    extractor: WhisperFeatures,
     pe: PositionalEncoding,
 ) -> list[torch.Tensor]:
     """audio_tokens of several clips with their Whisper passes batched → one (T_i, rows·L, C) per clip."""
@@ -274,7 +272,7 @@ def audio_tokens(
     samples_16k: NDArray[np.float32],
     spec: WindowSpec,
     encoder: WhisperEncoder,
-    extractor: WhisperFeatureExtractor,
+    extractor: WhisperFeatures,
     pe: PositionalEncoding,
 ) -> torch.Tensor:
     """UNet conditioning for every frame: (T, rows_per_frame·layers, C) with the positional encoding added."""
@@ -306,7 +304,7 @@ def audio_tokens_with_context(
     left_context_16k: NDArray[np.float32] | None,
     spec: WindowSpec,
     encoder: WhisperEncoder,
-    extractor: WhisperFeatureExtractor,
+    extractor: WhisperFeatures,
     pe: PositionalEncoding,
 ) -> torch.Tensor:
     """audio_tokens of a clip whose preceding audio (the previous sentence) Whisper also hears → (T, rows·L, C).

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from numpy.typing import NDArray
 from torch import nn
 
@@ -37,6 +36,7 @@ from musetalk.enhance.restore import FaceRestorer
 from musetalk.enhance.stage import MouthEnhancer
 from musetalk.errors import AvatarNotPrepared, GpuOutOfMemory
 from musetalk.models import ModelBundle
+from musetalk.models.nets_vae import AutoencoderKL
 from musetalk.models.unet import PositionalEncoding
 from musetalk.pipeline.audio import (
     WHISPER_BATCH_SHAPES,
@@ -48,8 +48,7 @@ from musetalk.pipeline.audio import (
 from musetalk.pipeline.composite import DeviceCompositor, host_to_device, supports, weight_scale
 
 if TYPE_CHECKING:
-    from transformers import WhisperFeatureExtractor
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from musetalk.models.nets_whisper import WhisperEncoder, WhisperFeatures
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ class _Denoise(nn.Module):
 
     def forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """One denoising pass, cast to the VAE dtype as upstream."""
-        pred = self.unet(latents, self.timestep, encoder_hidden_states=tokens, return_dict=False)[0]
+        pred = self.unet(latents, self.timestep, tokens)
         return pred.to(self.out_dtype)
 
 
@@ -174,7 +173,7 @@ class _Decode(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode and convert on the device; only uint8 crosses to the host."""
-        image = self.vae.decode(self.inv_scale * latents, return_dict=False)[0]  # (B, 3, 256, 256)
+        image = self.vae.decode(self.inv_scale * latents)  # (B, 3, 256, 256)
         image = (image / 2 + 0.5).clamp(0, 1)
         pixels = (image.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)  # (B, 256, 256, 3) RGB
         return pixels.flip(-1)
@@ -339,8 +338,9 @@ class MuseTalkFaces:
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotune once per size
         if self.channels_last:
-            bundle.unet.to(memory_format=torch.channels_last)
-            bundle.vae.to(memory_format=torch.channels_last)
+            # torch's type stubs omit Module.to(memory_format=...), which torch supports
+            bundle.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            bundle.vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.denoise: nn.Module = _Denoise(bundle.unet, timestep, vae_dtype).eval()
         self.decode: nn.Module = _Decode(bundle.vae, bundle.vae_scale).eval()
         # What `accelerate` runs: compiled copies when asked for; the eager modules above keep serving meanwhile.
@@ -466,7 +466,7 @@ class MuseTalkFaces:
             with torch.inference_mode():
                 self.decode(self.denoise(*self._zero_inputs(1)))
 
-    def _audio_models(self) -> tuple[WhisperEncoder, WhisperFeatureExtractor, PositionalEncoding]:
+    def _audio_models(self) -> tuple[WhisperEncoder, WhisperFeatures, PositionalEncoding]:
         b = self.bundle
         assert b.whisper is not None and b.feature_extractor is not None and b.pe is not None
         return b.whisper, b.feature_extractor, b.pe

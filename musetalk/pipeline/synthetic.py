@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch import nn
 
 from musetalk.avatar.cache import FACE_SIZE_PX, AvatarCache
+
+if TYPE_CHECKING:
+    from musetalk.models.nets_vae import AutoencoderKL
 
 
 def crop_affine(center_xy: tuple[float, float], size_wh: tuple[float, float], roll_rad: float) -> NDArray[np.float32]:
@@ -36,7 +39,7 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> NDArray[np.uint8]:
 
 
 @torch.inference_mode()
-def encode_crops(vae: nn.Module, crops_bgr: NDArray[np.uint8], scale: float) -> torch.Tensor:
+def encode_crops(vae: AutoencoderKL, crops_bgr: NDArray[np.uint8], scale: float) -> torch.Tensor:
     """(N, 256, 256, 3) BGR crops → (N, 8, 32, 32) float32 [lower-half-masked ‖ full] latents × scale."""
     param = next(vae.parameters())
     rgb = torch.from_numpy(np.ascontiguousarray(crops_bgr[..., ::-1])).to(param.device)
@@ -45,8 +48,7 @@ def encode_crops(vae: nn.Module, crops_bgr: NDArray[np.uint8], scale: float) -> 
     masked[:, :, FACE_SIZE_PX // 2 :, :] = 0
     out = []
     for img in (masked, x):
-        dist = vae.encode(img * 2 - 1).latent_dist  # type: ignore[operator]
-        out.append(dist.mode() * scale)
+        out.append(vae.encode(img * 2 - 1) * scale)  # the posterior mean (= its mode)
     return torch.cat(out, dim=1).float().cpu()
 
 
@@ -56,7 +58,7 @@ def synthetic_avatar(
     width: int = 160,
     seed: int = 0,
     roll_deg: float = 4.0,
-    vae: nn.Module | None = None,
+    vae: AutoencoderKL | None = None,
     vae_scale: float = 0.18215,
     expand: float = 1.5,
     avatar_id: str = "synthetic",
