@@ -312,3 +312,17 @@ def test_serving_imports_neither_diffusers_nor_transformers() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_loading_the_models_imports_neither_them_nor_torch_dynamo(tiny_models_dir: Path) -> None:
+    # torch._dynamo costs ~1.5 s of start-up; random init of a module built on the meta device would import it.
+    code = (
+        "import sys\n"
+        "from musetalk.config import load_config\n"
+        "from musetalk.models import load_models\n"
+        f"load_models(load_config(overrides=['models.dir={tiny_models_dir}', 'runtime.device=cpu']))\n"
+        "print(sorted({m for m in sys.modules} & {'diffusers', 'transformers', 'torch._dynamo'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -144,7 +144,10 @@ class WhisperEncoder(nn.Module):
         dim = config.d_model
         self.conv1 = nn.Conv1d(config.num_mel_bins, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(config.max_source_positions, dim)
+        # Given an (uninitialised) weight, nn.Embedding skips its random init: on the meta device that init
+        # would import torch._dynamo (~1.5 s of start-up) only to be overwritten by the checkpoint.
+        table = torch.empty(config.max_source_positions, dim)  # (P, C)
+        self.embed_positions = nn.Embedding(config.max_source_positions, dim, _weight=table)
         self.embed_positions.requires_grad_(False)
         self.layers = nn.ModuleList(
             [
