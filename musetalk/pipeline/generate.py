@@ -351,11 +351,7 @@ class MuseTalkFaces:
             cache_dir = project_path(cfg.runtime.compile_cache_dir)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
             os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir / "triton"))
-            # One specialised graph per batch size (a handful), no dynamic shapes.
-            if cfg.runtime.compile_modules in ("unet", "both"):
-                self._fast_denoise = torch.compile(self.denoise, dynamic=False)  # type: ignore[assignment]
-            if cfg.runtime.compile_modules in ("vae", "both"):
-                self._fast_decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
+        self._compile_modules = cfg.runtime.compile_modules  # wrapped in accelerate(): see _wrap_compiled
         self._graphs: dict[int, _Graphs] = {}  # replaced whole per shape, read without a lock (atomic)
         self.batch_ms: dict[int, float] = {}  # measured GPU time of one batch per accelerated shape
         self._state: dict[int, str] = {size: "eager" for size in self.batch_shapes} if cuda else {}
@@ -434,22 +430,33 @@ class MuseTalkFaces:
                 if size not in self._graphs:
                     self._accelerate_shape(size, compiled=False)
         if self.compiles:
+            self._wrap_compiled()
             for size in self.batch_shapes:
                 self._accelerate_shape(size, compiled=True)
 
+    def _wrap_compiled(self) -> None:
+        """The torch.compile wrappers, made here (in the background) rather than at construction: the first
+        torch.compile call imports torch._dynamo and inductor, seconds that would delay serving."""
+        # One specialised graph per batch size (a handful), no dynamic shapes.
+        if self._compile_modules in ("unet", "both") and self._fast_denoise is self.denoise:
+            self._fast_denoise = torch.compile(self.denoise, dynamic=False)  # type: ignore[assignment]
+        if self._compile_modules in ("vae", "both") and self._fast_decode is self.decode:
+            self._fast_decode = torch.compile(self.decode, dynamic=False)  # type: ignore[assignment]
+
     @torch.inference_mode()
-    def warm_audio(self) -> None:
-        """Run the audio path once (its kernels and handles load on the calling thread); on CUDA once per
-        Whisper batch shape, so that utterances arriving together never wait for cuDNN to autotune."""
+    def warm_audio(self, shapes: Sequence[int] = WHISPER_BATCH_SHAPES) -> None:
+        """Run the audio path once per Whisper batch size in `shapes` (its kernels and handles load on the
+        calling thread; on CUDA, cuDNN autotunes each size once, so no utterance ever waits for that)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         silence = np.zeros(16000, np.float32)
+        encoder, extractor, _ = self._audio_models()
         with self._exclusive:
             audio_tokens(silence, self.spec, *self._audio_models())
-            if self.device.type == "cuda":
-                encoder, extractor, _ = self._audio_models()
-                for size in WHISPER_BATCH_SHAPES[1:]:
+            for size in shapes if self.device.type == "cuda" else ():
+                if size > 1:
                     whisper_hidden_states_many([silence] * size, encoder, extractor)
+            if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
     def warmup(self) -> None:

@@ -142,7 +142,8 @@ class EngineRenderer:
         source = self.engine.source
         if isinstance(source, MuseTalkFaces):
             t0 = time.perf_counter()
-            self.engine.on_gpu_thread(source.warm_audio)
+            # Before serving: the audio path at one window; the other Whisper batch sizes warm in the background.
+            self.engine.on_gpu_thread(lambda: source.warm_audio(shapes=(1,)))
             log.info("audio path warmed in %.0f ms", (time.perf_counter() - t0) * 1000)
             if self.cfg.runtime.background_accelerate:
                 self._accelerator = threading.Thread(target=self._accelerate, name="musetalk-accelerate", daemon=True)
@@ -153,6 +154,7 @@ class EngineRenderer:
                     self.ready = True
                     return
             else:
+                self.engine.on_gpu_thread(source.warm_audio)
                 self.engine.on_gpu_thread(source.accelerate)
                 self._gen_fps = _full_batch_fps(source)
         self._warm_clip()
@@ -184,6 +186,7 @@ class EngineRenderer:
         source = self.engine.source
         assert isinstance(source, MuseTalkFaces)
         try:
+            source.warm_audio()
             source.accelerate()
             self._gen_fps = _full_batch_fps(source)
             log.info("all batch shapes accelerated: %s", source.accelerated())
