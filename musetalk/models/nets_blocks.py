@@ -47,6 +47,14 @@ def positive_int(source: str, config: Mapping[str, Any], key: str, default: int)
     return value
 
 
+def positive_float(source: str, config: Mapping[str, Any], key: str, default: float) -> float:
+    """config[key] (or `default` when absent) as a positive number, else WeightsInvalid."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise WeightsInvalid(f"{source}: {key}={value!r} must be a positive number")
+    return float(value)
+
+
 def int_list(source: str, config: Mapping[str, Any], key: str, default: tuple[int, ...]) -> tuple[int, ...]:
     """config[key] (or `default`) as a non-empty tuple of positive ints, else WeightsInvalid."""
     value = config.get(key, default)

@@ -30,6 +30,7 @@ from musetalk.models.nets_blocks import (
     check_config,
     check_divisible,
     int_list,
+    positive_float,
     positive_int,
 )
 
@@ -121,9 +122,6 @@ def unet_spec(config: Mapping[str, Any], source: str = "UNet config") -> UNetSpe
             f"{source}: down_block_types={down} / up_block_types={up} are not supported; with {n} "
             f"block_out_channels the native UNet computes {want_down} / {want_up} (at least 2 blocks)"
         )
-    eps = config.get("norm_eps", d.norm_eps)
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or eps <= 0:
-        raise WeightsInvalid(f"{source}: norm_eps={eps!r} must be a positive number")
     spec = UNetSpec(
         in_channels=positive_int(source, config, "in_channels", d.in_channels),
         out_channels=positive_int(source, config, "out_channels", d.out_channels),
@@ -132,7 +130,7 @@ def unet_spec(config: Mapping[str, Any], source: str = "UNet config") -> UNetSpe
         cross_attention_dim=positive_int(source, config, "cross_attention_dim", d.cross_attention_dim),
         attention_heads=positive_int(source, config, "attention_head_dim", d.attention_heads),
         norm_num_groups=positive_int(source, config, "norm_num_groups", d.norm_num_groups),
-        norm_eps=float(eps),
+        norm_eps=positive_float(source, config, "norm_eps", d.norm_eps),
     )
     for width in spec.block_out_channels:
         check_divisible(source, "norm_num_groups", width, spec.norm_num_groups)

@@ -25,6 +25,7 @@ from musetalk.models.nets_blocks import (
     check_config,
     check_divisible,
     int_list,
+    positive_float,
     positive_int,
 )
 
@@ -82,9 +83,6 @@ def vae_spec(config: Mapping[str, Any], source: str = "VAE config") -> VAESpec:
             f"{source}: down_block_types={down} / up_block_types={up} are not supported; the native VAE computes "
             f"{len(channels)} × {DOWN_BLOCK} / {UP_BLOCK} (one per block_out_channels entry)"
         )
-    scale = config.get("scaling_factor", d.scaling_factor)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
-        raise WeightsInvalid(f"{source}: scaling_factor={scale!r} must be a positive number")
     spec = VAESpec(
         in_channels=positive_int(source, config, "in_channels", d.in_channels),
         out_channels=positive_int(source, config, "out_channels", d.out_channels),
@@ -92,7 +90,7 @@ def vae_spec(config: Mapping[str, Any], source: str = "VAE config") -> VAESpec:
         layers_per_block=positive_int(source, config, "layers_per_block", d.layers_per_block),
         latent_channels=positive_int(source, config, "latent_channels", d.latent_channels),
         norm_num_groups=positive_int(source, config, "norm_num_groups", d.norm_num_groups),
-        scaling_factor=float(scale),
+        scaling_factor=positive_float(source, config, "scaling_factor", d.scaling_factor),
     )
     for width in spec.block_out_channels:
         check_divisible(source, "norm_num_groups", width, spec.norm_num_groups)
