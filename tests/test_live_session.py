@@ -23,8 +23,12 @@ def _voice(seconds: float) -> Audio:
 
 
 def _watch(live: LiveSession, ticks: list[Tick]) -> asyncio.Task[None]:
-    """A viewer of `live` whose video ticks are appended to `ticks` until the task is cancelled."""
+    """A viewer of `live` whose video ticks are appended to `ticks` until the task is cancelled.
+
+    Its video queue is unbounded: a real viewer that lags loses its oldest ticks (by design), and on a
+    loaded machine the clock may put several ticks before this task runs — the tests count every tick."""
     viewer = live.add_viewer()
+    viewer.video = asyncio.Queue()
 
     async def watch() -> None:
         while True:

@@ -234,18 +234,25 @@ class Viewer:
         self.audio: asyncio.Queue[Tick] = asyncio.Queue(AUDIO_BACKLOG_TICKS)
 
     def drop_speech(self) -> None:
-        """An interrupt: queued frames of an utterance are dropped and its queued audio becomes silence
-        (kept, so the audio timeline stays whole)."""
-        for q, silence in ((self.video, False), (self.audio, True)):
-            kept = []
-            while not q.empty():
-                tick = q.get_nowait()
-                if tick.utterance is None:
-                    kept.append(tick)
-                elif silence:
-                    kept.append(replace(tick, pcm=np.zeros_like(tick.pcm), utterance=None))
-            for tick in kept:
-                q.put_nowait(tick)
+        """An interrupt: queued speech that is not in the record stops at once for this viewer.
+
+        Ticks still queued for the video track were taken by the clock, so they are in the session's record:
+        they keep their frame and audio (at most SUBSCRIBER_TICKS, 160 ms at 25 fps), so the viewer sees
+        exactly what the record holds. Queued audio of older ticks (a viewer whose audio lags behind its
+        video) becomes silence, kept so that the audio timeline stays whole."""
+        video: list[Tick] = []
+        while not self.video.empty():
+            video.append(self.video.get_nowait())
+        for tick in video:
+            self.video.put_nowait(tick)
+        shown = {tick.index for tick in video}
+        audio: list[Tick] = []
+        while not self.audio.empty():
+            tick = self.audio.get_nowait()
+            silent = tick.utterance is not None and tick.index not in shown
+            audio.append(replace(tick, pcm=np.zeros_like(tick.pcm), utterance=None) if silent else tick)
+        for tick in audio:
+            self.audio.put_nowait(tick)
 
     def put(self, tick: Tick) -> None:
         """Queue a tick; a viewer that lags drops its oldest ticks instead of holding up the others."""
