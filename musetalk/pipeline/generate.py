@@ -450,13 +450,13 @@ class MuseTalkFaces:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         silence = np.zeros(16000, np.float32)
-        encoder, extractor, _ = self._audio_models()
+        encoder, extractor, pe = self._audio_models()
         with self._exclusive:
-            audio_tokens(silence, self.spec, *self._audio_models())
-            for size in shapes if self.device.type == "cuda" else ():
-                if size > 1:
-                    whisper_hidden_states_many([silence] * size, encoder, extractor)
+            audio_tokens(silence, self.spec, encoder, extractor, pe)  # the whole path, at one window
             if self.device.type == "cuda":
+                for size in shapes:
+                    if size > 1:  # the encoder alone at the other batch sizes
+                        whisper_hidden_states_many([silence] * size, encoder, extractor)
                 torch.cuda.synchronize(self.device)
 
     def warmup(self) -> None:
