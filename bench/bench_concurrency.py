@@ -112,9 +112,12 @@ def free_port() -> int:
 class Sampler:
     """Samples GPU utilisation (nvidia-smi) and whole-machine CPU use (/proc/stat) in the background."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
+        """pid: also sample this process's CPU use (in cores: 1.0 = one core busy)."""
         self.gpu: list[float] = []
         self.cpu: list[float] = []
+        self.pid = pid
+        self.proc_cores: list[float] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._cpu, daemon=True)]
         self._smi: subprocess.Popen[str] | None = None
@@ -142,12 +145,27 @@ class Sampler:
             fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
             return sum(fields), fields[3] + fields[4]  # total, idle + iowait
 
+        def ticks_of_pid() -> int | None:
+            if self.pid is None:
+                return None
+            try:  # utime + stime (fields 14, 15), after the ")" that ends the command name
+                fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return None
+            return int(fields[11]) + int(fields[12])
+
+        hz = os.sysconf("SC_CLK_TCK")
         total0, idle0 = read()
+        proc0, t0 = ticks_of_pid(), time.monotonic()
         while not self._stop.wait(0.5):
             total1, idle1 = read()
             if total1 > total0:
                 self.cpu.append(100.0 * (1 - (idle1 - idle0) / (total1 - total0)))
             total0, idle0 = total1, idle1
+            proc1, t1 = ticks_of_pid(), time.monotonic()
+            if proc0 is not None and proc1 is not None:
+                self.proc_cores.append((proc1 - proc0) / hz / (t1 - t0))
+            proc0, t0 = proc1, t1
 
     def stop(self) -> dict[str, float | None]:
         """Mean GPU and CPU use (%) while it ran."""
@@ -157,6 +175,7 @@ class Sampler:
         return {
             "gpu_util_pct": statistics.mean(self.gpu) if self.gpu else None,
             "cpu_util_pct": statistics.mean(self.cpu) if self.cpu else None,
+            **({"server_cpu_cores": statistics.mean(self.proc_cores)} if self.proc_cores else {}),
         }
 
 

@@ -43,6 +43,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,9 @@ async def _session(
     wav, long_wav = speech_wav(args.audio_s, seed), speech_wav(6.0, seed)
     # No keep-alive: the server closes idle connections after server.keep_alive_s, racing a reused one.
     no_reuse = httpx.Limits(max_keepalive_connections=0)
+    lags: list[float] = []  # this viewer's own event-loop lag (ms): a busy viewer receives late, whatever the server
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    lag_task = asyncio.create_task(_loop_lag(lags))
     async with LiveViewer(url, sid, reduce_frame=meter, frame_width_px=width_px) as viewer, httpx.AsyncClient(
         timeout=120, limits=no_reuse
     ) as client:
@@ -220,7 +225,19 @@ async def _session(
                 "answer_ms": (t_answer - t_int) * 1000,
             })  # fmt: skip
             await asyncio.sleep(args.gap_s)
+    lag_task.cancel()
+    out["viewer_loop_lag_ms"] = {"p95": pct(lags, 0.95), "max": max(lags, default=None)}
+    out["viewer_cpu_cores"] = (time.process_time() - cpu0) / (time.monotonic() - wall0)
     return out
+
+
+async def _loop_lag(lags: list[float], period_s: float = 0.02) -> None:
+    """Note how late each short sleep of this event loop wakes up (ms), until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(period_s)
+        lags.append((loop.time() - t - period_s) * 1000)
 
 
 def _bursts_wav() -> bytes:
@@ -255,6 +272,23 @@ def _worker(
     Path(out_path).write_text(json.dumps(result))
 
 
+def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) -> None:
+    """Every second, the server's stream and scheduler figures from /health (each covers the last 10 s)."""
+    while not stop.wait(1.0):
+        try:
+            health = server.health()
+        except httpx.HTTPError:
+            continue
+        lateness = health.get("scheduler", {}).get("lateness_p95_ms")
+        out.append({**health.get("live", {}), "scheduler_lateness_p95_ms": lateness})
+
+
+def _worst(polled: list[dict[str, Any]]) -> dict[str, float]:
+    """The largest value each /health figure took during the run."""
+    keys = {k for row in polled for k, v in row.items() if isinstance(v, (int, float))}
+    return {k: max(row[k] for row in polled if isinstance(row.get(k), (int, float))) for k in sorted(keys)}
+
+
 def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     utts = [u for s in sessions for u in s["utterances"] if "error" not in u]
 
@@ -279,6 +313,9 @@ def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
         "speaking_jitter_ms": statistics.mean(col("speaking_jitter_ms")) if col("speaking_jitter_ms") else None,
         "interrupt_to_silence_ms": {**p(silence), "max": max(silence, default=None)},
         "errors": sum(1 for s in sessions for u in s["utterances"] if "error" in u),
+        "viewer_loop_lag_p95_ms": max((s["viewer_loop_lag_ms"]["p95"] or 0.0) for s in sessions),
+        "viewer_loop_lag_max_ms": max((s["viewer_loop_lag_ms"]["max"] or 0.0) for s in sessions),
+        "viewer_cpu_cores": statistics.mean(s["viewer_cpu_cores"] for s in sessions),
     }
 
 
@@ -358,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             httpx.post(f"{server.url}/speak_audio", files=warm, data={"session_id": "warm"}, timeout=300)
             cfg_overrides = [o for o in overrides if not o.startswith("server.")]
             meter = _meter(args, avatar_pickle, cfg_overrides, args.view_width)
-            sampler = Sampler()
+            sampler = Sampler(server.proc.pid)
+            polled: list[dict[str, Any]] = []
+            stop_polling = threading.Event()
+            poller = threading.Thread(target=_poll_health, args=(server, polled, stop_polling), daemon=True)
+            poller.start()
             ctx = multiprocessing.get_context("spawn")
             procs = []
             for i in range(args.sessions):
@@ -379,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"a session process failed with exit code {proc.exitcode}", flush=True)
             meta.update(sampler.stop())
+            stop_polling.set()
+            poller.join()
+            meta["server_stream_figures_max"] = _worst(polled)
         finally:
             server.stop()
             log_tail = (work / "server.log").read_text()[-3000:]
@@ -415,7 +459,12 @@ def _table(meta: dict[str, Any], s: dict[str, Any]) -> str:
         f"speaking  {f(s['speaking_fps'], 1)} fps, jitter {f(s['speaking_jitter_ms'], 1)} ms",
         f"interrupt → silence             p50 {f(s['interrupt_to_silence_ms']['p50'])} ms   max "
         f"{f(s['interrupt_to_silence_ms']['max'])} ms",
-        f"errors {s['errors']}  cpu {f(meta.get('cpu_util_pct'))}%  gpu {f(meta.get('gpu_util_pct'))}%",
+        f"errors {s['errors']}  cpu {f(meta.get('cpu_util_pct'))}%  gpu {f(meta.get('gpu_util_pct'))}%  "
+        f"server {f(meta.get('server_cpu_cores'), 1)} cores, each viewer {f(s['viewer_cpu_cores'], 2)} cores",
+        f"viewers' own loop lag (worst session) p95 {f(s['viewer_loop_lag_p95_ms'])} ms, max "
+        f"{f(s['viewer_loop_lag_max_ms'])} ms",
+        "server /health, worst over the run: "
+        + ", ".join(f"{k} {f(v, 1)}" for k, v in meta.get("server_stream_figures_max", {}).items()),
     ]
     return "\n".join(rows)
 

@@ -112,12 +112,17 @@ def _audio_on_server_clock(r: Received) -> list[tuple[float, float]]:
 
 @pytest.mark.slow
 def test_idle_stream_has_both_tracks_at_fps_and_keeps_moving(live: Live) -> None:
-    async def watch() -> Received:
+    async def watch() -> tuple[Received, dict[str, float]]:
         async with LiveViewer(live.url, "idle", reduce_frame=live.meter) as viewer:
             await asyncio.sleep(4.0)
-            return viewer.received
+            async with httpx.AsyncClient() as client:
+                figures = (await client.get(f"{live.url}/health")).json()["live"]
+            return viewer.received, figures
 
-    r = asyncio.run(watch())
+    r, figures = asyncio.run(watch())
+    # /health's stream figures: one stream, one viewer, and an idle stream that keeps up with its clock.
+    assert figures["sessions"] == 1 and figures["viewers"] == 1
+    assert all(0 <= figures[k] < 1000 for k in ("tick_late_p95_ms", "video_age_p95_ms", "audio_late_p95_ms"))
     fps = live.cfg.fps
     arrivals = [t for t, _, _ in r.video]
     last_2s = [t for t in arrivals if t > arrivals[-1] - 2.0]
@@ -270,6 +275,12 @@ VIEWER_SCRIPT = textwrap.dedent(
 )
 
 
+def _viewers(url: str) -> tuple[int, int]:
+    """(sessions with a live stream, viewers) from /health."""
+    figures = httpx.get(f"{url}/health").json()["live"]
+    return figures["sessions"], figures["viewers"]
+
+
 @pytest.mark.slow
 def test_a_viewer_that_vanishes_without_closing_is_dropped(live: Live) -> None:
     proc = subprocess.Popen(
@@ -278,11 +289,11 @@ def test_a_viewer_that_vanishes_without_closing_is_dropped(live: Live) -> None:
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"connected"
-        assert httpx.get(f"{live.url}/health").json()["live"] == {"sessions": 1, "viewers": 1}
+        assert _viewers(live.url) == (1, 1)
         os.kill(proc.pid, signal.SIGKILL)  # no BYE, no DTLS close: the viewer just disappears
         proc.wait()
         t0 = time.monotonic()
-        wait_for(lambda: httpx.get(f"{live.url}/health").json()["live"] == {"sessions": 0, "viewers": 0}, 15.0, 0.2)
+        wait_for(lambda: _viewers(live.url) == (0, 0), 15.0, 0.2)
         assert time.monotonic() - t0 < live.cfg.server.webrtc.viewer_timeout_s + 3
     finally:
         if proc.poll() is None:
@@ -311,7 +322,8 @@ def test_a_bad_offer_is_400_with_a_json_error(api: tuple[TestClient, Path]) -> N
     evil = {"Origin": "https://evil.example"}
     assert client.post("/sessions/s1/offer", json={"sdp": "v=0", "type": "offer"}, headers=evil).status_code == 403
     assert client.post("/sessions/s1/interrupt", headers=evil).status_code == 403
-    assert client.get("/health").json()["live"] == {"sessions": 0, "viewers": 0}
+    figures = client.get("/health").json()["live"]
+    assert (figures["sessions"], figures["viewers"]) == (0, 0)
 
 
 def test_wait_false_is_202_with_the_clip_index_and_the_clip_lands_there(api: tuple[TestClient, Path]) -> None:

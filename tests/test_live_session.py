@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from musetalk.render.preview import PreviewFaces
 from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, scale_i420, stream_size, to_i420
 from musetalk.types import Audio
 from musetalk.utils.ffmpeg import probe
+from musetalk.utils.recent import RecentValues, quantile
 
 
 def _voice(seconds: float) -> Audio:
@@ -131,3 +133,34 @@ def test_a_capped_stream_shows_smaller_frames_while_the_record_keeps_the_avatars
     assert any(t.utterance == 1 for t in ticks) and any(t.utterance is None for t in ticks)
     info = probe(tmp_path / "c.mp4")
     assert (info.height, info.width) == (height - height % 2, width - width % 2)
+
+
+def test_a_blocked_event_loop_shows_in_the_clocks_lateness(prepared_avatar: tuple[AppConfig, PrepResult]) -> None:
+    cfg, _ = prepared_avatar
+    cache = load_avatar(cfg, cfg.avatar_id)
+
+    async def run() -> tuple[float, float]:
+        live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, 10, 2)
+        ticks: list[Tick] = []
+        watcher = _watch(live, ticks)
+        await asyncio.sleep(0.5)
+        before = live.late_ms.quantile(1.0)
+        time.sleep(0.15)  # blocks the loop (and so the clock) for almost four ticks
+        await asyncio.sleep(0.2)
+        after = live.late_ms.quantile(1.0)
+        watcher.cancel()
+        live.close()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert after >= 100 and after > before
+
+
+def test_recent_values_forget_what_is_older_than_their_window() -> None:
+    recent = RecentValues(10.0)
+    for t, value in enumerate([5.0, 1.0, 3.0, 2.0, 4.0]):
+        recent.add(value, now=float(t))
+    assert recent.quantile(0.5, now=4.0) == 3.0 and recent.quantile(1.0, now=4.0) == 5.0
+    assert recent.values(now=12.5) == [2.0, 4.0] and recent.oldest_s == 3.0
+    assert recent.quantile(0.95, now=100.0) == 0.0 and recent.oldest_s is None
+    assert quantile([], 0.5) == 0.0 and quantile([7.0], 0.01) == 7.0

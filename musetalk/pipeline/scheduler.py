@@ -20,7 +20,6 @@ a batch (e.g. GPU out of memory) fails only the utterances that had frames in it
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from musetalk.avatar.cache import AvatarCache
 from musetalk.errors import GpuOutOfMemory
 from musetalk.pipeline.generate import BatchPreparer, FaceRequest, FaceSource, PendingFaces, Phonemes, PrepareItem
 from musetalk.utils.gpu import is_out_of_memory, release_cached_memory
+from musetalk.utils.recent import RecentValues
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,8 +157,8 @@ class FrameScheduler:
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stopping = False
         self._next_uid = 0
-        self._delivered: deque[tuple[float, int]] = deque()  # (time, frames) of recent batches
-        self._lateness: deque[tuple[float, float]] = deque()  # (time, ms behind deadline) of recent faces
+        self._delivered = RecentValues(STATS_WINDOW_S)  # frames of each recent batch
+        self._lateness = RecentValues(STATS_WINDOW_S)  # ms behind deadline of each recent face
         # Where the GPU thread's time went since start (s): tells a host-bound server from a GPU-bound one.
         self._thread_s = dict.fromkeys(("idle", "calls", "prepare", "launch", "collect"), 0.0)
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
@@ -234,24 +234,17 @@ class FrameScheduler:
         """Live utterances, frames/s and p95 lateness over the last STATS_WINDOW_S, full-batch capacity."""
         now = time.perf_counter()
         with self._cv:
-            self._prune(now)
-            frames = sum(n for _, n in self._delivered)
-            late = sorted(ms for _, ms in self._lateness)
+            frames = sum(self._delivered.values(now))
+            oldest = self._delivered.oldest_s
+            p95 = self._lateness.quantile(0.95, now)
             live = sum(1 for u in self._active if not u.finished) + len(self._inbox)
-        window = min(STATS_WINDOW_S, max(now - self._delivered[0][0], 1e-3)) if self._delivered else STATS_WINDOW_S
-        p95 = late[min(len(late) - 1, math.ceil(0.95 * len(late)) - 1)] if late else 0.0
+        window = min(STATS_WINDOW_S, max(now - oldest, 1e-3)) if oldest is not None else STATS_WINDOW_S
         return {
             "live_utterances": live,
             "frames_per_s": frames / window if frames else 0.0,
             "lateness_p95_ms": max(p95, 0.0),
             "thread_s": {k: round(v, 3) for k, v in self._thread_s.items()},
         }
-
-    def _prune(self, now: float) -> None:
-        while self._delivered and now - self._delivered[0][0] > STATS_WINDOW_S:
-            self._delivered.popleft()
-        while self._lateness and now - self._lateness[0][0] > STATS_WINDOW_S:
-            self._lateness.popleft()
 
     # ---- the GPU thread -----------------------------------------------------------------------------
 
@@ -431,9 +424,8 @@ class FrameScheduler:
                 u._faces.append(face)
                 u.delivered += 1
                 u.t_last_face = now
-                self._lateness.append((now, (mono - float(u.due_s[k])) * 1000))
-            self._delivered.append((now, len(batch.items)))
-            self._prune(now)
+                self._lateness.add((mono - float(u.due_s[k])) * 1000, now)
+            self._delivered.add(len(batch.items), now)
             self._cv.notify_all()
 
     def _fail(self, items: Sequence[tuple[Utterance, int]], exc: BaseException) -> None:

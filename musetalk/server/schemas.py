@@ -110,7 +110,8 @@ class HealthResponse(BaseModel):
     # live_utterances, frames_per_s and lateness_p95_ms over the last 10 s, and how each batch shape runs
     # ("eager", "graphs", "compiled+graphs", ...)
     scheduler: dict[str, Any] = Field(default_factory=dict)
-    live: dict[str, int] = Field(default_factory=dict)  # sessions with a live stream, and their viewers
+    # sessions with a live stream, their viewers, and the streams' p95 lateness figures (ms, last 10 s)
+    live: dict[str, int | float] = Field(default_factory=dict)
 
 
 class ErrorResponse(BaseModel):

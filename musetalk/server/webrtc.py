@@ -40,6 +40,7 @@ from musetalk.config import AppConfig, WebRTCConfig
 from musetalk.errors import BadOffer, Busy, LiveUnavailable
 from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, Viewer
 from musetalk.utils.logs import kv
+from musetalk.utils.recent import quantile
 from musetalk.utils.yuv import i420_video_frame
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class LiveVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.VideoFrame:
         """The next tick's frame, stamped with its place on the stream's timeline."""
         tick = await self._viewer.video.get()
+        self._viewer.video_age_ms.add((asyncio.get_running_loop().time() - tick.t_loop_s) * 1000)
         self._on_tick(tick)
         frame = i420_video_frame(tick.frame)  # copies without holding the GIL (many viewers, one process)
         frame.pts = round(tick.index * VIDEO_CLOCK_HZ / self._fps)
@@ -159,6 +161,7 @@ class LiveAudioTrack(MediaStreamTrack):
             else:
                 self._pending[0] = (samples[n:], t + n / AUDIO_RATE_HZ)
         delay = due - asyncio.get_running_loop().time()
+        self._viewer.audio_late_ms.add(max(0.0, -delay) * 1000)
         if delay > 0:
             await asyncio.sleep(delay)
         frame = av.AudioFrame.from_ndarray(out[np.newaxis, :], format="s16", layout="mono")
@@ -222,9 +225,19 @@ class LiveHub:
         """The session's stream if anyone is watching it."""
         return self._sessions.get(session_id)
 
-    def stats(self) -> dict[str, int]:
-        """Sessions with a live stream and their viewers, for /health."""
-        return {"sessions": len(self._sessions), "viewers": sum(len(p) for p in self._peers.values())}
+    def stats(self) -> dict[str, float]:
+        """For /health: sessions with a live stream, their viewers, and over the last 10 s the p95 of how late
+        the streams' ticks went on air, how old a tick's frame was when taken for encoding, and how late
+        audio packets were sent (all ms; these grow when the host's CPU cannot keep up)."""
+        streams = list(self._sessions.values())
+        viewers = [v for live in streams for v in live.viewers]
+        return {
+            "sessions": len(streams),
+            "viewers": sum(len(p) for p in self._peers.values()),
+            "tick_late_p95_ms": round(quantile((x for s in streams for x in s.late_ms.values()), 0.95), 1),
+            "video_age_p95_ms": round(quantile((x for v in viewers for x in v.video_age_ms.values()), 0.95), 1),
+            "audio_late_p95_ms": round(quantile((x for v in viewers for x in v.audio_late_ms.values()), 0.95), 1),
+        }
 
     async def offer(self, session_id: str, sdp: str, kind: str) -> RTCSessionDescription:
         """A new viewer of `session_id` from its SDP offer; returns the answer (all ICE candidates inside)."""

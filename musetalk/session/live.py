@@ -28,6 +28,7 @@ from musetalk.avatar.cache import FrameStore, cycle_index
 from musetalk.errors import Interrupted
 from musetalk.pipeline.encode import fit_audio
 from musetalk.pipeline.engine import FrameStream
+from musetalk.utils.recent import RecentValues
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ AUDIO_RATE_HZ = 48_000  # WebRTC's Opus clock
 LATE_RESYNC_S = 0.2  # a clock this late (the loop was blocked) restarts from now instead of bursting frames
 SUBSCRIBER_TICKS = 4  # video frames a viewer may fall behind before its oldest are dropped (bounds its latency)
 AUDIO_BACKLOG_TICKS = 250  # audio a viewer may fall behind (10 s at 25 fps) before its oldest is dropped
+STATS_WINDOW_S = 10.0  # the stream figures in /health cover this much recent time
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,10 @@ class Viewer:
     def __init__(self) -> None:
         self.video: asyncio.Queue[Tick] = asyncio.Queue(SUBSCRIBER_TICKS)
         self.audio: asyncio.Queue[Tick] = asyncio.Queue(AUDIO_BACKLOG_TICKS)
+        # Noted by the tracks that send it: ms from a tick going on air to its video frame being taken for
+        # encoding, and ms its audio packets were sent after their time (a sender that cannot keep up).
+        self.video_age_ms = RecentValues(STATS_WINDOW_S)
+        self.audio_late_ms = RecentValues(STATS_WINDOW_S)
 
     def drop_speech(self) -> None:
         """An interrupt: queued speech that is not in the record stops at once for this viewer.
@@ -293,6 +299,7 @@ class LiveSession:
         self._last_frame: NDArray[np.uint8] | None = None
         self._clock: asyncio.Task[None] | None = None
         self.ticks = 0
+        self.late_ms = RecentValues(STATS_WINDOW_S)  # how late each tick went on air (a busy event loop)
 
     @property
     def n_source_frames(self) -> int:
@@ -394,6 +401,7 @@ class LiveSession:
                     await asyncio.sleep(due - now)
                 elif now - due > LATE_RESYNC_S:
                     t0 = now - k / self.fps
+                self.late_ms.add(max(0.0, loop.time() - due) * 1000)
                 frame, pcm, utterance_id = self._next()
                 if frame is None:
                     frame = await asyncio.to_thread(self._idle_frame, self.idle_cursor)
