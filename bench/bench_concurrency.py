@@ -442,6 +442,7 @@ def run_meta(device: str, /, **extra: Any) -> dict[str, Any]:
     return meta
 
 
+STARTUP_RUNS = ("graphs", "compile-cold", "compile-warm")  # --startup: in this order
 STARTUP_MARKS = (
     " ready ", "renderer built", "bench renderer:", "audio path warmed", "warm-up clip rendered", "shapes accelerated"
 )
@@ -475,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial-max-n", type=int, default=16, help="skip larger N for the (slow) serial baseline")
     parser.add_argument("--serial-heights", type=int, nargs="*", default=None, help="heights that get a baseline")
     parser.add_argument("--staggered", action="store_true", help="also arrivals spread over 5 s (batched)")
-    parser.add_argument("--startup", action="store_true", help="also measure start-up: graphs only, compile cold/warm")
+    parser.add_argument("--startup", nargs="*", choices=STARTUP_RUNS, default=None,
+                        help="also measure start-up: these runs (all three when none is named; compile-cold empties "
+                        "the compile cache first)")  # fmt: skip
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--preset", default="veryfast")
     parser.add_argument("--avatar-frames", type=int, default=50)
@@ -495,6 +498,18 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"meta": meta, "configs": [], "startup": []}
     with tempfile.TemporaryDirectory(prefix="bench-conc-") as tmp:
         work = Path(tmp)
+        if args.startup is not None and args.device == "cuda":
+            for tag in args.startup or STARTUP_RUNS:
+                compile_ = tag != "graphs"
+                if tag == "compile-cold":
+                    shutil.rmtree(ROOT / ".cache" / "torch-compile", ignore_errors=True)
+                try:
+                    result["startup"].append(startup_only(args, models_dir, compile_, work, tag))
+                except Exception as exc:
+                    print(f"start-up {tag}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}", flush=True)
+                    result["startup"].append({"tag": tag, "error": str(exc)[-4000:]})
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1))
         for height in args.heights:
             for mode in args.modes:
                 if mode == "serial" and args.serial_heights is not None and height not in args.serial_heights:
@@ -506,15 +521,6 @@ def main(argv: list[str] | None = None) -> int:
                     result["configs"].append({"height": height, "mode": mode, "error": str(exc)[-4000:]})
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(result, indent=1))
-        if args.startup and args.device == "cuda":
-            cache = ROOT / ".cache" / "torch-compile"
-            shutil.rmtree(cache, ignore_errors=True)  # a cold compile first, then warm
-            for compile_, tag in ((False, "graphs"), (True, "compile-cold"), (True, "compile-warm")):
-                try:
-                    result["startup"].append(startup_only(args, models_dir, compile_, work, tag))
-                except Exception as exc:
-                    print(f"start-up {tag}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}", flush=True)
-                    result["startup"].append({"tag": tag, "error": str(exc)[-4000:]})
         logs = sorted(work.glob("server-*.log"))
         result["server_log_tails"] = {p.name: p.read_text()[-3000:] for p in logs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
