@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="veryfast")
     parser.add_argument("--models", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], help="extra server overrides key=value")
+    parser.add_argument("--profile-s", type=float, default=None,
+                        help="py-spy the server (GIL holders, then all threads; 5 s each) this long after the viewers "
+                        "start; written beside --out")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_live.json")
     args = parser.parse_args(argv)
 
@@ -412,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append((proc, path))
             sessions = []
             print(f"{args.sessions} viewer processes started", flush=True)
+            if args.profile_s is not None:
+                spy_at = threading.Timer(
+                    args.profile_s, lambda: server.profile(args.out.parent / f"{args.out.stem}-pyspy", seconds=5)
+                )
+                spy_at.start()
             for proc, path in procs:
                 proc.join()
                 if proc.exitcode == 0:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -33,6 +34,8 @@ from musetalk.avatar import PrepResult, load_avatar
 from musetalk.config import PROJECT_ROOT, AppConfig, with_overrides
 from musetalk.server.app import create_app
 from musetalk.server.viewer import LiveViewer, MouthMeter, Received, rms
+from musetalk.server.webrtc import AUDIO_MAX_LATE_S, AUDIO_PACKET_SAMPLES, LiveAudioTrack
+from musetalk.session.live import AUDIO_RATE_HZ, Tick, Viewer
 from musetalk.utils.ffmpeg import probe
 
 RATE_HZ = 16_000
@@ -353,3 +356,32 @@ def test_interrupt_without_viewers_cuts_the_render_and_drops_the_queue(api: tupl
     # The interrupted render kept the frames it had encoded (or none); the queued request never rendered.
     lines = (results / "sessions" / "cut" / "concat_list.txt").read_text().splitlines()
     assert len(lines) == r.json()["clip_index"] + 1 <= 2
+
+
+def test_audio_too_late_to_send_is_skipped_and_the_rest_keeps_its_place_on_the_timeline() -> None:
+    async def run() -> list[tuple[int, NDArray[np.int16]]]:
+        loop = asyncio.get_running_loop()
+        viewer = Viewer()
+        spf = AUDIO_RATE_HZ // 25
+        now = loop.time()
+        tone = (3000 * np.sin(2 * np.pi * 440 * np.arange(50 * spf) / AUDIO_RATE_HZ)).astype(np.int16)
+        for k in range(50):  # two seconds of a stream that went on air long ago (the server fell behind)
+            pcm = tone[k * spf : (k + 1) * spf]
+            viewer.audio.put_nowait(Tick(k, np.zeros((6, 4), np.uint8), pcm, now - 2.0 + k * 0.04, None))
+        track = LiveAudioTrack(viewer)
+        decoder = av.CodecContext.create("libopus", "r")
+        out = []
+        for _ in range(4):
+            packet = await track.recv()
+            assert isinstance(packet, av.Packet)
+            decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in decoder.decode(packet)])
+            out.append((int(packet.pts or 0), decoded))
+        return out
+
+    packets = asyncio.run(run())
+    positions = [pts for pts, _ in packets]
+    # Only audio due within the last AUDIO_MAX_LATE_S is sent, each packet at its own place, 20 ms apart.
+    assert positions[0] >= (50 - round(AUDIO_MAX_LATE_S * 25) - 1) * (AUDIO_RATE_HZ // 25)
+    assert all(b - a == AUDIO_PACKET_SAMPLES for a, b in zip(positions, positions[1:], strict=False))
+    assert all(len(samples) >= AUDIO_PACKET_SAMPLES for _, samples in packets)  # real 20 ms Opus packets
+    assert all(rms(samples[-480:]) > 1000 for _, samples in packets[1:])  # the tone (the first is the warm-up)

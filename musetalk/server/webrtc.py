@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_CLOCK_HZ = 90_000
 AUDIO_PACKET_SAMPLES = AUDIO_RATE_HZ // 50  # 20 ms
+AUDIO_MAX_LATE_S = 0.2  # audio this late is skipped, not sent (a server that fell behind catches up at once)
 WATCH_INTERVAL_S = 1.0
 
 _host_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
@@ -133,43 +134,99 @@ class LiveVideoTrack(MediaStreamTrack):
 
 
 class LiveAudioTrack(MediaStreamTrack):
-    """A viewer's audio: each tick's samples as 20 ms packets, each sent when its time comes."""
+    """A viewer's audio: each tick's samples as 20 ms packets, each sent when its time comes.
+
+    With `opus` (the codec the viewer chose is Opus, as every browser offers) the track encodes the packets
+    itself, on the event loop (~0.1 ms each), and hands aiortc finished packets: aiortc would otherwise send
+    every 20 ms frame through the loop's thread pool to be encoded, and on a busy server that round trip can
+    take longer than 20 ms, so the audio falls further behind for good. Each packet's timestamp is its place
+    on the stream's timeline (tick index × samples per tick), so audio that is more than AUDIO_MAX_LATE_S late
+    is skipped — a short gap, the rest stays in sync with the video — instead of being sent late."""
 
     kind = "audio"
 
-    def __init__(self, viewer: Viewer) -> None:
+    def __init__(self, viewer: Viewer, opus: bool = True) -> None:
         super().__init__()
         self._viewer = viewer
-        self._pending: list[tuple[NDArray[np.int16], float]] = []  # (samples, loop time of the first one)
-        self._pts = 0
+        # (samples, their sample position on the stream's timeline, loop time of the first one)
+        self._pending: list[tuple[NDArray[np.int16], int, float]] = []
+        self._encoder = _opus_encoder() if opus else None
+        self._positions: list[int] = []  # timeline positions of the frames inside the encoder, oldest first
+        self._pts = 0  # without opus: aiortc encodes, and its timestamps count the samples sent
 
-    async def recv(self) -> av.AudioFrame:
-        """The next 20 ms of the stream's audio, paced to the stream's clock."""
-        while sum(len(p) for p, _ in self._pending) < AUDIO_PACKET_SAMPLES:
+    async def recv(self) -> av.AudioFrame | av.Packet:
+        """The next 20 ms of the stream's audio (an Opus packet, or samples for aiortc to encode), paced to the
+        stream's clock."""
+        loop = asyncio.get_running_loop()
+        while True:
+            samples, position, due = await self._next_packet_samples()
+            late_s = loop.time() - due
+            self._viewer.audio_late_ms.add(max(0.0, late_s) * 1000)
+            if late_s > AUDIO_MAX_LATE_S and self._encoder is not None:
+                continue  # skipped: a gap in the timeline rather than everything after it late
+            if late_s < 0:
+                await asyncio.sleep(-late_s)
+            if self._encoder is None:
+                return self._frame(samples)
+            packet = self._encode(samples, position)
+            if packet is not None:
+                return packet
+
+    async def _next_packet_samples(self) -> tuple[NDArray[np.int16], int, float]:
+        """(AUDIO_PACKET_SAMPLES samples, timeline position of the first, loop time it is due)."""
+        while sum(len(p) for p, _, _ in self._pending) < AUDIO_PACKET_SAMPLES:
             tick = await self._viewer.audio.get()
-            self._pending.append((tick.pcm, tick.t_loop_s))
-        due = self._pending[0][1]
+            self._pending.append((tick.pcm, tick.index * len(tick.pcm), tick.t_loop_s))
+        _, position, due = self._pending[0]
         out = np.empty(AUDIO_PACKET_SAMPLES, np.int16)
         filled = 0
         while filled < AUDIO_PACKET_SAMPLES:
-            samples, t = self._pending[0]
+            samples, start, t = self._pending[0]
             n = min(len(samples), AUDIO_PACKET_SAMPLES - filled)
             out[filled : filled + n] = samples[:n]
             filled += n
             if n == len(samples):
                 self._pending.pop(0)
             else:
-                self._pending[0] = (samples[n:], t + n / AUDIO_RATE_HZ)
-        delay = due - asyncio.get_running_loop().time()
-        self._viewer.audio_late_ms.add(max(0.0, -delay) * 1000)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        frame = av.AudioFrame.from_ndarray(out[np.newaxis, :], format="s16", layout="mono")
+                self._pending[0] = (samples[n:], start + n, t + n / AUDIO_RATE_HZ)
+        return out, position, due
+
+    def _encode(self, samples: NDArray[np.int16], position: int) -> av.Packet | None:
+        """One Opus packet stamped with its timeline position (None while the encoder fills up)."""
+        assert self._encoder is not None
+        frame = av.AudioFrame.from_ndarray(samples[np.newaxis, :], format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE_HZ
+        frame.pts = position
+        frame.time_base = Fraction(1, AUDIO_RATE_HZ)
+        self._positions.append(position)
+        packets = self._encoder.encode(frame)
+        if not packets:
+            return None
+        packet = packets[-1]  # libopus gives one packet per 20 ms frame
+        packet.pts = self._positions[0]
+        del self._positions[: len(packets)]
+        packet.time_base = Fraction(1, AUDIO_RATE_HZ)
+        return packet
+
+    def _frame(self, samples: NDArray[np.int16]) -> av.AudioFrame:
+        frame = av.AudioFrame.from_ndarray(samples[np.newaxis, :], format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE_HZ
         frame.pts = self._pts
         frame.time_base = Fraction(1, AUDIO_RATE_HZ)
         self._pts += AUDIO_PACKET_SAMPLES
         return frame
+
+
+def _opus_encoder() -> av.AudioCodecContext:
+    """libopus for 20 ms mono packets of speech at 48 kHz (a stereo Opus stream may carry mono packets)."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate = AUDIO_RATE_HZ
+    codec.layout = "mono"
+    codec.format = "s16"
+    codec.bit_rate = 64_000
+    codec.time_base = Fraction(1, AUDIO_RATE_HZ)
+    codec.options = {"application": "voip", "frame_duration": "20"}
+    return codec
 
 
 class _Peer:
@@ -275,7 +332,7 @@ class LiveHub:
                 if "video" in kinds:
                     pc.addTrack(LiveVideoTrack(viewer, self.cfg.fps, peer.on_tick))
                 if "audio" in kinds:
-                    pc.addTrack(LiveAudioTrack(viewer))
+                    pc.addTrack(LiveAudioTrack(viewer, opus=_sends_opus(pc)))
                 answer = await pc.createAnswer()
                 await pc.setLocalDescription(answer)
         except BaseException:
@@ -353,6 +410,15 @@ async def _silent_for_s(peer: _Peer) -> float:
     if newest is None:
         return time.monotonic() - peer.created_s
     return (datetime.datetime.now(datetime.timezone.utc) - newest).total_seconds()
+
+
+def _sends_opus(pc: RTCPeerConnection) -> bool:
+    """Whether the audio codec agreed with the viewer's offer is Opus (aiortc sends with the first common one)."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == "audio":
+            codecs = getattr(transceiver, "_codecs", [])
+            return bool(codecs) and codecs[0].mimeType.lower() == "audio/opus"
+    return False
 
 
 def lead_frames(cfg: AppConfig) -> int:

@@ -226,9 +226,9 @@ class Viewer:
     """One viewer's queues of ticks (video and audio are pulled separately by their tracks).
 
     A viewer whose video lags drops its oldest frames (video timestamps come from the tick numbers, so the
-    receiver still places every frame right). Audio is not dropped: WebRTC's Opus timestamps count the
-    samples sent, so a gap would shift the viewer's audio against its video for good; a late audio track
-    catches up by sending at once (up to AUDIO_BACKLOG_TICKS, for a viewer that stopped reading).
+    receiver still places every frame right). The audio queue is longer (AUDIO_BACKLOG_TICKS, for a viewer
+    that stopped reading): the audio track itself skips what is too late to send, stamping each packet with
+    its tick's place on the timeline (musetalk/server/webrtc.py).
     """
 
     def __init__(self) -> None:
