@@ -272,6 +272,16 @@ def _worker(
     Path(out_path).write_text(json.dumps(result))
 
 
+def _speak_lines(log_text: str) -> list[dict[str, str]]:
+    """The server's `speak` log lines (one per utterance: its stage timings), as key → value."""
+    out = []
+    for line in log_text.splitlines():
+        if " speak session=" in line:
+            fields = line.split(" speak ", 1)[1].split()
+            out.append({"time": line[:23], **dict(f.split("=", 1) for f in fields if "=" in f)})
+    return out
+
+
 def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) -> None:
     """Every second, the server's stream and scheduler figures from /health (each covers the last 10 s)."""
     while not stop.wait(1.0):
@@ -433,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
             meta["server_stream_figures_max"] = _worst(polled)
         finally:
             server.stop()
-            log_tail = (work / "server.log").read_text()[-3000:]
+            server_log = (work / "server.log").read_text()
     summary = _summary(sessions) if sessions else {}
-    result = {"meta": meta, "summary": summary, "sessions": sessions, "server_log_tail": log_tail}
+    result = {"meta": meta, "summary": summary, "sessions": sessions, "server_speaks": _speak_lines(server_log),
+              "server_log_tail": server_log[-3000:]}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     if summary:

@@ -488,6 +488,8 @@ class SpeakService:
             append=appended.timings_ms["append_total"],
             total=(t_end - request.t0) * 1000,
         )
+        if utterance is not None and utterance.t_on_air is not None:  # played on a live stream
+            timings["on_air"] = (utterance.t_on_air - request.t0) * 1000
         result = SpeakResult(
             session_id=sid,
             avatar_id=request.aid,

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -107,6 +108,7 @@ class LiveUtterance:
         self.cursor = 0  # avatar cycle position of the first frame (known once the render started)
         self.n_frames: int | None = None
         self.played = 0  # frames put on air
+        self.t_on_air: float | None = None  # time.perf_counter() when its first frame went on air
         self._frames: collections.deque[NDArray[np.uint8]] = collections.deque()
         self._pcm: NDArray[np.int16] = np.zeros(0, np.int16)
         self._cond = threading.Condition()
@@ -188,6 +190,8 @@ class LiveUtterance:
                 return None
             frame = self._frames.popleft()
             i = self.played
+            if i == 0:
+                self.t_on_air = time.perf_counter()
             self.played += 1
             self._cond.notify_all()
         spf = self.samples_per_frame
