@@ -111,8 +111,11 @@ def _intervals_ms(times: list[float]) -> tuple[float | None, float | None]:
 
 
 async def _session(
-    url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, offset_s: float = 0.0
+    url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, offset_s: float = 0.0,
+    start: Any = None,
 ) -> dict[str, Any]:
+    """One session's viewer and requests; `start` (a multiprocessing Barrier) lines the sessions up after
+    their idle phase, so that they start speaking together (then `offset_s` later)."""
     from musetalk.server.viewer import LiveViewer, rms
 
     loop = asyncio.get_running_loop()
@@ -134,6 +137,8 @@ async def _session(
         out["idle_mouth_p99"] = float(np.percentile(idle, 99))
         out["idle_fps"], out["idle_jitter_ms"] = _intervals_ms([t for t, _, _ in r.video])
         pts_per_frame = int(np.median(np.diff([pts for _, pts, _ in r.video])))  # 90 kHz / fps
+        if start is not None:  # viewer processes take seconds to start, each a different time
+            await asyncio.to_thread(start.wait, 300)
         await asyncio.sleep(offset_s)  # --stagger-s: sessions start speaking at different moments
 
         async def say(k: int, long: bool = False) -> float:
@@ -266,9 +271,10 @@ def _onsets(flags: list[tuple[float, bool]]) -> list[float]:
 
 
 def _worker(
-    url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, out_path: str, offset_s: float
+    url: str, sid: str, args: argparse.Namespace, meter: Any, width_px: int, out_path: str, offset_s: float,
+    start: Any,
 ) -> None:
-    result = asyncio.run(_session(url, sid, args, meter, width_px, offset_s))
+    result = asyncio.run(_session(url, sid, args, meter, width_px, offset_s, start))
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -415,11 +421,12 @@ def main(argv: list[str] | None = None) -> int:
             poller.start()
             ctx = multiprocessing.get_context("spawn")
             procs = []
+            start = ctx.Barrier(args.sessions)
             for i in range(args.sessions):
                 path = str(work / f"session-{i}.json")
                 offset = args.stagger_s * i / args.sessions
                 proc = ctx.Process(
-                    target=_worker, args=(server.url, f"live{i}", args, meter, args.view_width, path, offset)
+                    target=_worker, args=(server.url, f"live{i}", args, meter, args.view_width, path, offset, start)
                 )
                 proc.start()
                 procs.append((proc, path))

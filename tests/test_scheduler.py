@@ -252,3 +252,46 @@ def test_an_utterance_arriving_while_another_is_prepared_joins_its_first_batch(a
         sched.close()
     # Both went out in the very first batch, sharing it (4 frames each of a batch of 8).
     assert sorted(source.batches[0]) == [(t, i) for t in (1, 2) for i in range(4)]
+
+
+class SlowGpu(Tagged):
+    """Tagged faces that take `batch_s` each, one batch after another (like one CUDA stream): notes how many
+    batches were queued at once."""
+
+    def __init__(self, batch_s: float) -> None:
+        super().__init__(first=2, size=4)
+        self.batch_s, self.queued, self.most_queued = batch_s, 0, 0
+        self.free_at = 0.0
+
+    def submit(self, requests: Sequence[FaceRequest]) -> PendingFaces:
+        done = super().submit(requests)
+        with self.lock:
+            self.queued += 1
+            self.most_queued = max(self.most_queued, self.queued)
+            self.free_at = max(self.free_at, time.monotonic()) + self.batch_s
+            ready_at = self.free_at
+        source = self
+
+        class Pending:
+            def wait(self) -> np.ndarray:
+                time.sleep(max(0.0, ready_at - time.monotonic()))
+                with source.lock:
+                    source.queued -= 1
+                return np.asarray(done.wait())
+
+        return Pending()
+
+
+@pytest.mark.parametrize(("start_budget_s", "pipelined"), [(5.0, False), (0.0, True)])
+def test_work_far_ahead_of_its_deadline_keeps_one_batch_on_the_gpu(
+    avatar: AvatarCache, start_budget_s: float, pipelined: bool
+) -> None:
+    # Frames due seconds from now (a live utterance rendered ahead of its stream) go one batch at a time, so a
+    # new utterance's first batch never waits behind two; frames due now keep the GPU fed with two in flight.
+    source = SlowGpu(batch_s=0.02)
+    sched = FrameScheduler(source, fps=25, queue_frames=64, start_budget_s=start_budget_s)
+    try:
+        assert _drain(_submit(sched, avatar, 1, 24)) == [(1, i) for i in range(24)]
+    finally:
+        sched.close()
+    assert source.most_queued == (2 if pipelined else 1)

@@ -41,6 +41,9 @@ T = TypeVar("T")
 
 STATS_WINDOW_S = 10.0  # frames/s and lateness in /health cover this much recent time
 _MAX_IN_FLIGHT = 2  # the GPU works on batch k+1 while the host collects batch k
+# A second batch is queued behind one in flight only for frames due within this long: work further ahead
+# waits, so that a new utterance's first batch queues behind at most one batch on the GPU.
+_URGENT_S = 0.3
 _PREPARE_ROUNDS = 3  # passes over late arrivals before a first batch goes out (each pass takes ~10 ms on a GPU)
 
 
@@ -309,7 +312,7 @@ class FrameScheduler:
             # A batch of first frames goes out alone: its faces are what new listeners are waiting for.
             if not (in_flight and in_flight[-1].first) and len(in_flight) < _MAX_IN_FLIGHT:
                 with self._cv:
-                    items, first = self._form_batch()
+                    items, first = self._form_batch(urgent_only=bool(in_flight))
                 if items:
                     batch = self._launch(items, first)
                     if batch is not None:
@@ -359,8 +362,10 @@ class FrameScheduler:
                 return
             self._active.append(utt)
 
-    def _form_batch(self) -> tuple[list[tuple[Utterance, int]], bool]:
-        """(utterance, index into its frame_ids) pairs for the next batch, and whether it is a first batch."""
+    def _form_batch(self, urgent_only: bool = False) -> tuple[list[tuple[Utterance, int]], bool]:
+        """(utterance, index into its frame_ids) pairs for the next batch, and whether it is a first batch.
+
+        urgent_only: no batch (empty) unless first frames are waiting or a frame is due within _URGENT_S."""
         self._active = [u for u in self._active if not u.finished]
         ready = [u for u in self._active if self._schedulable(u)]
         if not ready:
@@ -382,6 +387,8 @@ class FrameScheduler:
                 room = min(size, u.n_needed - u.scheduled, self.queue_frames - (u.scheduled - u.taken))
                 candidates.extend((float(u.due_s[k]), u.uid, k, u) for k in range(u.scheduled, u.scheduled + room))
             candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+            if urgent_only and candidates and candidates[0][0] > time.monotonic() + _URGENT_S:
+                return [], False
             items = [(u, k) for _, _, k, u in candidates[:size]]
             first = False
         for u, k in items:
