@@ -299,6 +299,9 @@ class ServerConfig(_Section):
     # everyone falling behind. 0 = auto: the renderer's measured frames/s × 0.8 / fps.
     max_live_sessions: int = Field(default=0, ge=0)
     max_concurrent_uploads: int = Field(default=4, ge=1, le=256)  # /speak_audio bodies read + decoded at once
+    # An upload beyond max_concurrent_uploads waits this long for a slot (its body unread) before 503: sessions
+    # that send audio at the same moment are served one after another instead of refused.
+    upload_wait_s: float = Field(default=2.0, ge=0)
     retry_after_s: int = Field(default=2, ge=1)  # Retry-After of a 503
     # Other sites' pages allowed to call the API, e.g. ["http://localhost:3000"] (CORS headers, and their
     # POSTs and GET /reset pass the cross-site check); empty = same origin and non-browser clients only.

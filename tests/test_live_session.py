@@ -164,3 +164,30 @@ def test_recent_values_forget_what_is_older_than_their_window() -> None:
     assert recent.values(now=12.5) == [2.0, 4.0] and recent.oldest_s == 3.0
     assert recent.quantile(0.95, now=100.0) == 0.0 and recent.oldest_s is None
     assert quantile([], 0.5) == 0.0 and quantile([7.0], 0.01) == 7.0
+
+
+def test_the_idle_stream_keeps_time_while_the_default_thread_pool_is_busy(
+    prepared_avatar: tuple[AppConfig, PrepResult],
+) -> None:
+    cfg, _ = prepared_avatar
+    cache = load_avatar(cfg, cfg.avatar_id)
+
+    async def run() -> tuple[list[Tick], float]:
+        loop = asyncio.get_running_loop()
+        live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, 10, 2)
+        ticks: list[Tick] = []
+        watcher = _watch(live, ticks)
+        await asyncio.sleep(0.3)
+        # Every thread of the loop's default pool busy for 1.5 s (session appends, uploads, video encoding).
+        busy = [loop.run_in_executor(None, time.sleep, 1.5) for _ in range(64)]
+        await asyncio.sleep(1.0)
+        late = live.late_ms.quantile(1.0)
+        watcher.cancel()
+        live.close()
+        await asyncio.gather(*busy)
+        return ticks, late
+
+    ticks, late = asyncio.run(run())
+    during = [t for t in ticks if t.t_loop_s >= ticks[0].t_loop_s + 0.4]
+    assert late < 150  # the clock never waited for the busy pool (a tick is 40 ms)
+    assert len({t.frame.tobytes() for t in during}) > len(during) // 2  # and the idle avatar kept moving

@@ -3,6 +3,7 @@ rebinding hosts, unspeakable text and voices, slow bodies, uploads past admissio
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -11,12 +12,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
 from test_server_process import _server
+
+from musetalk.server.uploads import UploadGate
 
 READ_TIMEOUT_S = 1.0
 BODY_DEADLINE_S = 3.0
@@ -25,6 +29,7 @@ OVERRIDES = (
     f"server.read_timeout_s={READ_TIMEOUT_S}",
     f"server.body_deadline_s={BODY_DEADLINE_S}",
     "server.max_concurrent_uploads=2",
+    "server.upload_wait_s=0",
     f"server.header_timeout_s={HEADER_TIMEOUT_S}",
     "server.cors_origins=[http://app.example:3000]",
 )
@@ -199,3 +204,25 @@ def test_docs_load_without_internet(server: tuple[object, str, Path]) -> None:
             assert r.status_code == 200 and len(r.content) > 10, url
     bundle = httpx.get(f"{base}/docs-assets/swagger-ui-bundle.js")
     assert "SwaggerUIBundle" in bundle.text and bundle.headers["content-type"].startswith("text/javascript")
+
+
+def test_an_upload_over_the_limit_waits_for_a_slot_then_gets_503() -> None:
+    async def run(wait_s: float) -> list[int]:
+        release = asyncio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:  # holds its slot until `release` is set
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        gate = UploadGate(app, frozenset({"/speak_audio"}), max_uploads=1, retry_after_s=2, wait_s=wait_s)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://127.0.0.1") as c:
+            first = asyncio.create_task(c.post("/speak_audio", content=b"a"))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(c.post("/speak_audio", content=b"b"))  # waits for the first's slot
+            await asyncio.sleep(0.3)
+            release.set()
+            return [(await first).status_code, (await second).status_code]
+
+    assert asyncio.run(run(wait_s=2.0)) == [200, 200]  # the slot came free within the wait: served
+    assert asyncio.run(run(wait_s=0.1)) == [200, 503]  # it did not: refused, its body never read

@@ -184,6 +184,7 @@ def install_middleware(app: FastAPI, cfg: AppConfig) -> None:
         paths=frozenset({"/speak_audio"}),
         max_uploads=cfg.server.max_concurrent_uploads,
         retry_after_s=cfg.server.retry_after_s,
+        wait_s=cfg.server.upload_wait_s,
     )
     token = os.environ.get(cfg.server.auth_token_env, "")
     if token:

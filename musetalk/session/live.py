@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import cv2
@@ -221,6 +222,33 @@ class LiveUtterance:
             self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class _IdleFrame:
+    """An idle frame being made ahead of its tick: of which avatar frames, at which cycle position."""
+
+    frames: FrameStore
+    position: int
+    future: asyncio.Future[NDArray[np.uint8]]
+
+
+_IDLE_THREADS = 4  # idle frames (a resize and a colour conversion, a few ms each) of every stream in the process
+_idle_executor: ThreadPoolExecutor | None = None
+
+
+def _idle_pool() -> ThreadPoolExecutor:
+    """The stream clocks' own threads: idle frames never queue behind the server's other thread-pool work
+    (session appends, audio decoding, aiortc's video encoding)."""
+    global _idle_executor
+    if _idle_executor is None:
+        _idle_executor = ThreadPoolExecutor(_IDLE_THREADS, thread_name_prefix="live-idle")
+    return _idle_executor
+
+
+def _consume_error(future: asyncio.Future[NDArray[np.uint8]]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -389,14 +417,23 @@ class LiveSession:
             break
         return None, None, None
 
-    def _idle_frame(self, position: int) -> NDArray[np.uint8]:
-        return to_i420(self._frames[cycle_index(position, len(self._frames))], self.max_height)
+    def _idle_frame(self, frames: FrameStore, position: int) -> NDArray[np.uint8]:
+        return to_i420(frames[cycle_index(position, len(frames))], self.max_height)
+
+    def _start_idle_frame(self, position: int) -> _IdleFrame:
+        """Start making the idle frame at `position` on the stream clocks' own threads."""
+        future = asyncio.get_running_loop().run_in_executor(_idle_pool(), self._idle_frame, self._frames, position)
+        future.add_done_callback(_consume_error)  # a frame made ahead and then not needed must not warn
+        return _IdleFrame(self._frames, position, future)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         spf = AUDIO_RATE_HZ // self.fps
         silence = np.zeros(spf, np.int16)
         t0, k = loop.time(), 0
+        # The idle frame of the next tick is made while this one is on air (one tick ahead), so the clock
+        # never waits for a thread to convert it.
+        ahead: _IdleFrame | None = None
         try:
             while self.viewers:
                 due = t0 + k / self.fps
@@ -408,8 +445,11 @@ class LiveSession:
                 self.late_ms.add(max(0.0, loop.time() - due) * 1000)
                 frame, pcm, utterance_id = self._next()
                 if frame is None:
-                    frame = await asyncio.to_thread(self._idle_frame, self.idle_cursor)
+                    if ahead is None or ahead.frames is not self._frames or ahead.position != self.idle_cursor:
+                        ahead = self._start_idle_frame(self.idle_cursor)  # an utterance ended, or the avatar changed
+                    frame = await ahead.future
                     self.idle_cursor = (self.idle_cursor + 1) % (2 * self.n_source_frames)
+                    ahead = self._start_idle_frame(self.idle_cursor)
                 tick = Tick(k, frame, silence if pcm is None else pcm, loop.time(), utterance_id)
                 for viewer in list(self.viewers):
                     viewer.put(tick)
