@@ -201,6 +201,9 @@ class EncodeConfig(_Section):
     audio_bitrate_kbps: int = Field(default=128, ge=32, le=512)
     threads: int = Field(default=0, ge=0)  # x264 threads; 0 = auto
     segment_workers: int = Field(default=0, ge=0, le=16)  # parallel x264 instances per clip (one per GOP); 0 = auto
+    # Nice value (Linux) of the x264 threads: under a full CPU the live streams, the event loop and the GPU
+    # thread run first and the session video is encoded with what is left; 0 = the same priority as the rest.
+    nice: int = Field(default=19, ge=0, le=19)
 
 
 class EngineConfig(_Section):

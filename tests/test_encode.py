@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -112,3 +114,61 @@ def test_i420_video_frame_matches_pyav_conversion() -> None:
         assert (ours.width, ours.height, ours.format.name) == (w, h, "yuv420p")
         theirs = av.VideoFrame.from_ndarray(i420, format="yuv420p")
         np.testing.assert_array_equal(ours.to_ndarray(), theirs.to_ndarray())
+
+
+def _nice_of(tid: int) -> int:
+    """The nice value of one thread of this process (field 19 of /proc/self/task/<tid>/stat)."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are read from Linux's /proc")
+def test_the_clip_is_encoded_on_threads_at_the_configured_nice_value(tmp_path: Path) -> None:
+    import threading
+
+    cfg = EncodeConfig(nice=7)
+    seen: dict[str, list[int]] = {}
+
+    def frames() -> Iterator[np.ndarray]:
+        for i, frame in enumerate(_frames(30)):
+            if i == 20:  # the encoder has been running for a while: look at its threads
+                x264 = [t.native_id for t in threading.enumerate() if t.name.startswith("musetalk-x264")]
+                seen["x264"] = [_nice_of(tid) for tid in x264 if tid is not None]
+                seen["caller"] = [_nice_of(threading.get_native_id())]
+                seen["all"] = [_nice_of(int(tid)) for tid in os.listdir("/proc/self/task")]
+            yield frame
+
+    clip = write_clip(frames(), _tone(1.2), tmp_path / "c.mp4", 30, FPS, cfg)
+    assert clip.n_frames == 30 and probe(clip.path).n_video_frames == 30
+    assert seen["x264"] and set(seen["x264"]) == {7}  # the encoding thread
+    assert seen["caller"] == [0]  # the caller (a live stream's render thread) keeps its priority
+    assert seen["all"].count(7) >= len(seen["x264"])  # (x264's own threads, where it starts any, inherit it)
+
+
+def test_a_producer_faster_than_the_encoders_waits_for_them() -> None:
+    import threading
+    import time
+
+    from musetalk.pipeline.encode import _SegmentEncoders
+
+    lock, state = threading.Lock(), {"added": 0, "encoded": 0, "most_waiting": 0}
+
+    class SlowEncoder:
+        def encode(self, frame: object) -> list[object]:
+            if frame is not None:
+                time.sleep(0.002)
+                with lock:
+                    state["encoded"] += 1
+            return []
+
+    segments = _SegmentEncoders(2, 4, SlowEncoder)
+    try:
+        for i in range(60):
+            segments.add(av.VideoFrame(16, 16, "yuv420p"), i)
+            with lock:
+                state["added"] += 1
+                state["most_waiting"] = max(state["most_waiting"], state["added"] - state["encoded"])
+        assert list(segments.packets()) == []
+    finally:
+        segments.close()
+    assert state["encoded"] == 60 and state["most_waiting"] <= 2 * 4 + 1  # at most two GOPs wait (+ the one added)

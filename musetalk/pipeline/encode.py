@@ -9,8 +9,10 @@ next to the mp4 for drift-free session stitching (each AAC stream starts with 10
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +29,8 @@ from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError
 from musetalk.types import Audio, Clip
 from musetalk.utils.yuv import i420_video_frame
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import av
@@ -86,18 +90,23 @@ def video_options(cfg: EncodeConfig) -> dict[str, str]:
 
 
 class _SegmentEncoders:
-    """GOP-aligned segments of one clip encoded by parallel libx264 instances.
+    """GOP-aligned segments of one clip encoded by libx264 instances on threads of their own.
 
     Every segment starts on a keyframe anyway (fixed GOP, no scene cuts), and identical settings give
     byte-identical SPS/PPS (the stream's extradata), so the segments' packets form one valid stream —
     the same property that lets whole clips concatenate with -c copy. One x264 instance reaches
-    ~120 fps on 1080p; several in parallel use more cores (design §7).
+    ~120 fps on 1080p; several in parallel use more cores (design §7). The threads run at `nice` (x264's
+    own threads inherit it), and at most `workers` GOPs of frames wait for them: a producer faster than
+    the encoders waits instead of piling up frames (3 MB each at 1080p).
     """
 
-    def __init__(self, workers: int, gop_frames: int, make_context: Callable[[], Any]) -> None:
+    def __init__(self, workers: int, gop_frames: int, make_context: Callable[[], Any], nice: int = 0) -> None:
         self._gop = gop_frames
         self._make_context = make_context
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="musetalk-x264")
+        self._pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="musetalk-x264", initializer=_lower_priority, initargs=(nice,)
+        )
+        self._room = threading.BoundedSemaphore(workers * gop_frames)  # frames added and not yet encoded
         self._queues: list[queue.SimpleQueue[av.VideoFrame | None]] = []
         self._futures: list[Future[list[av.Packet]]] = []
 
@@ -106,11 +115,17 @@ class _SegmentEncoders:
         packets: list[av.Packet] = []
         while (frame := frames.get()) is not None:
             packets.extend(ctx.encode(frame))
+            self._room.release()
         packets.extend(ctx.encode(None))
         return packets
 
     def add(self, frame: av.VideoFrame, index: int) -> None:
-        """Route frame `index` to its segment's encoder (started with the segment's first frame)."""
+        """Route frame `index` to its segment's encoder (started with the segment's first frame); waits while
+        `workers` GOPs of frames are already waiting to be encoded."""
+        while not self._room.acquire(timeout=1.0):
+            for future in self._futures:  # an encoder that failed will never make room: say why
+                if future.done() and future.exception() is not None:
+                    future.result()
         if index // self._gop == len(self._queues):
             if self._queues:
                 self._queues[-1].put(None)
@@ -131,6 +146,15 @@ class _SegmentEncoders:
         for frames in self._queues:
             frames.put(None)
         self._pool.shutdown(wait=True)
+
+
+def _lower_priority(nice: int) -> None:
+    """Run the calling thread (and the threads it starts) at `nice`, where the OS allows it (Linux: per thread)."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:
+            log.warning("could not lower the encoder thread's priority (nice %d): %s", nice, exc)
 
 
 def write_clip(
@@ -193,8 +217,10 @@ def write_clip(
                 ctx.flags |= vstream.codec_context.flags & av.codec.context.Flags.global_header
                 return ctx
 
-            workers = min(segment_workers(cfg), -(-n_frames // cfg.gop_frames))
-            segments = _SegmentEncoders(workers, cfg.gop_frames, make_context) if workers > 1 else None
+            # Encoding runs on the segment encoders' threads (a single one for a clip of one GOP), never on
+            # the caller's: they run at encode.nice while the caller may be feeding a live stream.
+            workers = max(1, min(segment_workers(cfg), -(-n_frames // cfg.gop_frames)))
+            segments = _SegmentEncoders(workers, cfg.gop_frames, make_context, cfg.nice)
             astream = container.add_stream("aac", rate=cfg.audio_rate, layout="mono")
             astream.bit_rate = cfg.audio_bitrate_kbps * 1000
 
@@ -213,22 +239,15 @@ def write_clip(
                     else:
                         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=pix_fmt)
                     vf.pts = count
-                    if segments is not None:
-                        segments.add(vf, count)
-                    else:
-                        container.mux(vstream.encode(vf))
+                    segments.add(vf, count)
                     count += 1
                 if count != n_frames and not (allow_fewer and count < n_frames):
                     raise InputError(f"expected {n_frames} frames, got {count}")
-                if segments is not None:
-                    for packet in segments.packets():
-                        packet.stream = vstream
-                        container.mux(packet)
-                else:
-                    container.mux(vstream.encode(None))
+                for packet in segments.packets():
+                    packet.stream = vstream
+                    container.mux(packet)
             finally:
-                if segments is not None:
-                    segments.close()
+                segments.close()
             # Audio after the video, so that a clip cut short gets exactly its frames' audio.
             pcm = pcm[: count * cfg.audio_rate // fps]
             for af in audio_frames([pcm], cfg.audio_rate):
