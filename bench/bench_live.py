@@ -19,9 +19,10 @@ the client, per utterance:
 - frame rate and frame-time jitter (standard deviation of the arrival intervals) while idle and speaking;
 - interrupt → silence: from the interrupt request to the end of the last audible packet that arrives.
 
-Sessions start speaking at the same moment and then stay in step (their utterances are alike), the worst
-case for first frames: their first batches meet on the GPU every time. `--stagger-s S` starts session i
-i·S/sessions later instead.
+Sessions start speaking at the same moment (a barrier: their viewer processes take seconds to start) and
+then stay in step (their utterances are alike), the worst case for first frames: their first batches meet
+on the GPU every time. `--stagger-s S` starts session i i·S/sessions later instead, and `--gap-jitter-s J`
+adds a random 0..J s to every pause, so that the sessions drift apart as real conversations do.
 
 Inputs: `--input text` posts the sentence to /speak (TTS on the server: what a chat user waits for);
 `--input audio` posts a 2-s voiced wav to /speak_audio (the audio is in when the request arrives).
@@ -39,6 +40,7 @@ import io
 import json
 import multiprocessing
 import pickle
+import random
 import statistics
 import subprocess
 import sys
@@ -121,6 +123,7 @@ async def _session(
     loop = asyncio.get_running_loop()
     out: dict[str, Any] = {"session": sid, "utterances": [], "interrupts": [], "av_offsets_ms": []}
     seed = 1 + sum(map(ord, sid)) % 7
+    rng = random.Random(sid)  # --gap-jitter-s: each session's own pauses, the same in every run
     wav, long_wav = speech_wav(args.audio_s, seed), speech_wav(6.0, seed)
     # No keep-alive: the server closes idle connections after server.keep_alive_s, racing a reused one.
     no_reuse = httpx.Limits(max_keepalive_connections=0)
@@ -195,7 +198,7 @@ async def _session(
                 "threshold": threshold,
             }  # fmt: skip
             out["utterances"].append(item)
-            await asyncio.sleep(args.gap_s)
+            await asyncio.sleep(args.gap_s + rng.uniform(0.0, args.gap_jitter_s))
 
         for _ in range(args.av_probes):  # voice bursts: unambiguous onsets for the A/V offset
             n_events = len(r.events)
@@ -352,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-s", type=float, default=2.0, help="--input audio: seconds per utterance")
     parser.add_argument("--idle-s", type=float, default=3.0)
     parser.add_argument("--gap-s", type=float, default=0.5, help="idle between utterances")
+    parser.add_argument("--gap-jitter-s", type=float, default=0.0,
+                        help="add a random 0..this to each pause between utterances (sessions drift out of step, "
+                        "as conversations do)")  # fmt: skip
     parser.add_argument("--stagger-s", type=float, default=0.0,
                         help="session i starts speaking i/sessions of this later (0: all at once)")  # fmt: skip
     parser.add_argument("--height", type=int, default=1080, help="cuda: synthetic avatar height (16:9)")
