@@ -226,3 +226,4 @@ def test_an_upload_over_the_limit_waits_for_a_slot_then_gets_503() -> None:
 
     assert asyncio.run(run(wait_s=2.0)) == [200, 200]  # the slot came free within the wait: served
     assert asyncio.run(run(wait_s=0.1)) == [200, 503]  # it did not: refused, its body never read
+

@@ -78,6 +78,12 @@ class UploadGate:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
                 return self._in_use < self._max  # woken just as the wait ran out: the slot is still taken
+            except asyncio.CancelledError:  # the client went away while waiting
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif self._in_use < self._max:
+                    self._wake_one()  # it had been woken for a free slot: pass that on
+                raise
         return True
 
     def _wake_one(self) -> None:
