@@ -34,7 +34,7 @@ from musetalk.avatar import PrepResult, load_avatar
 from musetalk.config import PROJECT_ROOT, AppConfig, with_overrides
 from musetalk.server.app import create_app
 from musetalk.server.viewer import LiveViewer, MouthMeter, Received, rms
-from musetalk.server.webrtc import AUDIO_MAX_LATE_S, AUDIO_PACKET_SAMPLES, LiveAudioTrack
+from musetalk.server.webrtc import AUDIO_MAX_LATE_S, AUDIO_PACKET_SAMPLES, LiveAudioTrack, host_addresses
 from musetalk.session.live import AUDIO_RATE_HZ, Tick, Viewer
 from musetalk.utils.ffmpeg import probe
 
@@ -385,3 +385,42 @@ def test_audio_too_late_to_send_is_skipped_and_the_rest_keeps_its_place_on_the_t
     assert all(b - a == AUDIO_PACKET_SAMPLES for a, b in zip(positions, positions[1:], strict=False))
     assert all(len(samples) >= AUDIO_PACKET_SAMPLES for _, samples in packets)  # real 20 ms Opus packets
     assert all(rms(samples[-480:]) > 1000 for _, samples in packets[1:])  # the tone (the first is the warm-up)
+
+
+@pytest.mark.slow
+def test_a_viewer_without_opus_still_gets_the_audio(live: Live) -> None:
+    from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+
+    async def watch() -> list[Any]:
+        pc = RTCPeerConnection()
+        transceiver = pc.addTransceiver("audio", direction="recvonly")
+        pcmu = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType == "audio/PCMU"]
+        transceiver.setCodecPreferences(pcmu)  # a viewer that offers G.711 only: aiortc encodes for it
+        frames: list[Any] = []
+
+        @pc.on("track")
+        def _track(track: Any) -> None:
+            async def pull() -> None:
+                while len(frames) < 25:
+                    frames.append(await track.recv())
+
+            asyncio.ensure_future(pull())
+
+        with host_addresses(("127.0.0.1",)):
+            await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{live.url}/sessions/pcmu/offer",
+                                  json={"sdp": pc.localDescription.sdp, "type": "offer"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert "PCMU" in r.json()["sdp"] and "opus" not in r.json()["sdp"].lower()
+        await pc.setRemoteDescription(RTCSessionDescription(**r.json()))
+        for _ in range(100):
+            if len(frames) >= 25:
+                break
+            await asyncio.sleep(0.1)
+        await pc.close()
+        return frames
+
+    frames = asyncio.run(watch())
+    assert len(frames) >= 25 and all(f.sample_rate == 8000 for f in frames)  # half a second of G.711 audio
+    assert max(int(np.abs(f.to_ndarray()).max()) for f in frames) < 50  # the idle stream's silence, decoded
