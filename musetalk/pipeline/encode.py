@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -149,8 +150,11 @@ class _SegmentEncoders:
 
 
 def _lower_priority(nice: int) -> None:
-    """Run the calling thread (and the threads it starts) at `nice`, where the OS allows it (Linux: per thread)."""
-    if nice > 0 and hasattr(os, "setpriority"):
+    """Run the calling thread (and the threads it starts) at `nice` on Linux, where nice values are per thread.
+
+    Elsewhere nothing changes: setpriority's id is a process id there, and a thread id must not be taken for one.
+    """
+    if nice > 0 and sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         except OSError as exc:

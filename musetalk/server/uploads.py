@@ -77,7 +77,7 @@ class UploadGate:
             except TimeoutError:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-                return self._in_use < self._max  # woken just as the wait ran out: the slot is still taken
+                return self._in_use < self._max  # a slot that came free just as the wait ran out is taken
             except asyncio.CancelledError:  # the client went away while waiting
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
