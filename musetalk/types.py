@@ -44,9 +44,10 @@ class Clip:
 class Renderer(Protocol):
     """The engine seam of the server: audio in, one clip of an avatar out (MuseTalk, or a test double).
 
-    The factory, warm_up and render run on the server's one GPU worker thread, one call at a time, so an
-    implementation may keep CUDA state. describe and check_avatar are called from the event loop and
-    must be cheap and thread-safe.
+    The factory and warm_up run once at start; render is called from several render threads at once (one
+    per session speaking), so it must be thread-safe — the built-in engine hands all model work to its one
+    GPU thread (the frame scheduler). describe and check_avatar are called from the event loop and must be
+    cheap and thread-safe.
     """
 
     @property
