@@ -291,6 +291,16 @@ def _speak_lines(log_text: str) -> list[dict[str, str]]:
     return out
 
 
+def _server_split(speaks: list[dict[str, str]]) -> dict[str, dict[str, float | None]]:
+    """p50 / p95 of the server's own per-utterance times for the live sessions: queued (arrival → first batch
+    launched), first_frame (→ first blended frame) and on_air (→ first frame on the stream)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key in ("queued_ms", "first_frame_ms", "on_air_ms"):
+        values = [float(r[key]) for r in speaks if r.get("session", "").startswith("live") and key in r]
+        out[key] = {"p50": pct(values, 0.5), "p95": pct(values, 0.95)}
+    return out
+
+
 def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) -> None:
     """Every second, the server's stream and scheduler figures from /health (each covers the last 10 s)."""
     while not stop.wait(1.0):
@@ -458,7 +468,10 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             server_log = (work / "server.log").read_text()
     summary = _summary(sessions) if sessions else {}
-    result = {"meta": meta, "summary": summary, "sessions": sessions, "server_speaks": _speak_lines(server_log),
+    speaks = _speak_lines(server_log)
+    if summary:
+        summary["server_split_ms"] = _server_split(speaks)
+    result = {"meta": meta, "summary": summary, "sessions": sessions, "server_speaks": speaks,
               "server_log_tail": server_log[-3000:]}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -495,6 +508,8 @@ def _table(meta: dict[str, Any], s: dict[str, Any]) -> str:
         f"server {f(meta.get('server_cpu_cores'), 1)} cores, each viewer {f(s['viewer_cpu_cores'], 2)} cores",
         f"viewers' own loop lag (worst session) p95 {f(s['viewer_loop_lag_p95_ms'])} ms, max "
         f"{f(s['viewer_loop_lag_max_ms'])} ms",
+        "server log, per utterance (p50 / p95): "
+        + ", ".join(f"{k[:-3]} {f(v['p50'])} / {f(v['p95'])} ms" for k, v in s.get("server_split_ms", {}).items()),
         "server /health, worst over the run: "
         + ", ".join(f"{k} {f(v, 1)}" for k, v in meta.get("server_stream_figures_max", {}).items()),
     ]
