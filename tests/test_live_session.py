@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from musetalk.avatar import PrepResult, load_avatar
@@ -191,3 +192,23 @@ def test_the_idle_stream_keeps_time_while_the_default_thread_pool_is_busy(
     during = [t for t in ticks if t.t_loop_s >= ticks[0].t_loop_s + 0.4]
     assert late < 150  # the clock never waited for the busy pool (a tick is 40 ms)
     assert len({t.frame.tobytes() for t in during}) > len(during) // 2  # and the idle avatar kept moving
+
+
+def test_streams_that_fall_behind_are_logged_now_and_then(caplog: pytest.LogCaptureFixture) -> None:
+    from musetalk.server.webrtc import BEHIND_WARN_EVERY_S, LiveHub
+
+    cfg = AppConfig()
+    frames = [np.zeros((16, 16, 3), np.uint8)] * 4
+    hub = LiveHub(cfg, lambda _: frames, lambda _: ("a", 0))
+    live = LiveSession("s", cfg.fps, lambda _: frames, "a", 0, 10, 2)
+    hub._sessions["s"] = live
+    live.late_ms.add(5.0)
+    with caplog.at_level("WARNING"):
+        assert not hub.warn_if_behind(1000.0)  # on time: nothing to say
+        live.late_ms.add(400.0)
+        live.late_ms.add(400.0)
+        assert hub.warn_if_behind(1000.0)
+        assert not hub.warn_if_behind(1000.0 + BEHIND_WARN_EVERY_S / 2)  # not again so soon
+        assert hub.warn_if_behind(1000.0 + BEHIND_WARN_EVERY_S)
+    warnings = [r.getMessage() for r in caplog.records if "falling behind" in r.getMessage()]
+    assert len(warnings) == 2 and "tick_late_p95_ms=400" in warnings[0]

@@ -49,6 +49,8 @@ VIDEO_CLOCK_HZ = 90_000
 AUDIO_PACKET_SAMPLES = AUDIO_RATE_HZ // 50  # 20 ms
 AUDIO_MAX_LATE_S = 0.2  # audio this late is skipped, not sent (a server that fell behind catches up at once)
 WATCH_INTERVAL_S = 1.0
+BEHIND_WARN_MS = 100.0  # stream clocks this late (p95 over 10 s) are logged as a warning ...
+BEHIND_WARN_EVERY_S = 60.0  # ... at most this often
 
 _host_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
     "musetalk_ice_host_addresses", default=None
@@ -277,6 +279,7 @@ class LiveHub:
         self._peers: dict[str, set[_Peer]] = {}
         self._host_addresses = offered_host_addresses(cfg.server.webrtc, cfg.server.host)
         self._watch: asyncio.Task[None] | None = None
+        self._warned_s = -BEHIND_WARN_EVERY_S  # time.monotonic() of the last "falling behind" warning
 
     def live(self, session_id: str) -> LiveSession | None:
         """The session's stream if anyone is watching it."""
@@ -382,11 +385,26 @@ class LiveHub:
         timeout_s = self.cfg.server.webrtc.viewer_timeout_s
         while self._peers:
             await asyncio.sleep(WATCH_INTERVAL_S)
+            self.warn_if_behind(time.monotonic())
             for peers in list(self._peers.values()):
                 for peer in list(peers):
                     silent_s = await _silent_for_s(peer)
                     if silent_s > timeout_s:
                         await self._close_peer(peer, f"no RTCP for {silent_s:.0f} s")
+
+    def warn_if_behind(self, now_s: float) -> bool:
+        """Log a warning (at most every BEHIND_WARN_EVERY_S) when the streams' clocks tick late: the host is
+        short of CPU for its live streams. Returns whether it warned."""
+        figures = self.stats()
+        if figures["tick_late_p95_ms"] < BEHIND_WARN_MS or now_s - self._warned_s < BEHIND_WARN_EVERY_S:
+            return False
+        self._warned_s = now_s
+        log.warning(
+            "live streams are falling behind %s: the host is short of CPU (fewer live sessions: "
+            "server.max_live_sessions; a smaller stream: server.webrtc.max_height)",
+            kv(**figures),
+        )
+        return True
 
     async def close(self) -> None:
         """Close every viewer (server shutdown)."""
