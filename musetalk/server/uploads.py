@@ -75,15 +75,14 @@ class UploadGate:
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), remaining)
             except TimeoutError:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
                 return self._in_use < self._max  # a slot that came free just as the wait ran out is taken
             except asyncio.CancelledError:  # the client went away while waiting
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif self._in_use < self._max:
+                if waiter.done() and self._in_use < self._max:
                     self._wake_one()  # it had been woken for a free slot: pass that on
                 raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         return True
 
     def _wake_one(self) -> None:

@@ -196,12 +196,8 @@ class LiveAudioTrack(MediaStreamTrack):
     def _encode(self, samples: NDArray[np.int16], position: int) -> av.Packet | None:
         """One Opus packet stamped with its timeline position (None while the encoder fills up)."""
         assert self._encoder is not None
-        frame = av.AudioFrame.from_ndarray(samples[np.newaxis, :], format="s16", layout="mono")
-        frame.sample_rate = AUDIO_RATE_HZ
-        frame.pts = position
-        frame.time_base = Fraction(1, AUDIO_RATE_HZ)
         self._positions.append(position)
-        packets = self._encoder.encode(frame)
+        packets = self._encoder.encode(_audio_frame(samples, position))
         if not packets:
             return None
         packet = packets[-1]  # libopus gives one packet per 20 ms frame
@@ -211,12 +207,18 @@ class LiveAudioTrack(MediaStreamTrack):
         return packet
 
     def _frame(self, samples: NDArray[np.int16]) -> av.AudioFrame:
-        frame = av.AudioFrame.from_ndarray(samples[np.newaxis, :], format="s16", layout="mono")
-        frame.sample_rate = AUDIO_RATE_HZ
-        frame.pts = self._pts
-        frame.time_base = Fraction(1, AUDIO_RATE_HZ)
+        frame = _audio_frame(samples, self._pts)
         self._pts += AUDIO_PACKET_SAMPLES
         return frame
+
+
+def _audio_frame(samples: NDArray[np.int16], pts: int) -> av.AudioFrame:
+    """(n,) mono int16 samples at 48 kHz as an AudioFrame whose pts counts samples."""
+    frame = av.AudioFrame.from_ndarray(samples[np.newaxis, :], format="s16", layout="mono")
+    frame.sample_rate = AUDIO_RATE_HZ
+    frame.pts = pts
+    frame.time_base = Fraction(1, AUDIO_RATE_HZ)
+    return frame
 
 
 def _opus_encoder() -> av.AudioCodecContext:
