@@ -170,6 +170,7 @@ def measure(
                 f"lat p50/p95={_f(best['latency_p50_s'])}/{_f(best['latency_p95_s'])} s "
                 f"first p50/p95={_f(best['first_frame_p50_ms'], 0)}/{_f(best['first_frame_p95_ms'], 0)} ms "
                 f"rt={best['realtime']}/{best['n']} ok={best['ok']} gpu={_f(best['gpu_util_pct'], 0)}% "
+                f"{best.get('gpu_util_pct_each') or ''} "
                 f"cpu={_f(best['cpu_util_pct'], 0)}% {best['errors'] or ''}",
                 flush=True,
             )

@@ -114,7 +114,8 @@ class Sampler:
 
     def __init__(self, pid: int | None = None) -> None:
         """pid: also sample this process's CPU use (in cores: 1.0 = one core busy)."""
-        self.gpu: list[float] = []
+        self.gpu: list[float] = []  # every GPU's samples together
+        self.per_gpu: dict[int, list[float]] = {}
         self.cpu: list[float] = []
         self.pid = pid
         self.proc_cores: list[float] = []
@@ -123,7 +124,7 @@ class Sampler:
         self._smi: subprocess.Popen[str] | None = None
         if shutil.which("nvidia-smi"):
             self._smi = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )
             self._threads.append(threading.Thread(target=self._gpu, daemon=True))
@@ -136,7 +137,9 @@ class Sampler:
             if self._stop.is_set():
                 break
             try:
-                self.gpu.append(float(line.strip().split(",")[0]))
+                index, util = (field.strip() for field in line.split(","))
+                self.gpu.append(float(util))
+                self.per_gpu.setdefault(int(index), []).append(float(util))
             except ValueError:
                 continue
 
@@ -168,12 +171,14 @@ class Sampler:
             proc0, t0 = proc1, t1
 
     def stop(self) -> dict[str, float | None]:
-        """Mean GPU and CPU use (%) while it ran."""
+        """Mean GPU and CPU use (%) while it ran (with several GPUs, also each one's)."""
         self._stop.set()
         if self._smi is not None:
             self._smi.terminate()
         return {
             "gpu_util_pct": statistics.mean(self.gpu) if self.gpu else None,
+            **({"gpu_util_pct_each": [round(statistics.mean(v), 1) for _, v in sorted(self.per_gpu.items())]}
+               if len(self.per_gpu) > 1 else {}),
             "cpu_util_pct": statistics.mean(self.cpu) if self.cpu else None,
             **({"server_cpu_cores": statistics.mean(self.proc_cores)} if self.proc_cores else {}),
         }
