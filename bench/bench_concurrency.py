@@ -170,7 +170,7 @@ class Sampler:
                 self.proc_cores.append((proc1 - proc0) / hz / (t1 - t0))
             proc0, t0 = proc1, t1
 
-    def stop(self) -> dict[str, float | None]:
+    def stop(self) -> dict[str, float | list[float] | None]:
         """Mean GPU and CPU use (%) while it ran (with several GPUs, also each one's)."""
         self._stop.set()
         if self._smi is not None:
