@@ -302,14 +302,16 @@ def _server_split(speaks: list[dict[str, str]]) -> dict[str, dict[str, float | N
 
 
 def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) -> None:
-    """Every second, the server's stream and scheduler figures from /health (each covers the last 10 s)."""
+    """Every second, the server's stream, scheduler and garbage-collection figures from /health (each covers
+    the last 10 s)."""
     while not stop.wait(1.0):
         try:
             health = server.health()
         except httpx.HTTPError:
             continue
         lateness = health.get("scheduler", {}).get("lateness_p95_ms")
-        out.append({**health.get("live", {}), "scheduler_lateness_p95_ms": lateness})
+        gc = {f"gc_{k}": v for k, v in health.get("gc", {}).items()}
+        out.append({**health.get("live", {}), "scheduler_lateness_p95_ms": lateness, **gc})
 
 
 def _worst(polled: list[dict[str, Any]]) -> dict[str, float]:

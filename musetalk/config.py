@@ -278,6 +278,9 @@ class WebRTCConfig(_Section):
     # Taller avatars are scaled down to this height on the stream (0 = never); the session video keeps the
     # avatar's size. Each viewer's video is encoded in this process: at 1080p that costs 2.25× the pixels.
     max_height: int = Field(default=720, ge=0)
+    # Idle frames kept converted for the stream, per avatar (shared by its sessions): a 720p frame is 1.4 MB,
+    # so 512 MB keeps ~370 frames (a 15-s avatar whole); frames beyond are converted at every showing.
+    idle_cache_mb: int = Field(default=512, ge=0)
     viewer_timeout_s: float = Field(default=10.0, gt=0)  # a viewer silent (no RTCP) this long is dropped
     max_viewers_per_session: int = Field(default=4, ge=1, le=64)  # more → 503
 
@@ -319,6 +322,9 @@ class ServerConfig(_Section):
     auth_token_env: str = "MUSETALK_API_TOKEN"  # when this env var is set, every route but /health needs it
     log_dir: Path = Path("logs")  # rotating <log_dir>/server.log; stderr too
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Freeze the heap after start-up and after compiling (Python's gc.freeze): later garbage collections skip
+    # the models' and compiler's millions of objects instead of stopping every thread while they walk them.
+    gc_freeze: bool = True
     webrtc: WebRTCConfig = WebRTCConfig()
 
 

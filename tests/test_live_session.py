@@ -14,7 +14,17 @@ from musetalk.avatar import PrepResult, load_avatar
 from musetalk.config import AppConfig
 from musetalk.pipeline.engine import Engine
 from musetalk.render.preview import PreviewFaces
-from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, scale_i420, stream_size, to_i420
+from musetalk.session.live import (
+    AUDIO_RATE_HZ,
+    SUBSCRIBER_TICKS,
+    LiveSession,
+    Tick,
+    Viewer,
+    scale_i420,
+    stream_frames,
+    stream_size,
+    to_i420,
+)
 from musetalk.types import Audio
 from musetalk.utils.ffmpeg import probe
 from musetalk.utils.recent import RecentValues, quantile
@@ -212,3 +222,55 @@ def test_streams_that_fall_behind_are_logged_now_and_then(caplog: pytest.LogCapt
         assert hub.warn_if_behind(1000.0 + BEHIND_WARN_EVERY_S)
     warnings = [r.getMessage() for r in caplog.records if "falling behind" in r.getMessage()]
     assert len(warnings) == 2 and "tick_late_p95_ms=400" in warnings[0]
+
+
+def test_a_video_track_behind_its_clock_sends_the_newest_tick_and_skips_the_older_ones() -> None:
+    """A sender that fell behind catches up at its next frame instead of sending every later frame late."""
+    async def run() -> tuple[list[int], int, list[int]]:
+        viewer = Viewer()
+        silence = np.zeros(1920, np.int16)
+        frame = np.zeros((6, 4), np.uint8)
+        for k in range(SUBSCRIBER_TICKS + 2):  # more than the queue holds: the oldest go first
+            viewer.put(Tick(k, frame, silence, 0.0, None))
+        first = (await viewer.newest_video()).index
+        dropped = viewer.video_dropped
+        viewer.put(Tick(99, frame, silence, 0.0, None))  # a sender that keeps up: nothing is skipped
+        second = (await viewer.newest_video()).index
+        audio = [viewer.audio.get_nowait().index for _ in range(viewer.audio.qsize())]
+        return [first, second], dropped, audio
+
+    indices, dropped, audio = asyncio.run(run())
+    assert indices == [SUBSCRIBER_TICKS + 1, 99]
+    assert dropped == SUBSCRIBER_TICKS - 1  # the queue held SUBSCRIBER_TICKS; all but the newest skipped
+    assert audio == list(range(SUBSCRIBER_TICKS + 2)) + [99]  # audio keeps every tick (its track skips by time)
+
+
+class _CountingFrames:
+    """A frame store that counts how often each frame is read (a JPEG decode in a real avatar)."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(3)
+        self.frames = [rng.integers(0, 255, (72, 128, 3), dtype=np.uint8) for _ in range(n)]
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        self.reads += 1
+        return self.frames[index]
+
+
+def test_idle_stream_frames_are_converted_once_up_to_the_budget_and_shared_by_the_avatar_s_streams() -> None:
+    store = _CountingFrames(3)
+    frame_bytes = to_i420(store.frames[0], 36).nbytes
+    shown = stream_frames(store, 36, budget_bytes=2 * frame_bytes + 1)  # room for two frames
+    for index in (0, 1, 2, 0, 1, 2, 2):
+        assert np.array_equal(shown[index], to_i420(store.frames[index], 36))
+    assert shown.kept == 2 and shown.capacity == 2
+    assert store.reads == 3 + 2  # frames 0 and 1 once; frame 2 (over the budget) at every showing
+    assert stream_frames(store, 36, 2 * frame_bytes + 1) is shown  # another stream of the avatar shares them
+    assert stream_frames(store, 0, 2 * frame_bytes + 1) is not shown  # another stream height: its own frames
+    assert stream_frames(_CountingFrames(3), 36, 2 * frame_bytes + 1) is not shown  # another avatar
+    none_kept = stream_frames(_CountingFrames(2), 36, 0)
+    assert none_kept[0] is not none_kept[0] and none_kept.kept == 0  # budget 0: converted at every showing

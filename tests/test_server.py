@@ -429,3 +429,17 @@ def test_admission_refuses_new_sessions_beyond_capacity(tmp_path: Path) -> None:
             gated[0].gate.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
         assert client.post("/speak", json={"text": "room again", "session_id": "b"}).status_code == 200
+
+
+def test_health_reports_collections_and_the_heap_is_frozen_while_serving(tmp_path: Path) -> None:
+    """server.gc_freeze (default): long-lived objects are frozen after start-up and thawed at shutdown."""
+    import gc
+
+    with _client(tmp_path) as client:
+        client.post("/speak", json={"text": "Hello."})
+        figures = client.get("/health").json()["gc"]
+        assert figures["frozen_objects"] > 10_000 and gc.get_freeze_count() > 10_000  # the app, its libraries
+        assert set(figures) == {"collections", "pause_p95_ms", "pause_max_ms", "full_pause_max_ms", "frozen_objects"}
+    assert gc.get_freeze_count() == 0
+    with _client(tmp_path, "server.gc_freeze=false") as client:
+        assert client.get("/health").json()["gc"]["frozen_objects"] == 0

@@ -39,6 +39,7 @@ from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
 from musetalk.types import Renderer
+from musetalk.utils import gc_pauses
 from musetalk.utils.logs import kv, process_age_s
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ async def start_services(
     """Build the voice engine and the renderer, check the avatars, warm up, start the render threads."""
     # serial = one clip at a time, start to encoded clip (the behaviour before the frame scheduler).
     started_s = process_age_s()  # interpreter start, imports and uvicorn's own start-up, before any of ours
+    gc_pauses.install()
     threads = 1 if cfg.engine.scheduler == "serial" else cfg.server.queue_size
     worker = RenderPool(max_pending=cfg.server.queue_size, retry_after_s=cfg.server.retry_after_s, threads=threads)
     worker.start()
@@ -85,6 +87,8 @@ async def start_services(
         if renderer is not None:
             _close_renderer(renderer)
         raise
+    if cfg.server.gc_freeze:
+        gc_pauses.freeze("ready")
     info = renderer.describe()
     log.info(
         "ready %s",
@@ -153,6 +157,9 @@ def create_app(
             services.worker.stop()
             _close_renderer(services.renderer)
             services.store.close()
+            gc_pauses.uninstall()
+            if cfg.server.gc_freeze:
+                gc_pauses.thaw()
             log.info("stopped")
 
     app = FastAPI(title="MuseTalk warm server", lifespan=lifespan, docs_url=None, redoc_url=None)

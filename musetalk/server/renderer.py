@@ -30,6 +30,7 @@ from musetalk.pipeline.engine import Engine, FrameTap
 from musetalk.pipeline.generate import FaceSource, MuseTalkFaces
 from musetalk.render.preview import PreviewFaces
 from musetalk.types import Audio, Clip, Renderer
+from musetalk.utils import gc_pauses
 from musetalk.utils.logs import kv
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ class EngineRenderer:
             source.accelerate()
             self._gen_fps = _full_batch_fps(source)
             log.info("all batch shapes accelerated: %s", source.accelerated())
+            if self.cfg.server.gc_freeze:
+                gc_pauses.freeze("accelerated")  # compiling left many long-lived objects behind
         except Exception:  # the server keeps serving with whatever shapes are ready (eager otherwise)
             log.exception("background acceleration failed; serving with %s", source.accelerated())
 

@@ -26,6 +26,7 @@ from musetalk.server.schemas import (
 from musetalk.server.service import Accepted, SpeakResult
 from musetalk.server.uploads import SLOT_STATE_KEY, UploadSlot
 from musetalk.server.video import CommittedFileResponse, byte_range
+from musetalk.utils import gc_pauses
 from musetalk.utils.audio_io import decode_audio_file
 
 log = logging.getLogger(__name__)
@@ -169,4 +170,5 @@ async def health(request: Request) -> JSONResponse | HealthResponse:
         capacity=capacity() if callable(capacity) else {"max_live_sessions": services.speaker.max_live_sessions()},
         scheduler=stats() if callable(stats) else {},
         live=services.hub.stats(),
+        gc=gc_pauses.stats(),
     )

@@ -112,6 +112,9 @@ class HealthResponse(BaseModel):
     scheduler: dict[str, Any] = Field(default_factory=dict)
     # sessions with a live stream, their viewers, and the streams' p95 lateness figures (ms, last 10 s)
     live: dict[str, int | float] = Field(default_factory=dict)
+    # Python's garbage collections over the last 10 s: how many, p95 and longest pause (ms; every thread
+    # waits), the longest full one, and how many objects are frozen (never walked)
+    gc: dict[str, int | float] = Field(default_factory=dict)
 
 
 class ErrorResponse(BaseModel):

@@ -125,8 +125,9 @@ class LiveVideoTrack(MediaStreamTrack):
         self._viewer, self._fps, self._on_tick = viewer, fps, on_tick
 
     async def recv(self) -> av.VideoFrame:
-        """The next tick's frame, stamped with its place on the stream's timeline."""
-        tick = await self._viewer.video.get()
+        """The newest tick's frame (older ones queued behind a slow sender are skipped), stamped with its place
+        on the stream's timeline."""
+        tick = await self._viewer.newest_video()
         self._viewer.video_age_ms.add((asyncio.get_running_loop().time() - tick.t_loop_s) * 1000)
         self._on_tick(tick)
         frame = i420_video_frame(tick.frame)  # copies without holding the GIL (many viewers, one process)
@@ -290,7 +291,8 @@ class LiveHub:
     def stats(self) -> dict[str, float]:
         """For /health: sessions with a live stream, their viewers, and over the last 10 s the p95 of how late
         the streams' ticks went on air, how old a tick's frame was when taken for encoding, and how late
-        audio packets were sent (all ms; these grow when the host's CPU cannot keep up)."""
+        audio packets were sent (all ms; these grow when the host's CPU cannot keep up); and the video frames
+        the current viewers' tracks skipped to catch up since they connected."""
         streams = list(self._sessions.values())
         viewers = [v for live in streams for v in live.viewers]
         return {
@@ -299,6 +301,7 @@ class LiveHub:
             "tick_late_p95_ms": round(quantile((x for s in streams for x in s.late_ms.values()), 0.95), 1),
             "video_age_p95_ms": round(quantile((x for v in viewers for x in v.video_age_ms.values()), 0.95), 1),
             "audio_late_p95_ms": round(quantile((x for v in viewers for x in v.audio_late_ms.values()), 0.95), 1),
+            "video_dropped": sum(v.video_dropped for v in viewers),
         }
 
     async def offer(self, session_id: str, sdp: str, kind: str) -> RTCSessionDescription:
@@ -328,6 +331,7 @@ class LiveHub:
                     live = LiveSession(
                         session_id, self.cfg.fps, self._avatar_frames, avatar_id, cursor,
                         wcfg.buffer_frames, lead_frames(self.cfg), wcfg.start_frames, wcfg.max_height,
+                        wcfg.idle_cache_mb * 2**20,
                     )
                 viewer = live.add_viewer()
                 self._sessions[session_id] = live

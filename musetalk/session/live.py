@@ -18,9 +18,11 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -81,6 +83,56 @@ def scale_i420(frame: NDArray[np.uint8], max_height: int) -> NDArray[np.uint8]:
         start = h * w + k * (h * w // 4)
         out[start : start + h * w // 4] = cv2.resize(plane, (w // 2, h // 2), interpolation=cv2.INTER_AREA).reshape(-1)
     return out.reshape(h * 3 // 2, w)
+
+
+class StreamFrames:
+    """An avatar's source frames as its streams show them while idle (I420, at most `max_height` tall).
+
+    Converting one costs a JPEG decode and a scale (~10 ms at 1080p on one core); every idle stream needs
+    25 a second. Converted frames are kept up to `budget_bytes` — the first frames of the avatar, a fixed
+    set rather than the most recent ones, because the idle cycle would evict every frame before it came
+    round again — and shared by every stream of the avatar (`stream_frames`).
+    """
+
+    def __init__(self, frames: FrameStore, max_height: int, budget_bytes: int) -> None:
+        self.frames, self.max_height, self.budget_bytes = frames, max_height, budget_bytes
+        self.capacity: int | None = None  # frames that fit the budget (known once one is converted)
+        self._kept: dict[int, NDArray[np.uint8]] = {}  # index → (H'·3/2, W') I420; only ever added to
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> NDArray[np.uint8]:
+        """Source frame `index` as a stream frame (H'·3/2, W') I420 uint8; must not be modified."""
+        frame = self._kept.get(index)
+        if frame is None:
+            frame = to_i420(self.frames[index], self.max_height)
+            if self.capacity is None:
+                self.capacity = self.budget_bytes // max(1, frame.nbytes)
+            if index < self.capacity:
+                self._kept[index] = frame  # a race makes the same frame twice at worst; either copy is right
+        return frame
+
+    @property
+    def kept(self) -> int:
+        """Frames converted and kept."""
+        return len(self._kept)
+
+
+# One StreamFrames per (avatar frame store, stream height), shared by every session that shows the avatar
+# and forgotten with the store (an avatar prepared again gets a new store, so never stale frames).
+_stream_frames: weakref.WeakKeyDictionary[Any, dict[int, StreamFrames]] = weakref.WeakKeyDictionary()
+_stream_frames_lock = threading.Lock()
+
+
+def stream_frames(frames: FrameStore, max_height: int, budget_bytes: int) -> StreamFrames:
+    """The shared StreamFrames of an avatar's frames at this stream height (made on first use)."""
+    with _stream_frames_lock:
+        by_height = _stream_frames.setdefault(frames, {})
+        shared = by_height.get(max_height)
+        if shared is None or shared.budget_bytes != budget_bytes:
+            shared = by_height[max_height] = StreamFrames(frames, max_height, budget_bytes)
+        return shared
 
 
 class LiveUtterance:
@@ -257,10 +309,11 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Viewer:
     """One viewer's queues of ticks (video and audio are pulled separately by their tracks).
 
-    A viewer whose video lags drops its oldest frames (video timestamps come from the tick numbers, so the
-    receiver still places every frame right). The audio queue is longer (AUDIO_BACKLOG_TICKS, for a viewer
-    that stopped reading): the audio track itself skips what is too late to send, stamping each packet with
-    its tick's place on the timeline (musetalk/server/webrtc.py).
+    Its video track sends the newest tick queued and drops older ones: a sender that fell behind (a busy
+    host) is back to the present at its next frame instead of sending every later frame late (video
+    timestamps come from the tick numbers, so the receiver still places every frame right). The audio queue
+    is longer (AUDIO_BACKLOG_TICKS, for a viewer that stopped reading): the audio track itself skips what is
+    too late to send, stamping each packet with its tick's place on the timeline (musetalk/server/webrtc.py).
     """
 
     def __init__(self) -> None:
@@ -270,6 +323,15 @@ class Viewer:
         # encoding, and ms its audio packets were sent after their time (a sender that cannot keep up).
         self.video_age_ms = RecentValues(STATS_WINDOW_S)
         self.audio_late_ms = RecentValues(STATS_WINDOW_S)
+        self.video_dropped = 0  # ticks its video track skipped to catch up (newest_video)
+
+    async def newest_video(self) -> Tick:
+        """The newest video tick queued (waits for one); the older queued ones are dropped and counted."""
+        tick = await self.video.get()
+        while not self.video.empty():
+            tick = self.video.get_nowait()
+            self.video_dropped += 1
+        return tick
 
     def drop_speech(self) -> None:
         """An interrupt: queued speech that is not in the record stops at once for this viewer.
@@ -315,8 +377,10 @@ class LiveSession:
         lead_frames: int,
         start_frames: int = 1,
         max_height: int = 0,
+        idle_cache_bytes: int = 0,
     ) -> None:
         self.session_id = session_id
+        self.idle_cache_bytes = idle_cache_bytes  # idle frames kept ready per avatar (StreamFrames)
         self.max_height = max_height  # frames on the stream are at most this tall (0 = the avatar's size)
         self.fps = fps
         self.avatar_id = avatar_id
@@ -418,7 +482,8 @@ class LiveSession:
         return None, None, None
 
     def _idle_frame(self, frames: FrameStore, position: int) -> NDArray[np.uint8]:
-        return to_i420(frames[cycle_index(position, len(frames))], self.max_height)
+        shown = stream_frames(frames, self.max_height, self.idle_cache_bytes)
+        return shown[cycle_index(position, len(frames))]
 
     def _start_idle_frame(self, position: int) -> _IdleFrame:
         """Start making the idle frame at `position` on the stream clocks' own threads."""

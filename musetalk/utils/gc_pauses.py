@@ -1,0 +1,98 @@
+"""Python's garbage collector in a long-running server: its pauses measured, the long-lived heap frozen.
+
+A collection of the oldest generation walks every object the collector tracks, and every thread of the
+process — the live streams' event loop too — waits while it runs. Once the models, the avatars and
+torch.compile's caches are loaded that is hundreds of thousands to millions of objects that will live as
+long as the server: `freeze()` moves everything alive at that moment to the permanent generation, which
+later collections skip, so they only walk what requests created since.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from musetalk.utils.logs import kv
+from musetalk.utils.recent import quantile
+
+log = logging.getLogger(__name__)
+
+STATS_WINDOW_S = 10.0  # /health covers this much recent time
+_KEPT = 4096  # collections remembered (a busy server runs a few hundred young ones a second)
+
+# (time.perf_counter() at its end, ms, generation) of recent collections. A deque's append and list() are
+# single C calls under the GIL, so the callback (any thread) and /health (the event loop) need no lock —
+# and a lock would be wrong here: a collection can start inside code that holds it.
+_pauses: deque[tuple[float, float, int]] = deque(maxlen=_KEPT)
+_started: float | None = None
+_freezing = False  # freeze()'s own collection is logged by it, not counted among the pauses
+# Objects frozen by the last freeze(), counted then: gc.get_freeze_count() walks them all (a million objects
+# take ~0.1 s, every thread waiting), far too slow for every /health.
+_frozen = 0
+
+
+def _callback(phase: str, info: dict[str, Any]) -> None:
+    global _started
+    if phase == "start":
+        _started = None if _freezing else time.perf_counter()
+    elif _started is not None:
+        now = time.perf_counter()
+        _pauses.append((now, (now - _started) * 1000, int(info.get("generation", -1))))
+        _started = None
+
+
+def install() -> None:
+    """Start timing every collection of this process (idempotent)."""
+    if _callback not in gc.callbacks:
+        gc.callbacks.append(_callback)
+
+
+def uninstall() -> None:
+    """Stop timing collections."""
+    if _callback in gc.callbacks:
+        gc.callbacks.remove(_callback)
+
+
+def stats(window_s: float = STATS_WINDOW_S) -> dict[str, float]:
+    """Collections in the last `window_s`: how many, their p95 and longest pause (ms), the longest of the
+    oldest generation, and how many objects are frozen (skipped by every collection)."""
+    since = time.perf_counter() - window_s
+    recent = [(ms, gen) for t, ms, gen in list(_pauses) if t >= since]
+    full = [ms for ms, gen in recent if gen == 2]
+    return {
+        "collections": len(recent),
+        "pause_p95_ms": round(quantile((ms for ms, _ in recent), 0.95), 2),
+        "pause_max_ms": round(max((ms for ms, _ in recent), default=0.0), 2),
+        "full_pause_max_ms": round(max(full, default=0.0), 2),
+        "frozen_objects": _frozen,
+    }
+
+
+def freeze(why: str) -> int:
+    """Collect once, then freeze every object alive now (it is never walked again); returns how many.
+
+    Costs one full collection now (a pause as long as the ones it prevents), so call it at moments the
+    process is quiet or about to change anyway: after start-up, after compiling."""
+    global _freezing, _frozen
+    t0 = time.perf_counter()
+    _freezing = True
+    try:
+        gc.collect()
+    finally:
+        _freezing = False
+    collect_ms = (time.perf_counter() - t0) * 1000
+    gc.freeze()
+    _frozen = gc.get_freeze_count()
+    log.info("heap frozen %s", kv(why=why, objects=_frozen, collect_ms=round(collect_ms, 1)))
+    return _frozen
+
+
+def thaw() -> None:
+    """Undo freeze(): the frozen objects are collectable again (at shutdown, so that an app started later in
+    the same process, as in tests, starts from a normal heap)."""
+    global _frozen
+    gc.unfreeze()
+    _frozen = 0
