@@ -302,8 +302,8 @@ def _server_split(speaks: list[dict[str, str]]) -> dict[str, dict[str, float | N
 
 
 def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) -> None:
-    """Every second, the server's stream, scheduler and garbage-collection figures from /health (each covers
-    the last 10 s)."""
+    """Every second, the server's stream, scheduler, garbage-collection and GIL-wait figures from /health
+    (each covers the last 10 s)."""
     while not stop.wait(1.0):
         try:
             health = server.health()
@@ -311,7 +311,8 @@ def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) 
             continue
         lateness = health.get("scheduler", {}).get("lateness_p95_ms")
         gc = {f"gc_{k}": v for k, v in health.get("gc", {}).items()}
-        out.append({**health.get("live", {}), "scheduler_lateness_p95_ms": lateness, **gc})
+        gil = {f"gil_{k}": v for k, v in health.get("gil", {}).items() if k != "probes"}
+        out.append({**health.get("live", {}), "scheduler_lateness_p95_ms": lateness, **gc, **gil})
 
 
 def _worst(polled: list[dict[str, Any]]) -> dict[str, float]:

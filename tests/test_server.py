@@ -440,6 +440,8 @@ def test_health_reports_collections_and_the_heap_is_frozen_while_serving(tmp_pat
         figures = client.get("/health").json()["gc"]
         assert figures["frozen_objects"] > 10_000 and gc.get_freeze_count() > 10_000  # the app, its libraries
         assert set(figures) == {"collections", "pause_p95_ms", "pause_max_ms", "full_pause_max_ms", "frozen_objects"}
+        gil = client.get("/health").json()["gil"]
+        assert set(gil) == {"probes", "wait_p95_ms", "wait_max_ms"} and gil["probes"] > 0
     assert gc.get_freeze_count() == 0
     with _client(tmp_path, "server.gc_freeze=false") as client:
         assert client.get("/health").json()["gc"]["frozen_objects"] == 0

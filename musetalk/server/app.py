@@ -40,6 +40,7 @@ from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine, create_voice_engine
 from musetalk.types import Renderer
 from musetalk.utils import gc_pauses
+from musetalk.utils.gil_probe import GilProbe
 from musetalk.utils.logs import kv, process_age_s
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,9 @@ async def start_services(
         ),
     )
     return Services(
-        cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, hub=hub, ready=True
-    )
+        cfg=cfg, renderer=renderer, voice=voice, store=store, worker=worker, speaker=speaker, hub=hub,
+        gil=GilProbe().start(), ready=True,
+    )  # fmt: skip
 
 
 def _session_start(cfg: AppConfig, store: SessionStore) -> Callable[[str], tuple[str, int]]:
@@ -153,6 +155,7 @@ def create_app(
             yield
         finally:
             services.ready = False
+            services.gil.stop()
             await services.hub.close()
             services.worker.stop()
             _close_renderer(services.renderer)

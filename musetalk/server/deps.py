@@ -15,6 +15,7 @@ from musetalk.server.worker import RenderPool
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
 from musetalk.types import Renderer
+from musetalk.utils.gil_probe import GilProbe
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Services:
     worker: RenderPool
     speaker: SpeakService
     hub: LiveHub
+    gil: GilProbe  # how long threads wait for the GIL (/health)
     ready: bool = False
 
 

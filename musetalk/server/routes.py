@@ -171,4 +171,5 @@ async def health(request: Request) -> JSONResponse | HealthResponse:
         scheduler=stats() if callable(stats) else {},
         live=services.hub.stats(),
         gc=gc_pauses.stats(),
+        gil=services.gil.stats(),
     )

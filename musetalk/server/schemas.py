@@ -115,6 +115,9 @@ class HealthResponse(BaseModel):
     # Python's garbage collections over the last 10 s: how many, p95 and longest pause (ms; every thread
     # waits), the longest full one, and how many objects are frozen (never walked)
     gc: dict[str, int | float] = Field(default_factory=dict)
+    # How long a thread waited for Python's GIL over the last 10 s (a probe sleeping 1 ms at a time): probes,
+    # p95 and longest wait in ms. High while cores are free: this process, not the machine, is the limit.
+    gil: dict[str, int | float] = Field(default_factory=dict)
 
 
 class ErrorResponse(BaseModel):
