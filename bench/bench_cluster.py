@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,15 @@ class ClusterServer(Server):
     """`python -m scripts.serve_cluster` as a child process on 127.0.0.1 (it starts and stops its own Ray)."""
 
     def __init__(
-        self, overrides: list[str], env: dict[str, str], log_path: Path, replicas: int, object_store_mb: int
+        self, overrides: list[str], env: dict[str, str], log_path: Path, replicas: int, object_store_mb: int,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """extra_args: more serve_cluster options (e.g. --replicas-per-gpu 2)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas
         cmd = [sys.executable, "-m", "scripts.serve_cluster", "--replicas", str(replicas), "--host", "127.0.0.1",
-               "--port", str(self.port), "--object-store-mb", str(object_store_mb)]
+               "--port", str(self.port), "--object-store-mb", str(object_store_mb), *extra_args]
         for item in overrides:
             cmd += ["--set", item]
         self.log = log_path.open("w")

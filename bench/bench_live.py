@@ -30,6 +30,11 @@ Inputs: `--input text` posts the sentence to /speak (TTS on the server: what a c
     python bench/bench_live.py                                    # this CPU: preview renderer, demo avatar, espeak
     python bench/bench_live.py --device cuda --sessions 8 --input audio --height 1080   # MuseTalk, random weights
     python bench/bench_live.py --renderer musetalk --input audio --height 360 --utterances 2  # its path, CPU, tiny
+    python bench/bench_live.py --device cuda --sessions 8 --input audio --height 1080 --cluster-replicas 2 \
+        --replicas-per-gpu 2        # the same sessions split over two server processes sharing one GPU
+
+With `--cluster-replicas`, the server is `python -m scripts.serve_cluster` (Ray Serve) and the /health
+figures are the worst replica's; the server's CPU is not sampled on its own (the machine's is).
 """
 
 from __future__ import annotations
@@ -311,8 +316,16 @@ def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) 
             continue
         lateness = health.get("scheduler", {}).get("lateness_p95_ms")
         gc = {f"gc_{k}": v for k, v in health.get("gc", {}).items()}
-        gil = {f"gil_{k}": v for k, v in health.get("gil", {}).items() if k != "probes"}
-        out.append({**health.get("live", {}), "scheduler_lateness_p95_ms": lateness, **gc, **gil})
+        row = {**health.get("live", {}), "scheduler_lateness_p95_ms": lateness, **gc}
+        # A cluster's /health lists every replica's own stream and GIL figures: keep the worst replica's.
+        replicas = health.get("replicas") or [{"streams": health.get("live", {}), "gil": health.get("gil", {})}]
+        for replica in replicas:
+            figures = {**(replica.get("streams") or {}),
+                       **{f"gil_{k}": v for k, v in (replica.get("gil") or {}).items() if k != "probes"}}
+            for key, value in figures.items():
+                if isinstance(value, (int, float)):
+                    row[key] = max(value, row.get(key, value))
+        out.append(row)
 
 
 def _worst(polled: list[dict[str, Any]]) -> dict[str, float]:
@@ -387,10 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-s", type=float, default=None,
                         help="py-spy the server (GIL holders, then all threads; 5 s each) this long after the viewers "
                         "start; written beside --out")  # fmt: skip
+    parser.add_argument("--cluster-replicas", type=int, default=0,
+                        help="serve through `python -m scripts.serve_cluster` with this many replicas (0: the single "
+                        "server_fast.py); sessions are spread over them")  # fmt: skip
+    parser.add_argument("--replicas-per-gpu", type=int, default=1,
+                        help="with --cluster-replicas: replicas sharing each GPU (each its own process and GIL)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_live.json")
     args = parser.parse_args(argv)
+    if args.cluster_replicas and args.profile_s is not None:
+        parser.error("--profile-s profiles the single server; leave it out with --cluster-replicas")
 
-    meta = run_meta(args.device, device=args.device, sessions=args.sessions, input=args.input)
+    meta = run_meta(args.device, device=args.device, sessions=args.sessions, input=args.input,
+                    cluster_replicas=args.cluster_replicas, replicas_per_gpu=args.replicas_per_gpu)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         work = Path(tmp)
         overrides = [f"server.results_dir={work / 'results'}", f"server.log_dir={work / 'logs'}",
@@ -421,7 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.input == "audio":
             overrides.append("tts.engine=tone")  # nothing is synthesised (and the host needs no espeak-ng)
         overrides += args.set
-        server = Server(overrides, env, work / "server.log")
+        server: Server
+        if args.cluster_replicas:
+            from bench.bench_cluster import ClusterServer
+
+            env["RAY_DEDUP_LOGS"] = "0"  # every replica's speak line, not "[repeated 7x across cluster]"
+            server = ClusterServer(overrides, env, work / "server.log", args.cluster_replicas, 1000,
+                                   ["--replicas-per-gpu", str(args.replicas_per_gpu)])  # fmt: skip
+        else:
+            server = Server(overrides, env, work / "server.log")
         try:
             meta["ready_s"] = server.wait_ready(900)
             meta["ready_log"] = ready_line(server)  # the server's own start-up breakdown (imports, load, ...)
@@ -434,10 +463,11 @@ def main(argv: list[str] | None = None) -> int:
             health = server.health()
             meta["renderer"], meta["capacity"] = health.get("renderer"), health.get("capacity")
             warm = {"file": ("w.wav", speech_wav(1.0, 0), "audio/wav")}
-            httpx.post(f"{server.url}/speak_audio", files=warm, data={"session_id": "warm"}, timeout=300)
+            for k in range(2 * max(1, args.cluster_replicas)):  # new sessions go to the least loaded replica
+                httpx.post(f"{server.url}/speak_audio", files=warm, data={"session_id": f"warm{k}"}, timeout=300)
             cfg_overrides = [o for o in overrides if not o.startswith("server.")]
             meter = _meter(args, avatar_pickle, cfg_overrides, args.view_width)
-            sampler = Sampler(server.proc.pid)
+            sampler = Sampler(None if args.cluster_replicas else server.proc.pid)  # a cluster: the machine only
             polled: list[dict[str, Any]] = []
             stop_polling = threading.Event()
             poller = threading.Thread(target=_poll_health, args=(server, polled, stop_polling), daemon=True)

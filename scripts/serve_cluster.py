@@ -6,9 +6,9 @@ Serves the same HTTP API and web page as `server_fast.py` on HOST:PORT through R
 Without RAY_ADDRESS it starts a Ray cluster on this machine (127.0.0.1, no dashboard) and stops it again
 on Ctrl-C or SIGTERM. With RAY_ADDRESS set (`ray start --head` on one host, `ray start --address ...` on
 the others) it joins that cluster, deploys the application, and on exit removes the application only.
-Each replica asks for one GPU when the cluster has GPUs and an equal share of the cluster's CPUs;
-REPLICAS defaults to the number of GPUs (2 without GPUs). Exits with status 2 when the application
-cannot start (with the replica's message).
+Each replica asks for one GPU when the cluster has GPUs (1/K of one with --replicas-per-gpu K) and an
+equal share of the cluster's CPUs; REPLICAS defaults to the number of GPUs × K (2 without GPUs). Exits
+with status 2 when the application cannot start (with the replica's message).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="bind address of the HTTP proxy (default: server.host)")
     parser.add_argument("--port", type=int, default=None, help="port (default: server.port)")
     parser.add_argument("--replicas", type=int, default=0, help="server replicas (default: one per GPU, else 2)")
+    parser.add_argument("--replicas-per-gpu", type=int, default=1,
+                        help="server processes sharing each GPU (each has its own event loop and GIL for its "
+                             "sessions' live streams; the GPU's batches are then split between them)")
     parser.add_argument("--gateways", type=int, default=1, help="gateway replicas (request parsing, no GPU)")
     parser.add_argument("--cpus-per-replica", type=int, default=0,
                         help="cores each replica asks for (default: the cluster's CPUs / replicas)")
@@ -54,6 +57,16 @@ def load(args: argparse.Namespace) -> AppConfig:
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
+def replica_plan(gpus: int, replicas: int, per_gpu: int) -> tuple[int, float]:
+    """(replicas, GPUs each): `per_gpu` per GPU unless `replicas` is given; without GPUs CPU_REPLICAS, no GPU."""
+    if per_gpu < 1:
+        raise ConfigError(f"--replicas-per-gpu must be at least 1, got {per_gpu}")
+    if not gpus:
+        return replicas or CPU_REPLICAS, 0.0
+    # Ray counts GPU shares to 4 decimals: 3 replicas of 0.3333 fit on one GPU.
+    return replicas or gpus * per_gpu, 1.0 if per_gpu == 1 else int(10_000 / per_gpu) / 10_000
+
+
 def prepare_avatars(cfg: AppConfig) -> None:
     """Build missing avatar caches once, here, rather than in every replica at once (built-in renderers)."""
     from musetalk.server.app import configured_avatars
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load(args)
+        replica_plan(0, args.replicas, args.replicas_per_gpu)  # bad arguments fail here, before Ray starts
     except ConfigError as exc:
         print(f"serve_cluster: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
@@ -114,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        replicas = args.replicas or gpus or CPU_REPLICAS
+        replicas, gpu_share = replica_plan(gpus, args.replicas, args.replicas_per_gpu)
         cpus = args.cpus_per_replica or max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
-        application = build_application(cfg, build_app, replicas, 1.0 if gpus else 0.0, cpus, args.gateways)
+        application = build_application(cfg, build_app, replicas, gpu_share, cpus, args.gateways)
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info(
                 "serving on http://%s:%d: %d replicas (%s%d CPUs each), cluster %s",
-                cfg.server.host, cfg.server.port, replicas, "1 GPU, " if gpus else "", cpus,
+                cfg.server.host, cfg.server.port, replicas, f"{gpu_share:g} GPU, " if gpus else "", cpus,
                 address or "started here",
             )
             stop.wait()

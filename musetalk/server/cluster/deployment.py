@@ -135,6 +135,8 @@ class ReplicaServer:
             # frames being generated for these many utterances (the scheduler's count), else speaks in progress
             "live_utterances": int(scheduler.get("live_utterances", services.speaker.in_flight)),
             "accelerated": scheduler.get("accelerated", {}),  # how each batch shape runs (eager, graphs, ...)
+            "streams": services.hub.stats(),  # its live streams' lateness figures (/health's "live")
+            "gil": services.gil.stats(),  # how long its threads wait for its GIL
         }
 
     async def __del__(self) -> None:
@@ -218,6 +220,8 @@ def gateway_app(cfg: AppConfig, replicas: DeploymentHandle) -> FastAPI:
                 "sessions": r.get("sessions", 0),
                 "live_utterances": r.get("live_utterances", 0),
                 "accelerated": r.get("accelerated", {}),
+                "streams": r.get("streams", {}),
+                "gil": r.get("gil", {}),
             }
             for rid, r in sorted(reports.items())
         ]
