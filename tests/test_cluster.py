@@ -182,6 +182,9 @@ def test_concurrent_sessions_each_stay_on_one_replica_and_get_exactly_their_clip
     assert all(isinstance(r["pid"], int) and r["pid"] > 0 and r["node"] and r["device"] == "cpu"
                for r in health["replicas"])
     assert health["totals"]["replicas"] == 2
+    for row in health["replicas"]:  # each replica's own live-stream and GIL figures, as its /health has them
+        assert {"tick_late_p95_ms", "video_age_p95_ms", "video_dropped"} <= set(row["streams"]), row
+        assert row["gil"]["probes"] > 0, row
 
     # The reference: one in-process server speaks the same sentences, session by session, in clip order.
     reference = with_overrides(c.cfg, [f"server.results_dir={c.results.parent / 'reference'}"])
