@@ -272,5 +272,25 @@ def test_idle_stream_frames_are_converted_once_up_to_the_budget_and_shared_by_th
     assert stream_frames(store, 36, 2 * frame_bytes + 1) is shown  # another stream of the avatar shares them
     assert stream_frames(store, 0, 2 * frame_bytes + 1) is not shown  # another stream height: its own frames
     assert stream_frames(_CountingFrames(3), 36, 2 * frame_bytes + 1) is not shown  # another avatar
-    none_kept = stream_frames(_CountingFrames(2), 36, 0)
+    other = _CountingFrames(2)
+    none_kept = stream_frames(other, 36, 0)
     assert none_kept[0] is not none_kept[0] and none_kept.kept == 0  # budget 0: converted at every showing
+
+
+def test_stream_frames_take_an_array_store_and_are_dropped_with_it() -> None:
+    """A store may be a numpy array (in-memory avatars: unhashable); the shared frames go when it goes."""
+    import gc
+
+    from musetalk.session import live
+
+    store = np.random.default_rng(4).integers(0, 255, (3, 72, 128, 3), dtype=np.uint8)  # (N, H, W, 3)
+    shown = stream_frames(store, 36, budget_bytes=1 << 20)
+    assert np.array_equal(shown[1], to_i420(store[1], 36)) and shown.kept == 1
+    assert stream_frames(store, 36, 1 << 20) is shown
+    key = id(store)
+    assert key in live._stream_frames
+    del store
+    gc.collect()
+    assert key not in live._stream_frames  # the cache does not keep an avatar's frames alive
+    with pytest.raises(RuntimeError, match="gone"):
+        shown[2]  # nothing shows that avatar any more; a frame not kept cannot be made

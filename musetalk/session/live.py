@@ -95,18 +95,21 @@ class StreamFrames:
     """
 
     def __init__(self, frames: FrameStore, max_height: int, budget_bytes: int) -> None:
-        self.frames, self.max_height, self.budget_bytes = frames, max_height, budget_bytes
+        # Only a weak reference: the registry below must not keep an avatar's frames alive once nothing
+        # shows them (every stream of the avatar holds the store itself).
+        self._frames = weakref.ref(frames)
+        self.max_height, self.budget_bytes = max_height, budget_bytes
         self.capacity: int | None = None  # frames that fit the budget (known once one is converted)
         self._kept: dict[int, NDArray[np.uint8]] = {}  # index → (H'·3/2, W') I420; only ever added to
-
-    def __len__(self) -> int:
-        return len(self.frames)
 
     def __getitem__(self, index: int) -> NDArray[np.uint8]:
         """Source frame `index` as a stream frame (H'·3/2, W') I420 uint8; must not be modified."""
         frame = self._kept.get(index)
         if frame is None:
-            frame = to_i420(self.frames[index], self.max_height)
+            frames = self._frames()
+            if frames is None:
+                raise RuntimeError("the avatar's frames are gone")  # a caller always holds them
+            frame = to_i420(frames[index], self.max_height)
             if self.capacity is None:
                 self.capacity = self.budget_bytes // max(1, frame.nbytes)
             if index < self.capacity:
@@ -119,16 +122,32 @@ class StreamFrames:
         return len(self._kept)
 
 
-# One StreamFrames per (avatar frame store, stream height), shared by every session that shows the avatar
-# and forgotten with the store (an avatar prepared again gets a new store, so never stale frames).
-_stream_frames: weakref.WeakKeyDictionary[Any, dict[int, StreamFrames]] = weakref.WeakKeyDictionary()
+# id(frame store) → (a weak reference to it, its StreamFrames by stream height): shared by every session
+# that shows the avatar, and dropped with the store (an avatar prepared again gets a new store, so frames
+# are never stale). Keyed by id, not by the store: a store may be a numpy array, which cannot be hashed.
+_stream_frames: dict[int, tuple[weakref.ref[Any], dict[int, StreamFrames]]] = {}
 _stream_frames_lock = threading.Lock()
+
+
+def _forgetter(key: int) -> Callable[[weakref.ref[Any]], None]:
+    """The weak reference's callback: it runs as the store is freed, before its id can be reused (a
+    dict.pop needs no lock, and the lock may be held by the thread that frees the store)."""
+
+    def forget(_: weakref.ref[Any]) -> None:
+        _stream_frames.pop(key, None)
+
+    return forget
 
 
 def stream_frames(frames: FrameStore, max_height: int, budget_bytes: int) -> StreamFrames:
     """The shared StreamFrames of an avatar's frames at this stream height (made on first use)."""
+    key = id(frames)
     with _stream_frames_lock:
-        by_height = _stream_frames.setdefault(frames, {})
+        entry = _stream_frames.get(key)
+        if entry is None or entry[0]() is not frames:
+            entry = (weakref.ref(frames, _forgetter(key)), {})
+            _stream_frames[key] = entry
+        by_height = entry[1]
         shared = by_height.get(max_height)
         if shared is None or shared.budget_bytes != budget_bytes:
             shared = by_height[max_height] = StreamFrames(frames, max_height, budget_bytes)
