@@ -87,6 +87,7 @@ async def start_services(
         worker.stop()
         if renderer is not None:
             _close_renderer(renderer)
+        gc_pauses.uninstall()
         raise
     if cfg.server.gc_freeze:
         gc_pauses.freeze("ready")
