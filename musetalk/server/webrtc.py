@@ -399,15 +399,17 @@ class LiveHub:
                         await self._close_peer(peer, f"no RTCP for {silent_s:.0f} s")
 
     def warn_if_behind(self, now_s: float) -> bool:
-        """Log a warning (at most every BEHIND_WARN_EVERY_S) when the streams' clocks tick late: the host is
-        short of CPU for its live streams. Returns whether it warned."""
+        """Log a warning (at most every BEHIND_WARN_EVERY_S) when the streams' clocks tick late: the server
+        cannot keep up with its live streams (the host's cores, or this process's GIL). Returns whether it
+        warned."""
         figures = self.stats()
         if figures["tick_late_p95_ms"] < BEHIND_WARN_MS or now_s - self._warned_s < BEHIND_WARN_EVERY_S:
             return False
         self._warned_s = now_s
         log.warning(
-            "live streams are falling behind %s: the host is short of CPU (fewer live sessions: "
-            "server.max_live_sessions; a smaller stream: server.webrtc.max_height)",
+            "live streams are falling behind %s: the server cannot keep up (busy cores, or with cores free "
+            "its threads waiting for the GIL: /health gil); fewer live sessions per process: "
+            "server.max_live_sessions, serve_cluster --replicas-per-gpu; a smaller stream: server.webrtc.max_height",
             kv(**figures),
         )
         return True
