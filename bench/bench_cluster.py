@@ -22,6 +22,11 @@ reports; must be 0).
     python bench/bench_cluster.py --device cuda --heights 1080 --ns 1 4 8 --replicas 1
     python bench/bench_cluster.py --device cuda --heights 1080 720 --replicas 1 2 4 8 --per-replica --ns 4 8 --kill
     python bench/bench_cluster.py --device cpu --size tiny --heights 360 --ns 1 2 4 --replicas 1 2 --kill  # here
+    python bench/bench_cluster.py --device cuda --heights 1080 --ns 12 --replicas 2 --replicas-per-gpu 2  # 1 GPU
+
+With `--replicas-per-gpu K`, K server processes share each GPU: on one GPU, `--replicas 2 --replicas-per-gpu
+2` compares two processes (each its own interpreter for blending, encoding and streaming) with the single
+server on the same GPU.
 """
 
 from __future__ import annotations
@@ -260,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heights", type=int, nargs="+", default=[1080])
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1], help="cluster sizes to run (one GPU each)")
+    parser.add_argument("--replicas-per-gpu", type=int, default=1,
+                        help="server processes sharing each GPU (serve_cluster --replicas-per-gpu)")
     parser.add_argument("--per-replica", action="store_true",
                         help="each N is sessions per replica (a cluster of R replicas gets N x R at once)")
     parser.add_argument("--no-single", dest="single", action="store_false", help="skip the server_fast.py baseline")
@@ -282,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     meta = run_meta(args.device, size=size, ray=ray.__version__, write_models_s=write_s, audio_s=AUDIO_S,
-                    preset=args.preset, compile=args.compile, repeats=args.repeats)  # fmt: skip
+                    preset=args.preset, compile=args.compile, repeats=args.repeats,
+                    replicas_per_gpu=args.replicas_per_gpu)  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "runs": [], "summary": []}
     wavs = [speech_wav(AUDIO_S, seed) for seed in range(8)]
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
@@ -304,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         overrides = overrides_for(args, models_dir, work / f"results-{height}-{label}", work)
                         log = work / f"server-{height}-{label}.log"
                         servers[label] = (
-                            ClusterServer(overrides, env, log, replicas, args.object_store_mb) if replicas
+                            ClusterServer(overrides, env, log, replicas, args.object_store_mb,
+                                          ["--replicas-per-gpu", str(args.replicas_per_gpu)]) if replicas
                             else Server(overrides, env, log)
                         )
                     for label, server in servers.items():
@@ -342,8 +351,9 @@ def summarize(height: int, runs: dict[str, dict[str, Any]], args: argparse.Names
         fps = {label: run["rounds"][n]["aggregate_fps"] for label, run in runs.items() if n in run.get("rounds", {})}
         row: dict[str, Any] = {"height": height, "n": n, "fps": {k: round(v, 1) for k, v in fps.items()}}
         one = fps.get(f"cluster{min(args.replicas)}")
-        if "single" in fps and "cluster1" in fps:
-            row["cluster1_over_single"] = round(fps["cluster1"] / fps["single"], 3)
+        smallest = f"cluster{min(args.replicas)}"
+        if "single" in fps and smallest in fps:  # Ray's overhead (one replica), or what K processes on a GPU add
+            row[f"{smallest}_over_single"] = round(fps[smallest] / fps["single"], 3)
         if one:
             clusters = {k: v for k, v in fps.items() if k.startswith("cluster")}
             row["scaling_vs_smallest_cluster"] = {k: round(v / one, 2) for k, v in clusters.items()}

@@ -57,6 +57,16 @@ def test_clip_has_exact_frames_and_matching_audio(tmp_path: Path, audio_s: float
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_a_clip_cut_short_holds_the_audio_of_its_frames_only(tmp_path: Path) -> None:
+    # The full clip's audio is encoded beside the video; a clip that ends early must not keep it.
+    n, got = 50, 30
+    clip = write_clip(iter(_frames(got)), _tone(2.0), tmp_path / "c.mp4", n, FPS, EncodeConfig(), allow_fewer=True)
+    assert clip.n_frames == got and probe(clip.path).n_video_frames == got
+    assert abs(_decoded_audio_samples(clip.path) - got * 1920) <= 1024
+    pcm, _ = sf.read(str(clip.audio_path))
+    assert len(pcm) == got * 1920
+
+
 def test_wrong_frame_count_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="expected 10 frames"):
         write_clip(iter(_frames(7)), _tone(0.4), tmp_path / "c.mp4", 10, FPS, EncodeConfig())

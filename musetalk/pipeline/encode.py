@@ -149,6 +149,22 @@ class _SegmentEncoders:
         self._pool.shutdown(wait=True)
 
 
+def _encode_audio(stream_context: Any, pcm: NDArray[np.float32], rate: int) -> list[av.Packet]:
+    """AAC packets of `pcm` (n,) float32 mono from a fresh encoder with the stream's settings.
+
+    A fresh encoder per call: the stream's own encoder can be used only once, and a clip cut short
+    encodes its audio a second time."""
+    import av
+
+    encoder = av.CodecContext.create("aac", "w")
+    encoder.sample_rate, encoder.layout, encoder.format = rate, "mono", "fltp"
+    encoder.bit_rate = stream_context.bit_rate
+    encoder.time_base = Fraction(1, rate)
+    encoder.flags |= stream_context.flags & av.codec.context.Flags.global_header
+    packets = [p for frame in audio_frames([pcm], rate) for p in encoder.encode(frame)]
+    return [*packets, *encoder.encode(None)]
+
+
 def _lower_priority(nice: int) -> None:
     """Run the calling thread (and the threads it starts) at `nice` on Linux, where nice values are per thread.
 
@@ -228,6 +244,9 @@ def write_clip(
             astream = container.add_stream("aac", rate=cfg.audio_rate, layout="mono")
             astream.bit_rate = cfg.audio_bitrate_kbps * 1000
 
+            # The clip's audio is known before its frames: encode it beside the video, off the critical path.
+            audio_pool = ThreadPoolExecutor(1, thread_name_prefix="musetalk-aac")
+            full_audio = audio_pool.submit(_encode_audio, astream.codec_context, pcm, cfg.audio_rate)
             frames_in = itertools.chain([first], frame_iter)
             try:
                 while True:
@@ -252,11 +271,16 @@ def write_clip(
                     container.mux(packet)
             finally:
                 segments.close()
-            # Audio after the video, so that a clip cut short gets exactly its frames' audio.
-            pcm = pcm[: count * cfg.audio_rate // fps]
-            for af in audio_frames([pcm], cfg.audio_rate):
-                container.mux(astream.encode(af))
-            container.mux(astream.encode(None))
+                audio_pool.shutdown(wait=True)
+            # Audio after the video; a clip cut short gets exactly its frames' audio, encoded again.
+            if count == n_frames:
+                audio_packets = full_audio.result()
+            else:
+                pcm = pcm[: count * cfg.audio_rate // fps]
+                audio_packets = _encode_audio(astream.codec_context, pcm, cfg.audio_rate)
+            for packet in audio_packets:
+                packet.stream = astream
+                container.mux(packet)
         sf.write(str(wav_tmp), pcm, cfg.audio_rate, subtype="PCM_16", format="WAV")
         os.replace(wav_tmp, wav_path)
         os.replace(tmp, path)

@@ -488,6 +488,8 @@ class SpeakService:
             append=appended.timings_ms["append_total"],
             total=(t_end - request.t0) * 1000,
         )
+        # Where the append's time went: read the clip, encode the session audio, write + fsync, commit.
+        timings.update({k: v for k, v in appended.timings_ms.items() if k != "append_total"})
         if utterance is not None and utterance.t_on_air is not None:  # played on a live stream
             timings["on_air"] = (utterance.t_on_air - request.t0) * 1000
         result = SpeakResult(
@@ -514,8 +516,6 @@ class SpeakService:
                 session_s=round(result.session_duration_s, 3),
                 interrupted=result.interrupted,
                 **{f"{k}_ms": round(v, 1) for k, v in timings.items()},
-                # Where the append's time went (read the clip, encode the audio, write + fsync, commit).
-                **{f"{k}_ms": round(v, 1) for k, v in appended.timings_ms.items() if k != "append_total"},
             ),
         )
         return result
