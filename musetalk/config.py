@@ -325,6 +325,10 @@ class ServerConfig(_Section):
     # Freeze the heap after start-up and after compiling (Python's gc.freeze): later garbage collections skip
     # the models' and compiler's millions of objects instead of stopping every thread while they walk them.
     gc_freeze: bool = True
+    # Python's GIL switch interval while serving (ms; 0 = Python's own, 5 ms). A thread that gives the GIL up
+    # for a short C call (the event loop sending a packet, say) may wait up to this long to get it back from
+    # a busy one; shorter means more switching between the busy threads too.
+    gil_switch_interval_ms: float = Field(default=0.0, ge=0, le=100)
     webrtc: WebRTCConfig = WebRTCConfig()
 
 

@@ -445,3 +445,15 @@ def test_health_reports_collections_and_the_heap_is_frozen_while_serving(tmp_pat
     assert gc.get_freeze_count() == 0
     with _client(tmp_path, "server.gc_freeze=false") as client:
         assert client.get("/health").json()["gc"]["frozen_objects"] == 0
+
+
+def test_the_gil_switch_interval_is_set_while_serving_and_restored_after(tmp_path: Path) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    with _client(tmp_path, "server.gil_switch_interval_ms=1") as client:
+        assert client.post("/speak", json={"text": "Hello."}).status_code == 200
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert sys.getswitchinterval() == before
+    with _client(tmp_path) as client:  # 0: Python's own setting is left alone
+        assert sys.getswitchinterval() == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -152,9 +153,14 @@ def create_app(
             log.error("cannot start: %s", exc)
             raise
         app.state.services = services
+        switch_s = sys.getswitchinterval()
+        if cfg.server.gil_switch_interval_ms:
+            # Process-wide on purpose: the event loop and every thread of the server take turns at the GIL.
+            sys.setswitchinterval(cfg.server.gil_switch_interval_ms / 1000)
         try:
             yield
         finally:
+            sys.setswitchinterval(switch_s)
             services.ready = False
             services.gil.stop()
             await services.hub.close()

@@ -532,7 +532,8 @@ def _read_clip_video(clip: Clip, fps: int) -> _ClipVideo:
     # Only packets are read, nothing is decoded: without skip_frame, opening decodes the first frame to fill
     # in stream info (a 1080p key frame, ~20 ms), on a decoder with a thread per core (on a 16-core host
     # ~160 ms, all of it spent before the first packet).
-    with av.open(str(clip.path), stream_options=[_NO_DECODE, _NO_DECODE]) as container:
+    # (PyAV's stub types the parameter list[str]; it takes one dict per stream, as its Container attribute says.)
+    with av.open(str(clip.path), stream_options=[_NO_DECODE, _NO_DECODE]) as container:  # type: ignore[list-item]
         if not container.streams.video:
             raise InputError(f"clip {clip.path.name} has no video stream")
         stream = container.streams.video[0]
