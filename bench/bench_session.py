@@ -1,6 +1,7 @@
 """What one /speak append costs as the session grows: time and bytes written, at 1 to 5,000 clips.
 
     python -m bench.bench_session [--checkpoints 1,100,1000,5000] [--width 1280 --height 720] [--clip-s 3.0]
+                                  [--aac-coder fast|twoloop]
 
 Appends clips to one session with the real stitcher (musetalk/session) and, for every append, measures
 its wall time and the bytes the process wrote (`write_bytes` of /proc/self/io, around the append only).
@@ -168,7 +169,7 @@ def _decode_mono(path: Path) -> NDArray[np.float32]:
 
 def join_snr_db(paths: SessionPaths, state: SessionState, cfg: EncodeConfig) -> dict[str, list[float]]:
     """SNR (dB) against the source PCM of the session's decoded audio and of one AAC encode (FFmpeg, same
-    bitrate) of the whole session's PCM: in a window around each join ("join", "join_one_pass") and, as a
+    bitrate and coder) of the whole session's PCM: in a window around each join ("join", "join_one_pass") and, as a
     control, in a window of the same length in the middle of each clip ("mid", "mid_one_pass")."""
     rate = state.audio_rate
     parts = []
@@ -180,7 +181,8 @@ def join_snr_db(paths: SessionPaths, state: SessionState, cfg: EncodeConfig) -> 
     with tempfile.TemporaryDirectory() as tmp:
         wav, m4a = Path(tmp) / "all.wav", Path(tmp) / "all.m4a"
         sf.write(str(wav), source, rate)
-        run_ffmpeg(["-i", str(wav), "-c:a", "aac", "-b:a", f"{cfg.audio_bitrate_kbps}k", str(m4a)])
+        run_ffmpeg(["-i", str(wav), "-c:a", "aac", "-aac_coder", cfg.aac_coder, "-b:a", f"{cfg.audio_bitrate_kbps}k",
+                    str(m4a)])  # fmt: skip
         one_pass = _decode_mono(m4a)
     session = _decode_mono(paths.video)
 
@@ -211,13 +213,15 @@ def main() -> None:
     parser.add_argument("--clip-s", type=float, default=3.0, help="seconds per clip (a sentence)")
     parser.add_argument("--sources", type=int, default=4, help="distinct clips encoded and reused")
     parser.add_argument("--snr-clips", type=int, default=24, help="spoken sentences in the join-SNR session")
+    parser.add_argument("--aac-coder", choices=["fast", "twoloop"], default=EncodeConfig().aac_coder,
+                        help="encode.aac_coder of the clips and the session")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_session.json")
     parser.add_argument("--workdir", type=Path, default=None, help="where the session is written (default: a temp dir)")
     args = parser.parse_args()
     checkpoints = [int(x) for x in args.checkpoints.split(",")]
     n_appends = max(checkpoints) + WINDOW - 1
 
-    cfg = EncodeConfig()
+    cfg = EncodeConfig(aac_coder=args.aac_coder)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         fs = filesystem_of(root)
@@ -228,8 +232,10 @@ def main() -> None:
 
         speech = make_speech_clips(root / "src", args.snr_clips, cfg)
         snr_store = SessionStore(root / "snr", "default", FPS, cfg)
+        speech_aac_ms = []  # the appends' AAC encode of spoken sentences (its speed depends on the signal)
         for clip in speech:
-            snr_store.append("default", _link_clip(clip, snr_store.new_clip_path("default")), 0, "bench")
+            done = snr_store.append("default", _link_clip(clip, snr_store.new_clip_path("default")), 0, "bench")
+            speech_aac_ms.append(done.timings_ms["append_encode"] / clip.duration_s)
         snr_db = join_snr_db(snr_store.paths("default"), snr_store.state("default"), cfg)
         snr_store.close()
         shutil.rmtree(root / "snr")
@@ -302,12 +308,14 @@ def main() -> None:
         "filesystem": fs,
         "frame": f"{args.width}x{args.height}",
         "clip_s": args.clip_s,
+        "aac_coder": cfg.aac_coder,
         "clip_encode_s": round(encode_s, 2),
         "final_session": {"clips": n_appends, "size_mb": round(size_mb, 1), "open_ms": round(open_ms, 1)},
         "rows": rows,
         "ratio_last_to_first": {"time": round(last["append_ms"] / first["append_ms"], 2),
                                 "bytes": round(last["written_kb"] / first["written_kb"], 3)},
         "snr_db": snr_db,
+        "speech_append_aac_ms_per_s": round(statistics.median(speech_aac_ms), 2),
         "append_ms_all": [round(x, 1) for x in append_ms],
         "written_bytes_all": written,
     }  # fmt: skip
@@ -317,6 +325,8 @@ def main() -> None:
     for r in rows:
         print(" ".join(f"{r[c]:>{max(9, len(c))}}" for c in cols))
     print(f"last / first checkpoint: {report['ratio_last_to_first']}; final session: {report['final_session']}")
+    print(f"AAC encode in the appends of spoken sentences: {report['speech_append_aac_ms_per_s']} ms per s of audio"
+          f" (median, encode.aac_coder={cfg.aac_coder})")
     for where in ("join", "mid"):
         own, one = np.array(snr_db[where]), np.array(snr_db[f"{where}_one_pass"])
         d = own - one

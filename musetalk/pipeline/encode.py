@@ -149,18 +149,22 @@ class _SegmentEncoders:
         self._pool.shutdown(wait=True)
 
 
-def _encode_audio(stream_context: Any, pcm: NDArray[np.float32], rate: int) -> list[av.Packet]:
-    """AAC packets of `pcm` (n,) float32 mono from a fresh encoder with the stream's settings.
-
-    A fresh encoder per call: the stream's own encoder can be used only once, and a clip cut short
-    encodes its audio a second time."""
+def aac_encoder(rate: int, cfg: EncodeConfig) -> av.AudioCodecContext:
+    """A fresh AAC encoder for mono float audio at `rate` with the settings of every clip and session."""
     import av
 
     encoder = av.CodecContext.create("aac", "w")
     encoder.sample_rate, encoder.layout, encoder.format = rate, "mono", "fltp"
-    encoder.bit_rate = stream_context.bit_rate
+    encoder.bit_rate = cfg.audio_bitrate_kbps * 1000
     encoder.time_base = Fraction(1, rate)
-    encoder.flags |= stream_context.flags & av.codec.context.Flags.global_header
+    encoder.options = {"aac_coder": cfg.aac_coder}
+    return encoder
+
+
+def _encode_audio(pcm: NDArray[np.float32], rate: int, cfg: EncodeConfig) -> list[av.Packet]:
+    """AAC packets of `pcm` (n,) float32 mono, from a fresh encoder: a stream's own encoder can be used
+    only once, and a clip cut short encodes its audio a second time."""
+    encoder = aac_encoder(rate, cfg)
     packets = [p for frame in audio_frames([pcm], rate) for p in encoder.encode(frame)]
     return [*packets, *encoder.encode(None)]
 
@@ -246,7 +250,7 @@ def write_clip(
 
             # The clip's audio is known before its frames: encode it beside the video, off the critical path.
             audio_pool = ThreadPoolExecutor(1, thread_name_prefix="musetalk-aac")
-            full_audio = audio_pool.submit(_encode_audio, astream.codec_context, pcm, cfg.audio_rate)
+            full_audio = audio_pool.submit(_encode_audio, pcm, cfg.audio_rate, cfg)
             frames_in = itertools.chain([first], frame_iter)
             try:
                 while True:
@@ -277,7 +281,7 @@ def write_clip(
                 audio_packets = full_audio.result()
             else:
                 pcm = pcm[: count * cfg.audio_rate // fps]
-                audio_packets = _encode_audio(astream.codec_context, pcm, cfg.audio_rate)
+                audio_packets = _encode_audio(pcm, cfg.audio_rate, cfg)
             for packet in audio_packets:
                 packet.stream = astream
                 container.mux(packet)

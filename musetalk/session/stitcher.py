@@ -55,7 +55,7 @@ from numpy.typing import NDArray
 
 from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError, SessionConflict
-from musetalk.pipeline.encode import audio_frames
+from musetalk.pipeline.encode import aac_encoder, audio_frames
 from musetalk.session import fmp4
 from musetalk.types import Clip
 
@@ -495,12 +495,8 @@ def _encode_aac(
 ) -> tuple[list[_AacPacket], bytes]:
     """AAC-encode float32 mono `parts`, played one after the other from `start` samples into the session →
     (packets, config); fed in chunks, so no joined copy of a long clip's audio is made."""
-    import av
 
-    encoder = av.CodecContext.create("aac", "w")
-    encoder.sample_rate, encoder.layout, encoder.format = rate, "mono", "fltp"
-    encoder.bit_rate = cfg.audio_bitrate_kbps * 1000
-    encoder.time_base = Fraction(1, rate)
+    encoder = aac_encoder(rate, cfg)
     packets = []
     encoded = [p for frame in audio_frames(parts, rate) for p in encoder.encode(frame)]
     for packet in [*encoded, *encoder.encode(None)]:
