@@ -65,15 +65,32 @@ class ClusterServer(Server):
     """`python -m scripts.serve_cluster` as a child process on 127.0.0.1 (it starts and stops its own Ray)."""
 
     def __init__(
-        self, overrides: list[str], env: dict[str, str], log_path: Path, replicas: int, object_store_mb: int,
+        self,
+        overrides: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        replicas: int,
+        object_store_mb: int,
         extra_args: Sequence[str] = (),
     ) -> None:
         """extra_args: more serve_cluster options (e.g. --replicas-per-gpu 2)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.replicas = replicas
-        cmd = [sys.executable, "-m", "scripts.serve_cluster", "--replicas", str(replicas), "--host", "127.0.0.1",
-               "--port", str(self.port), "--object-store-mb", str(object_store_mb), *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.serve_cluster",
+            "--replicas",
+            str(replicas),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--object-store-mb",
+            str(object_store_mb),
+            *extra_args,
+        ]
         for item in overrides:
             cmd += ["--set", item]
         self.log = log_path.open("w")
@@ -155,7 +172,10 @@ def sessions_for(args: argparse.Namespace, server: Server, n: int) -> int:
 
 
 def measure(
-    args: argparse.Namespace, servers: dict[str, Server], runs: dict[str, dict[str, Any]], height: int,
+    args: argparse.Namespace,
+    servers: dict[str, Server],
+    runs: dict[str, dict[str, Any]],
+    height: int,
     wavs: list[bytes],
 ) -> None:
     """For each N, `repeats` rounds on every server, the servers taking turns (alternating order), so that
@@ -165,8 +185,9 @@ def measure(
         rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
         for k in range(args.repeats):
             for label in labels if k % 2 == 0 else labels[::-1]:
-                r = run_round(servers[label].url, sessions_for(args, servers[label], n), f"{label}-n{n}-r{k}", False,
-                              wavs)
+                r = run_round(
+                    servers[label].url, sessions_for(args, servers[label], n), f"{label}-n{n}-r{k}", False, wavs
+                )
                 r.pop("requests", None)
                 rounds[label].append(r)
         for label in labels:
@@ -192,8 +213,12 @@ def kill_round(server: ClusterServer, n: int, label: str, wavs: list[bytes]) -> 
     lock = threading.Lock()
 
     def first(i: int) -> None:
-        r = httpx.post(f"{server.url}/speak_audio", files={"file": ("u.wav", wavs[i % len(wavs)], "audio/wav")},
-                       data={"session_id": sessions[i]}, timeout=300)
+        r = httpx.post(
+            f"{server.url}/speak_audio",
+            files={"file": ("u.wav", wavs[i % len(wavs)], "audio/wav")},
+            data={"session_id": sessions[i]},
+            timeout=300,
+        )
         if r.status_code == 200:
             with lock:
                 acknowledged[sessions[i]] = 1
@@ -219,8 +244,12 @@ def kill_round(server: ClusterServer, n: int, label: str, wavs: list[bytes]) -> 
         while time.perf_counter() - t_kill < 300:
             t_send = time.perf_counter()
             try:
-                r = httpx.post(f"{server.url}/speak_audio", data={"session_id": session},
-                               files={"file": ("u.wav", wavs[i % len(wavs)], "audio/wav")}, timeout=300)
+                r = httpx.post(
+                    f"{server.url}/speak_audio",
+                    data={"session_id": session},
+                    files={"file": ("u.wav", wavs[i % len(wavs)], "audio/wav")},
+                    timeout=300,
+                )
             except httpx.HTTPError:
                 time.sleep(0.5)
                 continue
@@ -265,10 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heights", type=int, nargs="+", default=[1080])
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1], help="cluster sizes to run (one GPU each)")
-    parser.add_argument("--replicas-per-gpu", type=int, default=1,
-                        help="server processes sharing each GPU (serve_cluster --replicas-per-gpu)")
-    parser.add_argument("--per-replica", action="store_true",
-                        help="each N is sessions per replica (a cluster of R replicas gets N x R at once)")
+    parser.add_argument(
+        "--replicas-per-gpu",
+        type=int,
+        default=1,
+        help="server processes sharing each GPU (serve_cluster --replicas-per-gpu)",
+    )
+    parser.add_argument(
+        "--per-replica",
+        action="store_true",
+        help="each N is sessions per replica (a cluster of R replicas gets N x R at once)",
+    )
     parser.add_argument("--no-single", dest="single", action="store_false", help="skip the server_fast.py baseline")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per N (the median is reported)")
     parser.add_argument("--kill", action="store_true", help="kill a replica of the largest cluster at the end")
@@ -296,14 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         work = Path(tmp)
         for height in args.heights:
-            env = {"BENCH_AVATAR_HEIGHT": str(height), "BENCH_AVATAR_FRAMES": str(args.avatar_frames),
-                   "PYTHONUNBUFFERED": "1"}
+            env = {
+                "BENCH_AVATAR_HEIGHT": str(height),
+                "BENCH_AVATAR_FRAMES": str(args.avatar_frames),
+                "PYTHONUNBUFFERED": "1",
+            }
             clusters = [(f"cluster{r}", r) for r in args.replicas]
             # The single server and the smallest cluster run side by side, taking turns round by round (one
             # GPU holds both); larger clusters need the GPUs to themselves and come one after another.
-            groups = [[("single", 0), clusters[0]], *[[c] for c in clusters[1:]]] if args.single else [
-                [c] for c in clusters
-            ]
+            groups = (
+                [[("single", 0), clusters[0]], *[[c] for c in clusters[1:]]] if args.single else [[c] for c in clusters]
+            )
             runs: dict[str, dict[str, Any]] = {}
             for group in groups:
                 servers: dict[str, Server] = {}
@@ -312,8 +351,15 @@ def main(argv: list[str] | None = None) -> int:
                         overrides = overrides_for(args, models_dir, work / f"results-{height}-{label}", work)
                         log = work / f"server-{height}-{label}.log"
                         servers[label] = (
-                            ClusterServer(overrides, env, log, replicas, args.object_store_mb,
-                                          ["--replicas-per-gpu", str(args.replicas_per_gpu)]) if replicas
+                            ClusterServer(
+                                overrides,
+                                env,
+                                log,
+                                replicas,
+                                args.object_store_mb,
+                                ["--replicas-per-gpu", str(args.replicas_per_gpu)],
+                            )
+                            if replicas
                             else Server(overrides, env, log)
                         )
                     for label, server in servers.items():
@@ -323,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                     if args.kill and isinstance(last, ClusterServer) and last.replicas == max(args.replicas) > 1:
                         runs[label]["kill"] = kill_round(last, sessions_for(args, last, max(args.ns)), label, wavs)
                 except Exception as exc:  # keep the other runs' figures
-                    print(f"{height}p {[g[0] for g in group]}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}",
-                          flush=True)
+                    print(
+                        f"{height}p {[g[0] for g in group]}: FAILED {type(exc).__name__}: {str(exc)[-2000:]}",
+                        flush=True,
+                    )
                     for label, _ in group:
                         log = work / f"server-{height}-{label}.log"
                         runs.setdefault(label, {"label": label, "height": height, "rounds": {}})

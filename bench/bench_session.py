@@ -213,8 +213,12 @@ def main() -> None:
     parser.add_argument("--clip-s", type=float, default=3.0, help="seconds per clip (a sentence)")
     parser.add_argument("--sources", type=int, default=4, help="distinct clips encoded and reused")
     parser.add_argument("--snr-clips", type=int, default=24, help="spoken sentences in the join-SNR session")
-    parser.add_argument("--aac-coder", choices=["fast", "twoloop"], default=EncodeConfig().aac_coder,
-                        help="encode.aac_coder of the clips and the session")
+    parser.add_argument(
+        "--aac-coder",
+        choices=["fast", "twoloop"],
+        default=EncodeConfig().aac_coder,
+        help="encode.aac_coder of the clips and the session",
+    )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_session.json")
     parser.add_argument("--workdir", type=Path, default=None, help="where the session is written (default: a temp dir)")
     args = parser.parse_args()
@@ -325,8 +329,10 @@ def main() -> None:
     for r in rows:
         print(" ".join(f"{r[c]:>{max(9, len(c))}}" for c in cols))
     print(f"last / first checkpoint: {report['ratio_last_to_first']}; final session: {report['final_session']}")
-    print(f"AAC encode in the appends of spoken sentences: {report['speech_append_aac_ms_per_s']} ms per s of audio"
-          f" (median, encode.aac_coder={cfg.aac_coder})")
+    print(
+        f"AAC encode in the appends of spoken sentences: {report['speech_append_aac_ms_per_s']} ms per s of audio"
+        f" (median, encode.aac_coder={cfg.aac_coder})"
+    )
     for where in ("join", "mid"):
         own, one = np.array(snr_db[where]), np.array(snr_db[f"{where}_one_pass"])
         d = own - one
