@@ -112,6 +112,19 @@ def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: in
     run_ffmpeg(["-xerror", "-i", str(tmp_path / "j.mp4"), "-f", "null", "-"])
 
 
+def test_an_i420_view_reads_the_array_in_place() -> None:
+    from musetalk.utils.yuv import i420_frame_view, i420_video_frame
+
+    i420 = np.random.default_rng(1).integers(0, 255, (96 * 3 // 2, 64), dtype=np.uint8)
+    view = i420_frame_view(i420)
+    assert np.array_equal(view.to_ndarray(format="yuv420p"), i420)
+    assert np.array_equal(view.to_ndarray(format="yuv420p"), i420_video_frame(i420).to_ndarray(format="yuv420p"))
+    i420[0, 0] ^= 0xFF  # in place: the frame sees the change (which is why tick frames are never modified)
+    assert view.to_ndarray(format="yuv420p")[0, 0] == i420[0, 0]
+    strided = np.zeros((96 * 3 // 2, 128), np.uint8)[:, ::2]  # not contiguous: copied instead
+    assert np.array_equal(i420_frame_view(strided).to_ndarray(format="yuv420p"), strided)
+
+
 def test_i420_video_frame_matches_pyav_conversion() -> None:
     import av
 

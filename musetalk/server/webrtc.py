@@ -41,7 +41,7 @@ from musetalk.errors import BadOffer, Busy, LiveUnavailable
 from musetalk.session.live import AUDIO_RATE_HZ, LiveSession, Tick, Viewer
 from musetalk.utils.logs import kv
 from musetalk.utils.recent import quantile
-from musetalk.utils.yuv import i420_video_frame
+from musetalk.utils.yuv import i420_frame_view
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ class LiveVideoTrack(MediaStreamTrack):
         tick = await self._viewer.newest_video()
         self._viewer.video_age_ms.add((asyncio.get_running_loop().time() - tick.t_loop_s) * 1000)
         self._on_tick(tick)
-        frame = i420_video_frame(tick.frame)  # copies without holding the GIL (many viewers, one process)
+        # No copy: a tick's frame is never modified (every viewer of the session shares it). Each viewer still
+        # gets a VideoFrame of its own, because aiortc reads pts on its encoder thread.
+        frame = i420_frame_view(tick.frame)
         frame.pts = round(tick.index * VIDEO_CLOCK_HZ / self._fps)
         frame.time_base = Fraction(1, VIDEO_CLOCK_HZ)
         return frame

@@ -1,4 +1,4 @@
-"""Planar YUV frames for PyAV's encoders, filled without holding the GIL."""
+"""Planar YUV frames for PyAV's encoders: filled without holding the GIL, or viewing the array itself."""
 
 from __future__ import annotations
 
@@ -30,3 +30,13 @@ def i420_video_frame(i420: NDArray[np.uint8]) -> av.VideoFrame:
         np.copyto(dst, flat[offset : offset + h * w].reshape(h, w))
         offset += h * w
     return frame
+
+
+def i420_frame_view(i420: NDArray[np.uint8]) -> av.VideoFrame:
+    """A yuv420p VideoFrame that reads the (H·3/2, W) I420 array in place (no copy), for frames that are
+    never modified while an encoder may still read them; a copy (i420_video_frame) if not contiguous."""
+    import av
+
+    if not i420.flags.c_contiguous:
+        return i420_video_frame(i420)
+    return av.VideoFrame.from_numpy_buffer(i420, format="yuv420p")
