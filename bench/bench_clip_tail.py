@@ -46,7 +46,7 @@ def i420_frames(width: int, height: int, n: int) -> list[NDArray[np.uint8]]:
     """n frames (H·3/2, W) I420 of a photo drifting a little per frame (a talking head's bitrate)."""
     photo = _photo(width + 64, height + 64)
     crops = (np.ascontiguousarray(photo[i % 32 : i % 32 + height, i % 48 : i % 48 + width]) for i in range(n))
-    return [cv2.cvtColor(crop, cv2.COLOR_BGR2YUV_I420) for crop in crops]
+    return [np.asarray(cv2.cvtColor(crop, cv2.COLOR_BGR2YUV_I420), np.uint8) for crop in crops]
 
 
 def paced(frames: list[NDArray[np.uint8]], fps: float, marks: dict[str, float]) -> Iterator[NDArray[np.uint8]]:
@@ -66,7 +66,8 @@ def read_parts(clip_path: Path, wav_path: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     av.open(str(clip_path)).close()
     t_plain = time.perf_counter()
-    container = av.open(str(clip_path), stream_options=[{"skip_frame": "all", "threads": "1"}] * 2)
+    no_decode = [{"skip_frame": "all", "threads": "1"}] * 2  # as the append opens a clip
+    container = av.open(str(clip_path), stream_options=no_decode)  # type: ignore[arg-type]  # (PyAV's stub)
     t_open = time.perf_counter()
     stream = container.streams.video[0]
     n = sum(1 for packet in container.demux(stream) if packet.size)

@@ -126,6 +126,7 @@ def test_idle_stream_has_both_tracks_at_fps_and_keeps_moving(live: Live) -> None
     # /health's stream figures: one stream, one viewer, and an idle stream that keeps up with its clock.
     assert figures["sessions"] == 1 and figures["viewers"] == 1
     assert all(0 <= figures[k] < 1000 for k in ("tick_late_p95_ms", "video_age_p95_ms", "audio_late_p95_ms"))
+    assert figures["held_frames"] == 0  # idle: nothing to hold
     fps = live.cfg.fps
     arrivals = [t for t, _, _ in r.video]
     last_2s = [t for t in arrivals if t > arrivals[-1] - 2.0]

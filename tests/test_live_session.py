@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_the_record_holds_exactly_the_frames_the_stream_showed_before_a_cut(
     cache = load_avatar(cfg, cfg.avatar_id)
     engine = Engine(cfg, PreviewFaces(cfg.fps, 4))
 
-    async def run() -> tuple[list[Tick], int, int]:
+    async def run() -> tuple[list[Tick], int, int, int]:
         live = LiveSession("s", cfg.fps, lambda _: cache.frames, cfg.avatar_id, 0, buffer_frames=10, lead_frames=2)
         ticks: list[Tick] = []
         watcher = _watch(live, ticks)
@@ -74,13 +75,14 @@ def test_the_record_holds_exactly_the_frames_the_stream_showed_before_a_cut(
         await asyncio.sleep(0.2)
         watcher.cancel()
         live.close()
-        return ticks, utterance.played, result.clip.n_frames
+        return ticks, utterance.played, result.clip.n_frames, live.held_frames
 
     try:
-        ticks, played, n_frames = asyncio.run(run())
+        ticks, played, n_frames, held = asyncio.run(run())
     finally:
         engine.close()
     on_air = [t for t in ticks if t.utterance == 1]
+    assert held == sum(1 for t in on_air if not t.pcm.any())  # every held tick is counted
     # A tick of the utterance with no audio holds its last frame (rendering fell behind); the others each
     # showed a new frame, with its audio (the test voice is never silent).
     spoken = [t for t in on_air if t.pcm.any()]
@@ -294,3 +296,41 @@ def test_stream_frames_take_an_array_store_and_are_dropped_with_it() -> None:
     assert key not in live._stream_frames  # the cache does not keep an avatar's frames alive
     with pytest.raises(RuntimeError, match="gone"):
         shown[2]  # nothing shows that avatar any more; a frame not kept cannot be made
+
+
+class _SlowStream:
+    """A frame stream (what the engine's frame tap sees) that renders one frame every `every_s` seconds."""
+
+    def __init__(self, n_frames: int, every_s: float, size: tuple[int, int] = (48, 64)) -> None:
+        self.n_frames, self.every_s = n_frames, every_s
+        self.audio = _voice(n_frames / 25)
+        self.plan = type("Plan", (), {"cursor": 0})()
+        h, w = size
+        self._frames = [np.full((h * 3 // 2, w), 16 + 8 * k, np.uint8) for k in range(n_frames)]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for frame in self._frames:
+            time.sleep(self.every_s)
+            yield frame
+
+
+def test_a_render_slower_than_the_stream_holds_frames_and_says_so() -> None:
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+
+    async def run() -> tuple[list[Tick], int, int]:
+        live = LiveSession("s", 25, lambda _: frames, "a", 0, buffer_frames=10, lead_frames=2)
+        ticks: list[Tick] = []
+        watcher = _watch(live, ticks)
+        utterance = live.new_utterance(1, "a")
+        # 12 frames, one every 100 ms: the 40-ms clock shows each new one once and holds it ~1.5 ticks more.
+        stream = _SlowStream(12, 0.1)  # stands in for the engine's FrameStream (the attributes tap reads)
+        shown = await asyncio.to_thread(lambda: list(utterance.tap(stream)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        watcher.cancel()
+        live.close()
+        return ticks, len(shown), live.held_frames
+
+    ticks, n_shown, held = asyncio.run(run())
+    on_air = [t for t in ticks if t.utterance == 1]
+    assert n_shown == 12 and len({t.frame[0, 0] for t in on_air}) == 12
+    assert held == len(on_air) - 12 >= 6  # ~1.5 held ticks per new frame; fewer if the loop runs late

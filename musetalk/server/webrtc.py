@@ -293,8 +293,9 @@ class LiveHub:
     def stats(self) -> dict[str, float]:
         """For /health: sessions with a live stream, their viewers, and over the last 10 s the p95 of how late
         the streams' ticks went on air, how old a tick's frame was when taken for encoding, and how late
-        audio packets were sent (all ms; these grow when the host's CPU cannot keep up); and the video frames
-        the current viewers' tracks skipped to catch up since they connected."""
+        audio packets were sent (all ms; these grow when the host's CPU cannot keep up); the video frames
+        the current viewers' tracks skipped to catch up since they connected; and the ticks the current
+        streams held an utterance's last frame because the render fell behind."""
         streams = list(self._sessions.values())
         viewers = [v for live in streams for v in live.viewers]
         return {
@@ -304,6 +305,7 @@ class LiveHub:
             "video_age_p95_ms": round(quantile((x for v in viewers for x in v.video_age_ms.values()), 0.95), 1),
             "audio_late_p95_ms": round(quantile((x for v in viewers for x in v.audio_late_ms.values()), 0.95), 1),
             "video_dropped": sum(v.video_dropped for v in viewers),
+            "held_frames": sum(live.held_frames for live in streams),
         }
 
     async def offer(self, session_id: str, sdp: str, kind: str) -> RTCSessionDescription:

@@ -415,6 +415,9 @@ class LiveSession:
         self._clock: asyncio.Task[None] | None = None
         self.ticks = 0
         self.late_ms = RecentValues(STATS_WINDOW_S)  # how late each tick went on air (a busy event loop)
+        # Ticks that showed an utterance's last frame again because its next one was not rendered yet (the
+        # render fell behind the stream: the viewer sees the mouth stop), since the stream started.
+        self.held_frames = 0
 
     @property
     def n_source_frames(self) -> int:
@@ -496,6 +499,7 @@ class LiveSession:
                 self._last_frame = None
                 continue
             if current.played > 0 and self._last_frame is not None:
+                self.held_frames += 1
                 return self._last_frame, None, current.id  # render fell behind: hold the frame, no audio
             break
         return None, None, None
