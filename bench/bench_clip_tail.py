@@ -1,7 +1,7 @@
 """What a lone utterance pays after its last frame: the clip encoder's tail and the session append's parts.
 
     python -m bench.bench_clip_tail [--width 1920 --height 1080] [--clip-s 5] [--produce-fps 400] [--repeats 5]
-                                    [--threads 0 4] [--gops 50 25]
+                                    [--threads 0 4] [--gops 50 25] [--workers 0 8]
 
 No model runs: a producer hands the real clip encoder (`write_clip`, I420 frames as the GPU blend makes
 them) one frame every 1/produce-fps s — the speed the GPU generates at — and the clip is then appended to
@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from bench.bench_session import _photo
 from musetalk.config import PROJECT_ROOT, EncodeConfig
-from musetalk.pipeline.encode import write_clip
+from musetalk.pipeline.encode import segment_workers, write_clip
 from musetalk.session.store import SessionStore
 from musetalk.types import Audio
 
@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="veryfast")
     parser.add_argument("--threads", type=int, nargs="+", default=[0], help="encode.threads values to compare")
     parser.add_argument("--gops", type=int, nargs="+", default=[50], help="encode.gop_frames values to compare")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0], help="encode.segment_workers values to compare (0 = auto)"
+    )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_clip_tail.json")
     args = parser.parse_args(argv)
 
@@ -112,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             "clip_s": args.clip_s, "produce_fps": args.produce_fps, "preset": args.preset}  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-clip-tail-", dir=PROJECT_ROOT / "results") as tmp:
-        for threads, gop in itertools.product(args.threads, args.gops):
-            cfg = EncodeConfig(preset=args.preset, threads=threads, gop_frames=gop)
-            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}", "default", FPS, cfg)
+        for threads, gop, workers in itertools.product(args.threads, args.gops, args.workers):
+            cfg = EncodeConfig(preset=args.preset, threads=threads, gop_frames=gop, segment_workers=workers)
+            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}-w{workers}", "default", FPS, cfg)
+            label = f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)}"
             rows = []
             for rep in range(args.repeats):
                 sid = f"s{rep}"
@@ -136,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                     **parts,
                 }
                 rows.append(row)
-                print(f"threads={threads} gop={gop} #{rep}: {_line(row)}", flush=True)
+                print(f"{label} #{rep}: {_line(row)}", flush=True)
             medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            result["configs"].append({"threads": threads, "gop_frames": gop, "rows": rows, "median": medians})
-            print(f"threads={threads} gop={gop} median: {_line(medians)}", flush=True)
+            config = {"threads": threads, "gop_frames": gop, "segment_workers": workers or segment_workers(cfg)}
+            result["configs"].append({**config, "rows": rows, "median": medians})
+            print(f"{label} median: {_line(medians)}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
