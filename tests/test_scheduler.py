@@ -176,19 +176,21 @@ def test_out_of_memory_fails_only_the_utterances_in_that_batch(avatar: AvatarCac
         sched.close()
 
 
-@pytest.mark.parametrize("behind", [False, True])
-def test_stats_report_frames_per_second_and_lateness(avatar: AvatarCache, behind: bool) -> None:
+@pytest.mark.parametrize(("behind", "timed"), [(False, True), (True, True), (True, False)])
+def test_stats_report_frames_per_second_and_lateness(avatar: AvatarCache, behind: bool, timed: bool) -> None:
     # 4 frames per batch: 10 ms a batch is 400 frames/s (ahead of 25 fps), 400 ms a batch 10 frames/s (behind:
-    # frame 16 comes ~1.0 s after its deadline).
+    # frame 16 comes ~1.0 s after its deadline). An untimed utterance (the server's warm-up clip) is left out.
     sched = FrameScheduler(SlowGpu(batch_s=0.4 if behind else 0.01), fps=25, queue_frames=64, start_budget_s=0.0)
     try:
-        _drain(_submit(sched, avatar, 1, 20))
+        frames = np.arange(20, dtype=np.int64)
+        utt = sched.submit(avatar, np.full(16000, 1, np.float32), 20, frames, frames % avatar.n_frames, timed=timed)
+        _drain(utt)
         time.sleep(0.01)
         stats = sched.stats()
     finally:
         sched.close()
     assert stats["frames_per_s"] > 0 and stats["live_utterances"] == 0
-    if behind:
+    if behind and timed:
         assert stats["lateness_p95_ms"] > 500
     else:
         assert stats["lateness_p95_ms"] < 100

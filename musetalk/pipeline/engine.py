@@ -113,6 +113,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         timings_ms: dict[str, float],
         yuv: bool,
         context_16k: NDArray[np.float32] | None = None,
+        timed: bool = True,
     ) -> None:
         self.engine, self.cache, self.audio, self.plan = engine, cache, audio, plan
         self.n_frames = plan.n_frames
@@ -143,6 +144,7 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                 phonemes,
                 first_frame=k,
                 blend_weights=plan.weights[needed] if self._composed else None,
+                timed=timed,
             )
         self._feeder = threading.Thread(target=self._feed, name="musetalk-feed", daemon=True)
         self._feeder.start()
@@ -288,12 +290,14 @@ class Engine:
         *,
         yuv: bool = False,
         left_context_16k: NDArray[np.float32] | None = None,
+        timed: bool = True,
     ) -> FrameStream:
         """Start a clip; returns its frame iterator at once (audio errors raise here, as InputError).
 
         left_context_16k: 16 kHz audio that preceded this clip (the previous sentence); its last whole frames
         (≤ 2 s) are heard by the face source first, so the clip's first frames are conditioned as in one
-        continuous rendering. It adds no frames to the clip.
+        continuous rendering. It adds no frames to the clip. timed=False: a warm-up, left out of the
+        scheduler's lateness figures.
         """
         t0 = time.perf_counter()
         if cache.fps != self.cfg.fps and cache.avatar_id not in self._warned_fps:
@@ -310,7 +314,7 @@ class Engine:
             "silent_frames": float(np.sum(plan.weights == 0)),
         }
         context = context_samples(left_context_16k, self.cfg.fps)  # the caller chose how much to pass
-        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv, context)
+        return FrameStream(self, cache, decoded, samples_16k, plan, t0, timings, yuv, context, timed)
 
     def render(
         self,
@@ -321,14 +325,16 @@ class Engine:
         *,
         left_context_16k: NDArray[np.float32] | None = None,
         frame_tap: FrameTap | None = None,
+        timed: bool = True,
     ) -> RenderResult:
         """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip.
 
         frame_tap: sees the stream and passes its I420 frames on to the encoder (e.g. showing each on a live
         stream first); when it ends early the clip holds only the frames it passed, audio cut to match.
+        timed=False: a warm-up clip, left out of the scheduler's lateness figures.
         """
         t0 = time.perf_counter()
-        with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k) as stream:
+        with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k, timed=timed) as stream:
             frames = frame_tap(stream) if frame_tap is not None else stream
             clip = write_clip(
                 frames, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p",

@@ -66,8 +66,10 @@ class Utterance:
         due_s: NDArray[np.float64],
         cv: threading.Condition,
         blend_weights: NDArray[np.float32] | None = None,
+        timed: bool = True,
     ) -> None:
         self.uid = uid
+        self.timed = timed  # its lateness counts in stats() (not for the server's own warm-up clip)
         self.cache, self.samples_16k, self.n_frames, self.phonemes = cache, samples_16k, n_frames, phonemes
         self.frame_ids = frame_ids  # (F,) clip frames that need a face, ascending
         self.source_ids = source_ids  # (F,) avatar source frame of each
@@ -179,11 +181,14 @@ class FrameScheduler:
         phonemes: Phonemes = (),
         first_frame: int = 0,
         blend_weights: NDArray[np.float32] | None = None,
+        timed: bool = True,
     ) -> Utterance:
         """Queue the faces of frames `frame_ids` (ascending) shown on avatar frames `source_ids`.
 
         `first_frame`: the frame id that is played first (frames before it are audio context, never shown).
         `blend_weights` (F,): for a source that composites — the utterance then gets finished I420 frames.
+        `timed=False`: nobody waits for it (a warm-up): it is scheduled by its deadlines as any other, but its
+        lateness is left out of stats().
         """
         t0 = time.monotonic()
         due = t0 + self.start_budget_s + (frame_ids - first_frame).astype(np.float64) / self.fps  # (F,)
@@ -201,6 +206,7 @@ class FrameScheduler:
                 due,
                 self._cv,
                 blend_weights,
+                timed,
             )
             self._next_uid += 1
             self._inbox.append(utt)
@@ -431,7 +437,8 @@ class FrameScheduler:
                 u._faces.append(face)
                 u.delivered += 1
                 u.t_last_face = now
-                self._lateness.add((mono - float(u.due_s[k])) * 1000, now)
+                if u.timed:
+                    self._lateness.add((mono - float(u.due_s[k])) * 1000, now)
             self._delivered.add(len(batch.items), now)
             self._cv.notify_all()
 

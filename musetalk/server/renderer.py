@@ -167,7 +167,11 @@ class EngineRenderer:
         audio = Audio((0.05 * rng.standard_normal(8000)).astype(np.float32), 16000)  # 0.5 s of noise
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            clip = self.engine.render(audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0).clip
+            # Untimed: rendered eagerly while graphs are captured (seconds per frame batch), nobody waits for
+            # it, and its lateness would fill /health's scheduler figures for the next 10 s.
+            clip = self.engine.render(
+                audio, self._cache(self.cfg.avatar_id), Path(tmp) / "warmup.mp4", 0, timed=False
+            ).clip
         t = clip.timings_ms
         frames = max(clip.n_frames, 1)
         gpu_faces = self._device.startswith("cuda")
