@@ -13,10 +13,12 @@ import soundfile as sf
 
 from musetalk.avatar import PrepResult, load_avatar
 from musetalk.config import AppConfig
+from musetalk.errors import Interrupted
 from musetalk.pipeline.engine import Engine
 from musetalk.render.preview import PreviewFaces
 from musetalk.session.live import (
     AUDIO_RATE_HZ,
+    QUEUED_SPEECH_MARGIN_S,
     SUBSCRIBER_TICKS,
     LiveSession,
     Tick,
@@ -334,3 +336,32 @@ def test_a_render_slower_than_the_stream_holds_frames_and_says_so() -> None:
     on_air = [t for t in ticks if t.utterance == 1]
     assert n_shown == 12 and len({t.frame[0, 0] for t in on_air}) == 12
     assert held == len(on_air) - 12 >= 6  # ~1.5 held ticks per new frame; fewer if the loop runs late
+
+
+def test_a_queued_sentence_tells_the_renderer_when_it_will_play() -> None:
+    """The next sentence renders while the one before it plays: its stream hears how much speech is ahead of
+    it (less a margin), so the scheduler can serve frames needed sooner first."""
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+
+    class Recording(_SlowStream):
+        def __init__(self) -> None:
+            super().__init__(3, 0.0)
+            self.plays_in_s: list[float] = []
+
+        def plays_in(self, seconds: float) -> None:
+            self.plays_in_s.append(seconds)
+
+    async def run() -> tuple[float, float, list[float]]:
+        live = LiveSession("s", 25, lambda _: frames, "a", 0, buffer_frames=10, lead_frames=2)
+        first, second = live.new_utterance(1, "a"), live.new_utterance(2, "a")
+        first.n_frames, first.played = 100, 25  # 75 frames = 3 s still to play
+        ahead = (live.speech_ahead_s(first), live.speech_ahead_s(second))
+        stream = Recording()
+        second.cut()  # only the tap's start matters here: it reports, then stops at the cut
+        with pytest.raises(Interrupted):
+            await asyncio.to_thread(lambda: list(second.tap(stream)))  # type: ignore[arg-type]
+        return *ahead, stream.plays_in_s
+
+    ahead_first, ahead_second, plays_in_s = asyncio.run(run())
+    assert ahead_first == 0.0 and ahead_second == pytest.approx(3.0)
+    assert plays_in_s == [pytest.approx(3.0 - QUEUED_SPEECH_MARGIN_S)]

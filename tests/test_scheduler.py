@@ -303,3 +303,21 @@ def test_work_far_ahead_of_its_deadline_keeps_one_batch_on_the_gpu(
     finally:
         sched.close()
     assert source.most_queued == (2 if pipelined else 1)
+
+
+def test_an_utterance_that_plays_later_waits_for_the_frames_needed_sooner(avatar: AvatarCache) -> None:
+    # B is a live session's next sentence, queued behind 10 s of speech: A's frames (all due within 2 s) come
+    # first, B's first frames do not jump the queue; without plays_in, B would share A's first batch.
+    source = SlowGpu(batch_s=0.02)
+    sched = FrameScheduler(source, fps=25, queue_frames=64, start_budget_s=0.0)
+    try:
+        gate = _hold(sched)
+        a, b = _submit(sched, avatar, 1, 40), _submit(sched, avatar, 2, 8)
+        sched.plays_in(b, 10.0)
+        gate.set()
+        assert _drain(a) == [(1, i) for i in range(40)] and _drain(b) == [(2, i) for i in range(8)]
+    finally:
+        sched.close()
+    order = [tag for batch in source.batches for tag, _ in batch]
+    assert order.index(2) > len(order) - 1 - order[::-1].index(1)  # every face of A before any of B
+    assert b.plays_at_s > a.plays_at_s + 9

@@ -177,6 +177,12 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
                 self.timings_ms.update(self.utterance.timings_ms())
         return frame
 
+    def plays_in(self, seconds: float) -> None:
+        """Its first frame plays `seconds` from now (after other speech): later deadlines, so the scheduler
+        serves the frames that are needed sooner first."""
+        if self.utterance is not None:
+            self.engine.scheduler.plays_in(self.utterance, seconds)
+
     def close(self) -> None:
         """Stop producing (if still running): the scheduler drops this clip's remaining frames."""
         self._stop.set()

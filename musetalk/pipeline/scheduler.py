@@ -67,9 +67,11 @@ class Utterance:
         cv: threading.Condition,
         blend_weights: NDArray[np.float32] | None = None,
         timed: bool = True,
+        plays_at_s: float = 0.0,
     ) -> None:
         self.uid = uid
         self.timed = timed  # its lateness counts in stats() (not for the server's own warm-up clip)
+        self.plays_at_s = plays_at_s  # monotonic time its first shown frame is due (due_s counts from it)
         self.cache, self.samples_16k, self.n_frames, self.phonemes = cache, samples_16k, n_frames, phonemes
         self.frame_ids = frame_ids  # (F,) clip frames that need a face, ascending
         self.source_ids = source_ids  # (F,) avatar source frame of each
@@ -191,7 +193,8 @@ class FrameScheduler:
         lateness is left out of stats().
         """
         t0 = time.monotonic()
-        due = t0 + self.start_budget_s + (frame_ids - first_frame).astype(np.float64) / self.fps  # (F,)
+        plays_at = t0 + self.start_budget_s  # when its first shown frame is due
+        due = plays_at + (frame_ids - first_frame).astype(np.float64) / self.fps  # (F,)
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the frame scheduler is stopped")
@@ -207,11 +210,21 @@ class FrameScheduler:
                 self._cv,
                 blend_weights,
                 timed,
+                plays_at,
             )
             self._next_uid += 1
             self._inbox.append(utt)
             self._cv.notify_all()
         return utt
+
+    def plays_in(self, utt: Utterance, seconds: float) -> None:
+        """`utt`'s first frame plays `seconds` from now (a live session's next sentence, rendered while the one
+        before it plays): its deadlines move that much later than planned, never earlier."""
+        with self._cv:
+            shift = time.monotonic() + seconds - utt.plays_at_s
+            if shift > 0:
+                utt.due_s = utt.due_s + shift
+                utt.plays_at_s += shift
 
     def cancel(self, utt: Utterance) -> None:
         """Stop generating for `utt` (idempotent); its consumer gets UtteranceCancelled."""
@@ -377,7 +390,10 @@ class FrameScheduler:
         if not ready:
             return [], False
         size = self.source.batch_size
-        new = sorted((u for u in ready if u.scheduled == 0), key=lambda u: u.due_s[0])
+        # New utterances' first frames go first — unless an utterance plays later (queued behind other speech,
+        # `plays_in`): its frames then wait for their deadlines like any others.
+        soon = time.monotonic() + _URGENT_S
+        new = sorted((u for u in ready if u.scheduled == 0 and u.plays_at_s <= soon), key=lambda u: u.due_s[0])
         items: list[tuple[Utterance, int]] = []
         if new:
             share = max(1, min(self.source.first_batch_size, size // len(new)))

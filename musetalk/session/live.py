@@ -41,6 +41,7 @@ LATE_RESYNC_S = 0.2  # a clock this late (the loop was blocked) restarts from no
 SUBSCRIBER_TICKS = 4  # video frames a viewer may fall behind before its oldest are dropped (bounds its latency)
 AUDIO_BACKLOG_TICKS = 250  # audio a viewer may fall behind (10 s at 25 fps) before its oldest is dropped
 STATS_WINDOW_S = 10.0  # the stream figures in /health cover this much recent time
+QUEUED_SPEECH_MARGIN_S = 0.5  # a queued utterance's frames are due this long before the speech ahead ends
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,9 @@ class LiveUtterance:
         # Set when all frames have been generated (or none ever will): the session's next utterance may
         # start rendering then, so that it is ready when this one ends on air.
         self.generated: asyncio.Future[None] = loop.create_future()
+        # Seconds of the session's speech queued before this utterance that have yet to play (set by the
+        # session): its frames are not needed before then.
+        self.speech_ahead_s: Callable[[], float] = lambda: 0.0
 
     # render thread
 
@@ -203,6 +207,11 @@ class LiveUtterance:
                 self._pcm = pcm
             self.n_frames = stream.n_frames
             self.cursor = stream.plan.cursor
+        plays_in = getattr(stream, "plays_in", None)  # the built-in engine's streams; others render as they do
+        if self._paced and plays_in is not None:
+            # Queued behind other speech: the scheduler serves frames needed sooner first; a margin so that this
+            # one's first frames are ready a little before the speech ahead of it ends.
+            plays_in(max(0.0, self.speech_ahead_s() - QUEUED_SPEECH_MARGIN_S))
         emitted = 0
         pending: collections.deque[NDArray[np.uint8]] = collections.deque()
         try:
@@ -461,10 +470,22 @@ class LiveSession:
         )
         utterance.set_paced(True)
         utterance.cursor = self.start_cursor()
+        utterance.speech_ahead_s = lambda: self.speech_ahead_s(utterance)
         if avatar_id != self.avatar_id:
             self.avatar_id, self._frames = avatar_id, self._avatar_frames(avatar_id)
         self._queue.append(utterance)
         return utterance
+
+    def speech_ahead_s(self, utterance: LiveUtterance) -> float:
+        """Seconds of speech queued before `utterance` still to play; an utterance whose length is not known
+        yet counts as none (callable from any thread: it reads a copy of the queue)."""
+        frames = 0
+        for other in list(self._queue):  # one C call: safe against the loop changing the deque meanwhile
+            if other is utterance:
+                break
+            if not other.was_cut and other.n_frames is not None:
+                frames += max(0, other.n_frames - other.played)
+        return frames / self.fps
 
     def start_cursor(self) -> int:
         """Where the next utterance should start on the avatar cycle: after the queued ones, or just ahead of
