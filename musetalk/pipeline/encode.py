@@ -149,8 +149,10 @@ class _SegmentEncoders:
         self._pool.shutdown(wait=True)
 
 
-def aac_encoder(rate: int, cfg: EncodeConfig) -> av.AudioCodecContext:
-    """A fresh AAC encoder for mono float audio at `rate` with the settings of every clip and session."""
+def encode_aac(parts: Sequence[NDArray[np.float32]], rate: int, cfg: EncodeConfig) -> tuple[list[av.Packet], bytes]:
+    """AAC-encode float32 mono `parts` (n,) each, played one after the other, with the settings of every clip
+    and session → (packets, the encoder's AudioSpecificConfig). A fresh encoder per call: a stream's own
+    encoder can be used only once, and a clip cut short encodes its audio a second time."""
     import av
 
     encoder = av.CodecContext.create("aac", "w")
@@ -158,15 +160,8 @@ def aac_encoder(rate: int, cfg: EncodeConfig) -> av.AudioCodecContext:
     encoder.bit_rate = cfg.audio_bitrate_kbps * 1000
     encoder.time_base = Fraction(1, rate)
     encoder.options = {"aac_coder": cfg.aac_coder}
-    return encoder
-
-
-def _encode_audio(pcm: NDArray[np.float32], rate: int, cfg: EncodeConfig) -> list[av.Packet]:
-    """AAC packets of `pcm` (n,) float32 mono, from a fresh encoder: a stream's own encoder can be used
-    only once, and a clip cut short encodes its audio a second time."""
-    encoder = aac_encoder(rate, cfg)
-    packets = [p for frame in audio_frames([pcm], rate) for p in encoder.encode(frame)]
-    return [*packets, *encoder.encode(None)]
+    packets = [p for frame in audio_frames(parts, rate) for p in encoder.encode(frame)]
+    return [*packets, *encoder.encode(None)], bytes(encoder.extradata or b"")
 
 
 def _lower_priority(nice: int) -> None:
@@ -250,7 +245,7 @@ def write_clip(
 
             # The clip's audio is known before its frames: encode it beside the video, off the critical path.
             audio_pool = ThreadPoolExecutor(1, thread_name_prefix="musetalk-aac")
-            full_audio = audio_pool.submit(_encode_audio, pcm, cfg.audio_rate, cfg)
+            full_audio = audio_pool.submit(encode_aac, [pcm], cfg.audio_rate, cfg)
             frames_in = itertools.chain([first], frame_iter)
             try:
                 while True:
@@ -278,10 +273,10 @@ def write_clip(
                 audio_pool.shutdown(wait=True)
             # Audio after the video; a clip cut short gets exactly its frames' audio, encoded again.
             if count == n_frames:
-                audio_packets = full_audio.result()
+                audio_packets, _ = full_audio.result()
             else:
                 pcm = pcm[: count * cfg.audio_rate // fps]
-                audio_packets = _encode_audio(pcm, cfg.audio_rate, cfg)
+                audio_packets, _ = encode_aac([pcm], cfg.audio_rate, cfg)
             for packet in audio_packets:
                 packet.stream = astream
                 container.mux(packet)

@@ -55,7 +55,7 @@ from numpy.typing import NDArray
 
 from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, InputError, SessionConflict
-from musetalk.pipeline.encode import aac_encoder, audio_frames
+from musetalk.pipeline.encode import encode_aac
 from musetalk.session import fmp4
 from musetalk.types import Clip
 
@@ -495,14 +495,12 @@ def _encode_aac(
 ) -> tuple[list[_AacPacket], bytes]:
     """AAC-encode float32 mono `parts`, played one after the other from `start` samples into the session →
     (packets, config); fed in chunks, so no joined copy of a long clip's audio is made."""
-
-    encoder = aac_encoder(rate, cfg)
     packets = []
-    encoded = [p for frame in audio_frames(parts, rate) for p in encoder.encode(frame)]
-    for packet in [*encoded, *encoder.encode(None)]:
+    encoded, config = encode_aac(parts, rate, cfg)
+    for packet in encoded:
         pts = start + _ticks(packet.pts, packet.time_base, rate)
         packets.append(_AacPacket(pts=pts, data=bytes(packet), duration=int(packet.duration or AAC_FRAME_SAMPLES)))
-    return packets, bytes(encoder.extradata or b"")
+    return packets, config
 
 
 @dataclass(frozen=True)
