@@ -1,7 +1,7 @@
 """What a lone utterance pays after its last frame: the clip encoder's tail and the session append's parts.
 
     python -m bench.bench_clip_tail [--width 1920 --height 1080] [--clip-s 5] [--produce-fps 400] [--repeats 5]
-                                    [--threads 0 4] [--gops 50 25] [--workers 0 8]
+                                    [--threads 0 4] [--gops 50 25] [--workers 0 8] [--clips 1 16]
 
 No model runs: a producer hands the real clip encoder (`write_clip`, I420 frames as the GPU blend makes
 them) one frame every 1/produce-fps s — the speed the GPU generates at — and the clip is then appended to
@@ -9,7 +9,10 @@ a session with the real stitcher (`SessionStore.append`). Per repeat: the encode
 handed over → clip written), the append and its parts (read the clip back, encode the session audio,
 write + fsync, commit), and the pieces of the read on their own (open the mp4, demux its packets, read
 the PCM WAV), so that a slow part shows on the machine where it is slow. Each repeat is a new session
-(a new session's first append, as `bench_concurrency`'s N = 1 round). Prints medians, writes JSON.
+(a new session's first append, as `bench_concurrency`'s N = 1 round). With `--clips K`, K clips are
+written and appended at once, each fed produce-fps / K frames per second (the GPU's frames shared by K
+sessions that started together, as a round of `bench_concurrency` at N = K): every clip's figures are a
+row, and the slowest clip's tail is reported beside the median. Prints medians, writes JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,29 @@ def read_parts(clip_path: Path, wav_path: Path) -> dict[str, float]:
     }
 
 
+def one_clip(
+    store: SessionStore, sid: str, frames: list[NDArray[np.uint8]], audio: Audio, fps: float, cfg: EncodeConfig
+) -> dict[str, float]:
+    """Write one clip from `frames` handed over at `fps`, then append it to session `sid` → its timings (ms)."""
+    n = len(frames)
+    marks: dict[str, float] = {}
+    t0 = time.perf_counter()
+    clip = write_clip(paced(frames, fps, marks), audio, store.new_clip_path(sid), n, FPS, cfg, pix_fmt="yuv420p")
+    t_clip = time.perf_counter()
+    assert clip.audio_path is not None
+    parts = read_parts(clip.path, clip.audio_path)
+    t1 = time.perf_counter()
+    appended = store.append(sid, clip, 0, None)
+    t_append = time.perf_counter() - t1
+    return {
+        "produce_ms": (marks["last"] - t0) * 1000,
+        "encode_tail_ms": (t_clip - marks["last"]) * 1000,  # last frame handed over → clip written
+        "append_ms": t_append * 1000,
+        **{k: v for k, v in appended.timings_ms.items() if k != "append_total"},
+        **parts,
+    }
+
+
 def _line(row: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.0f}" for k, v in row.items())
 
@@ -103,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[0], help="encode.segment_workers values to compare (0 = auto)"
     )
+    parser.add_argument("--clips", type=int, nargs="+", default=[1], help="clips written at once (sessions per round)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_clip_tail.json")
     args = parser.parse_args(argv)
 
@@ -115,36 +143,24 @@ def main(argv: list[str] | None = None) -> int:
             "clip_s": args.clip_s, "produce_fps": args.produce_fps, "preset": args.preset}  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-clip-tail-", dir=PROJECT_ROOT / "results") as tmp:
-        for threads, gop, workers in itertools.product(args.threads, args.gops, args.workers):
+        for threads, gop, workers, clips in itertools.product(args.threads, args.gops, args.workers, args.clips):
             cfg = EncodeConfig(preset=args.preset, threads=threads, gop_frames=gop, segment_workers=workers)
-            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}-w{workers}", "default", FPS, cfg)
-            label = f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)}"
+            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}-w{workers}-c{clips}", "default", FPS, cfg)
+            label = f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)} clips={clips}"
             rows = []
-            for rep in range(args.repeats):
-                sid = f"s{rep}"
-                marks: dict[str, float] = {}
-                t0 = time.perf_counter()
-                clip = write_clip(paced(frames, args.produce_fps, marks), audio, store.new_clip_path(sid), n, FPS, cfg,
-                                  pix_fmt="yuv420p")  # fmt: skip
-                t_clip = time.perf_counter()
-                assert clip.audio_path is not None
-                parts = read_parts(clip.path, clip.audio_path)
-                t1 = time.perf_counter()
-                appended = store.append(sid, clip, 0, None)
-                t_append = time.perf_counter() - t1
-                row = {
-                    "produce_ms": (marks["last"] - t0) * 1000,
-                    "encode_tail_ms": (t_clip - marks["last"]) * 1000,  # last frame handed over → clip written
-                    "append_ms": t_append * 1000,
-                    **{k: v for k, v in appended.timings_ms.items() if k != "append_total"},
-                    **parts,
-                }
-                rows.append(row)
-                print(f"{label} #{rep}: {_line(row)}", flush=True)
+            with ThreadPoolExecutor(clips) as pool:
+                for rep in range(args.repeats):
+                    each_fps = args.produce_fps / clips
+                    futures = [pool.submit(one_clip, store, f"r{rep}-c{c}", frames, audio, each_fps, cfg)
+                               for c in range(clips)]  # fmt: skip
+                    rows += [f.result() for f in futures]
+                    print(f"{label} #{rep}: {_line(rows[-1])}", flush=True)
             medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            config = {"threads": threads, "gop_frames": gop, "segment_workers": workers or segment_workers(cfg)}
-            result["configs"].append({**config, "rows": rows, "median": medians})
-            print(f"{label} median: {_line(medians)}", flush=True)
+            worst_tail = max(r["encode_tail_ms"] for r in rows)
+            config = {"threads": threads, "gop_frames": gop, "segment_workers": workers or segment_workers(cfg),
+                      "clips": clips}  # fmt: skip
+            result["configs"].append({**config, "rows": rows, "median": medians, "worst_encode_tail_ms": worst_tail})
+            print(f"{label} median: {_line(medians)} worst_tail={worst_tail:.0f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

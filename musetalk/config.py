@@ -202,7 +202,9 @@ class EncodeConfig(_Section):
     # FFmpeg's AAC coder: on speech fast takes half to two thirds of the time of twoloop (FFmpeg's default) at
     # the same bitrate; a clip's and a session's audio are encoded while the caller waits for its append.
     aac_coder: Literal["fast", "twoloop"] = "fast"
-    threads: int = Field(default=0, ge=0)  # x264 threads; 0 = auto
+    # x264 threads per segment encoder; 0 = auto: the host's cores shared by the clips being encoded at once
+    # (each thread codes a slice of every frame, so a clip's bytes then depend on the load; a fixed count repeats)
+    threads: int = Field(default=0, ge=0)
     segment_workers: int = Field(default=0, ge=0, le=16)  # parallel x264 instances per clip (one per GOP); 0 = auto
     # Nice value (Linux) of the x264 threads: under a full CPU the live streams, the event loop and the GPU
     # thread run first and the session video is encoded with what is left; 0 = the same priority as the rest.

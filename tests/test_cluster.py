@@ -104,6 +104,7 @@ def cluster(
         "runtime.device=cpu",
         "tts.engine=tone",
         "encode.preset=ultrafast",
+        "encode.threads=1",  # the automatic count follows the load, and slices change the bytes: compared below
         f"server.results_dir={work / 'results'}",
         f"server.log_dir={work / 'logs'}",
         "server.max_live_sessions=16",

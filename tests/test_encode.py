@@ -13,7 +13,8 @@ import soundfile as sf
 
 from musetalk.config import EncodeConfig
 from musetalk.errors import InputError
-from musetalk.pipeline.encode import fit_audio, write_clip
+from musetalk.pipeline import encode
+from musetalk.pipeline.encode import fit_audio, write_clip, x264_threads
 from musetalk.types import Audio
 from musetalk.utils.ffmpeg import probe, run_ffmpeg
 
@@ -110,6 +111,34 @@ def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: in
     run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(tmp_path / "j.mp4")])
     assert probe(tmp_path / "j.mp4").n_video_frames == 37
     run_ffmpeg(["-xerror", "-i", str(tmp_path / "j.mp4"), "-f", "null", "-"])
+
+
+def test_x264_threads_share_the_cores_among_the_clips_encoding() -> None:
+    cores = os.cpu_count() or 1
+    assert x264_threads(EncodeConfig(threads=3), 10) == 3  # a fixed count is kept
+    assert x264_threads(EncodeConfig(), 1) == cores  # a lone clip gets every core
+    assert x264_threads(EncodeConfig(), 2) == max(1, cores // 2)
+    assert x264_threads(EncodeConfig(), cores * 4) == 1
+
+
+def test_segments_with_different_thread_counts_make_one_clean_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts, clips_seen = iter([1, 4, 2, 3]), []
+
+    def threads(cfg: EncodeConfig, clips_at_once: int) -> int:
+        clips_seen.append(clips_at_once)
+        return next(counts)
+
+    monkeypatch.setattr(encode, "x264_threads", threads)
+    cfg = EncodeConfig(gop_frames=8, segment_workers=2)
+    clip = write_clip(iter(_frames(27)), _tone(1.2), tmp_path / "c.mp4", 27, FPS, cfg)  # 4 segments
+    assert clips_seen == [1, 1, 1, 1]  # each segment sized while this clip counted itself
+    assert probe(clip.path).n_video_frames == 27
+    run_ffmpeg(["-xerror", "-i", str(clip.path), "-f", "null", "-"])  # one stream whatever the slices per frame
+    with pytest.raises(InputError):
+        write_clip(iter(_frames(5)), _tone(0.4), tmp_path / "d.mp4", 9, FPS, cfg)
+    assert encode._clip_started(0) == 0  # a clip that failed no longer counts
 
 
 def test_an_i420_view_reads_the_array_in_place() -> None:

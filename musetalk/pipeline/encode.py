@@ -73,6 +73,33 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
+# Clips being encoded in this process right now (write_clip calls between their first frame and the end).
+_clips_lock = threading.Lock()
+_clips_encoding = 0
+
+
+def x264_threads(cfg: EncodeConfig, clips_at_once: int) -> int:
+    """libx264 threads of one segment encoder: cfg.threads, or (0 = auto) the host's cores shared by the
+    `clips_at_once` clips being encoded (at least 1).
+
+    PyAV's libx264 threads split each frame into slices, one per thread, and meet after every frame: a lone
+    clip needs them all to keep up with the GPU, while many clips at once keep the cores busy with one
+    thread each and no waiting — with x264's own count on every one of 16 clips, the encoders fell behind
+    and their backlog became the clips' tail (docs/BENCHMARKS.md, "Concurrent sessions").
+    """
+    if cfg.threads:
+        return cfg.threads
+    return max(1, (os.cpu_count() or 1) // max(1, clips_at_once))
+
+
+def _clip_started(delta: int) -> int:
+    """Count a clip in (+1) or out (-1) of the clips being encoded → how many are now."""
+    global _clips_encoding
+    with _clips_lock:
+        _clips_encoding += delta
+        return _clips_encoding
+
+
 def segment_workers(cfg: EncodeConfig) -> int:
     """Parallel x264 instances for one clip: cfg.segment_workers, or (0 = auto) one per 4 cores, at most 4."""
     if cfg.segment_workers:
@@ -207,11 +234,14 @@ def write_clip(
     wav_tmp = _tmp_path(wav_path)
     count = 0
     frame_iter = iter(frames)
+    counted = False  # in the clips being encoded (from the first frame on)
     try:
         first = next(frame_iter, None)
         wait_s += time.perf_counter() - t0
         if first is None:
             raise InputError(f"expected {n_frames} frames, got 0")
+        _clip_started(+1)
+        counted = True
         height, width = first.shape[:2]
         if pix_fmt == "yuv420p":
             if first.ndim != 2 or height % 3:
@@ -224,15 +254,16 @@ def write_clip(
             vstream = container.add_stream("libx264", rate=fps, options=video_options(cfg))
             vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
             vstream.codec_context.time_base = Fraction(1, fps)
-            vstream.thread_count = cfg.threads
+            vstream.thread_count = 1  # this context only writes the header; the segment encoders below encode
 
             def make_context() -> Any:
-                """A standalone libx264 encoder with exactly the stream's settings (same SPS/PPS)."""
+                """A standalone libx264 encoder with exactly the stream's settings (same SPS/PPS, whatever the
+                thread count: tested), its threads sized to the clips being encoded when its segment starts."""
                 ctx = av.CodecContext.create("libx264", "w")
                 ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
                 ctx.time_base, ctx.framerate = Fraction(1, fps), Fraction(fps, 1)
                 ctx.options = video_options(cfg)
-                ctx.thread_count = cfg.threads
+                ctx.thread_count = x264_threads(cfg, _clip_started(0))
                 ctx.flags |= vstream.codec_context.flags & av.codec.context.Flags.global_header
                 return ctx
 
@@ -286,6 +317,8 @@ def write_clip(
     except av.FFmpegError as exc:
         raise FfmpegFailed(f"encoding {path.name} failed: {exc}") from exc
     finally:
+        if counted:
+            _clip_started(-1)
         for leftover in (tmp, wav_tmp):
             leftover.unlink(missing_ok=True)
     total_ms = (time.perf_counter() - t0) * 1000
