@@ -221,6 +221,10 @@ class EngineConfig(_Section):
     scheduler: Literal["batched", "serial"] = "batched"
     # Frame i of an utterance started at t0 is due at t0 + start_budget_ms + i / fps (earliest deadline first).
     start_budget_ms: float = Field(default=150.0, ge=0)
+    # A clip nobody watches as it renders (no live viewer) is needed when its last frame is due: clips that
+    # arrive together are finished one after the other. false: each frame is due when it would be shown, so
+    # such clips share the GPU evenly and finish together.
+    whole_clip_deadline: bool = True
     blend_workers: int = Field(default=0, ge=0, le=256)  # CPU threads pasting faces; 0 = auto: cores - 1, >= 2
     # With MuseTalk on CUDA, paste faces and convert to I420 on the GPU (feather blending without colour
     # matching or temporal smoothing); the CPU blend pool then only handles silent frames.

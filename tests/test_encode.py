@@ -124,7 +124,7 @@ def test_x264_threads_share_the_cores_among_the_clips_encoding() -> None:
 def test_segments_with_different_thread_counts_make_one_clean_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    counts, clips_seen = iter([1, 4, 2, 3]), []
+    counts, clips_seen = iter([1, 4, 2, 3, 2]), []
 
     def threads(cfg: EncodeConfig, clips_at_once: int) -> int:
         clips_seen.append(clips_at_once)
@@ -132,13 +132,48 @@ def test_segments_with_different_thread_counts_make_one_clean_stream(
 
     monkeypatch.setattr(encode, "x264_threads", threads)
     cfg = EncodeConfig(gop_frames=8, segment_workers=2)
-    clip = write_clip(iter(_frames(27)), _tone(1.2), tmp_path / "c.mp4", 27, FPS, cfg)  # 4 segments
-    assert clips_seen == [1, 1, 1, 1]  # each segment sized while this clip counted itself
-    assert probe(clip.path).n_video_frames == 27
+    clip = write_clip(iter(_frames(25)), _tone(1.0), tmp_path / "c.mp4", 25, FPS, cfg)  # segments 8 + 8 + 8 + 1
+    assert clips_seen == [1, 1, 1, 1]  # each segment sized while this clip (alone) was encoding
+    clips_seen.clear()
+    assert probe(clip.path).n_video_frames == 25
     run_ffmpeg(["-xerror", "-i", str(clip.path), "-f", "null", "-"])  # one stream whatever the slices per frame
     with pytest.raises(InputError):
         write_clip(iter(_frames(5)), _tone(0.4), tmp_path / "d.mp4", 9, FPS, cfg)
-    assert encode._clip_started(0) == 0  # a clip that failed no longer counts
+    assert encode.clips_encoding() == 0  # none counts once its encoders are done, a failed clip neither
+
+
+def test_a_segment_encoder_is_sized_by_the_clips_at_work_when_its_frames_come(tmp_path: Path) -> None:
+    # Clip A gets its first frame, then waits (an utterance whose first batch came early); clip B is encoded
+    # meanwhile: B's encoders see one clip at work (B), since A has no encoder until its second frame.
+    import threading
+    import time
+
+    cfg = EncodeConfig(gop_frames=50, segment_workers=1)
+    gate, seen = threading.Event(), []
+
+    def a_frames() -> Iterator[np.ndarray]:
+        frames = _frames(6)
+        yield frames[0]
+        assert gate.wait(20)
+        seen.append(encode.clips_encoding())  # B is done
+        yield from frames[1:]
+
+    def b_frames() -> Iterator[np.ndarray]:
+        for i, frame in enumerate(_frames(6)):
+            if i == 3:  # B's encoder has its first frames: wait until it is at work, then count
+                deadline = time.monotonic() + 10
+                while encode.clips_encoding() == 0 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                seen.append(encode.clips_encoding())  # B alone: A has had one frame and no encoder yet
+            yield frame
+
+    a = threading.Thread(target=write_clip, args=(a_frames(), _tone(0.24), tmp_path / "a.mp4", 6, FPS, cfg))
+    a.start()
+    write_clip(b_frames(), _tone(0.24), tmp_path / "b.mp4", 6, FPS, cfg)
+    gate.set()
+    a.join(20)
+    assert seen == [1, 0]
+    assert probe(tmp_path / "a.mp4").n_video_frames == 6 and probe(tmp_path / "b.mp4").n_video_frames == 6
 
 
 def test_an_i420_view_reads_the_array_in_place() -> None:
@@ -213,7 +248,7 @@ def test_a_producer_faster_than_the_encoders_waits_for_them() -> None:
                     state["encoded"] += 1
             return []
 
-    segments = _SegmentEncoders(2, 4, SlowEncoder)
+    segments = _SegmentEncoders(2, 4, lambda clips_at_once: SlowEncoder())
     try:
         for i in range(60):
             segments.add(av.VideoFrame(16, 16, "yuv420p"), i)

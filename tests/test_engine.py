@@ -147,6 +147,29 @@ def test_first_frame_is_yielded_before_the_clip_is_generated(avatar: AvatarCache
     assert "first_frame_ms" in stream.timings_ms and stream.timings_ms["first_frame_ms"] > 0
 
 
+def test_a_clip_rendered_for_the_encoder_alone_is_needed_whole(
+    avatar: AvatarCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from musetalk.pipeline.scheduler import FrameScheduler
+
+    whole: list[int] = []
+    monkeypatch.setattr(FrameScheduler, "needed_whole", lambda self, utt: whole.append(utt.n_needed))
+    engine = Engine(_cfg("encode.preset=ultrafast"), FakeFaces())
+    try:
+        engine.render(_tone(0.4), avatar, tmp_path / "a.mp4")  # only the encoder sees its frames
+        assert whole == [10]
+        engine.render(_tone(0.4), avatar, tmp_path / "b.mp4", frame_tap=lambda stream: stream)  # a tap decides
+        assert whole == [10]
+    finally:
+        engine.close()
+    engine = Engine(_cfg("encode.preset=ultrafast", "engine.whole_clip_deadline=false"), FakeFaces())
+    try:
+        engine.render(_tone(0.4), avatar, tmp_path / "c.mp4")  # switched off: frame deadlines
+        assert whole == [10]
+    finally:
+        engine.close()
+
+
 def test_faces_go_to_their_own_frames_in_order(avatar: AvatarCache) -> None:
     engine = Engine(_cfg("blend.feather_ratio=0.01", "engine.queue_frames=3"), FakeFaces(first=1, size=3))
     try:

@@ -365,3 +365,27 @@ def test_a_queued_sentence_tells_the_renderer_when_it_will_play() -> None:
     ahead_first, ahead_second, plays_in_s = asyncio.run(run())
     assert ahead_first == 0.0 and ahead_second == pytest.approx(3.0)
     assert plays_in_s == [pytest.approx(3.0 - QUEUED_SPEECH_MARGIN_S)]
+
+
+def test_an_utterance_nobody_watches_is_rendered_as_a_clip_needed_whole(
+    prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from musetalk.pipeline.scheduler import FrameScheduler
+    from musetalk.session.live import LiveUtterance
+
+    cfg, _ = prepared_avatar
+    cache = load_avatar(cfg, cfg.avatar_id)
+    whole: list[int] = []
+    monkeypatch.setattr(FrameScheduler, "needed_whole", lambda self, utt: whole.append(utt.uid))
+    engine = Engine(cfg, PreviewFaces(cfg.fps, 4))
+
+    async def run() -> int:
+        unpaced = LiveUtterance(1, cfg.fps, 1, asyncio.get_running_loop())  # no viewer: only so it can be cut
+        result = await asyncio.to_thread(engine.render, _voice(0.6), cache, tmp_path / "c.mp4", frame_tap=unpaced.tap)
+        return result.clip.n_frames
+
+    try:
+        assert asyncio.run(run()) == 15
+    finally:
+        engine.close()
+    assert len(whole) == 1  # its frames rank by the clip's end, as a clip rendered without a tap

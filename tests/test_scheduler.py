@@ -321,3 +321,46 @@ def test_an_utterance_that_plays_later_waits_for_the_frames_needed_sooner(avatar
     order = [tag for batch in source.batches for tag, _ in batch]
     assert order.index(2) > len(order) - 1 - order[::-1].index(1)  # every face of A before any of B
     assert b.plays_at_s > a.plays_at_s + 9
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_clips_needed_whole_are_finished_in_turn(avatar: AvatarCache, whole: bool) -> None:
+    # Three clips that nobody watches arrive together: after the shared first batch, the first to arrive gets
+    # every batch until it is done, then the second... (frame deadlines alone would interleave all three and
+    # finish them together, at the end).
+    source = Tagged(first=3, size=4)
+    sched = FrameScheduler(source, fps=25, queue_frames=64, start_budget_s=0.1)
+    gate = _hold(sched)
+    try:
+        utts = [_submit(sched, avatar, tag, 20) for tag in (1, 2, 3)]
+        if whole:
+            for u in utts:
+                sched.needed_whole(u)
+    finally:
+        gate.set()
+    try:
+        assert [_drain(u) for u in utts] == [[(tag, i) for i in range(20)] for tag in (1, 2, 3)]
+    finally:
+        sched.close()
+    assert sorted(source.batches[0]) == [(1, 0), (2, 0), (3, 0)]  # first frames first, either way
+    later = [tag for batch in source.batches[1:] for tag, _ in batch]
+    assert (later == sorted(later)) is whole
+
+
+def test_a_clip_needed_whole_gives_way_to_frames_shown_sooner(avatar: AvatarCache) -> None:
+    # A 4-s clip nobody watches (needed when its last frame is due) and a 1.6-s utterance played as it renders:
+    # every frame of the played one is due before the clip is needed, so none of it waits for the clip.
+    source = Tagged(first=2, size=4)
+    sched = FrameScheduler(source, fps=25, queue_frames=128, start_budget_s=0.1)
+    gate = _hold(sched)
+    try:
+        clip, played = _submit(sched, avatar, 1, 100), _submit(sched, avatar, 2, 40)
+        sched.needed_whole(clip)
+    finally:
+        gate.set()
+    try:
+        assert _drain(played) == [(2, i) for i in range(40)] and _drain(clip) == [(1, i) for i in range(100)]
+    finally:
+        sched.close()
+    later = [tag for batch in source.batches[1:] for tag, _ in batch]
+    assert later.index(1) > len(later) - 1 - later[::-1].index(2)  # all of the played one's frames first

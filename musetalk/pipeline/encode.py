@@ -73,7 +73,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
-# Clips being encoded in this process right now (write_clip calls between their first frame and the end).
+# Clips of this process with an x264 encoder at work right now (one clip may have several, one per segment).
 _clips_lock = threading.Lock()
 _clips_encoding = 0
 
@@ -83,20 +83,18 @@ def x264_threads(cfg: EncodeConfig, clips_at_once: int) -> int:
     `clips_at_once` clips being encoded (at least 1).
 
     PyAV's libx264 threads split each frame into slices, one per thread, and meet after every frame: a lone
-    clip needs them all to keep up with the GPU, while many clips at once keep the cores busy with one
-    thread each and no waiting — with x264's own count on every one of 16 clips, the encoders fell behind
-    and their backlog became the clips' tail (docs/BENCHMARKS.md, "Concurrent sessions").
+    clip needs them all to keep up with the GPU, while many clips at once keep the cores busy with few
+    threads each and little waiting — twelve 1080p clips at once, each with x264's own count, finished 898 ms
+    after their last frame against 377 ms with the cores shared (docs/BENCHMARKS.md, "Concurrent sessions").
     """
     if cfg.threads:
         return cfg.threads
     return max(1, (os.cpu_count() or 1) // max(1, clips_at_once))
 
 
-def _clip_started(delta: int) -> int:
-    """Count a clip in (+1) or out (-1) of the clips being encoded → how many are now."""
-    global _clips_encoding
+def clips_encoding() -> int:
+    """Clips of this process with an x264 encoder at work right now."""
     with _clips_lock:
-        _clips_encoding += delta
         return _clips_encoding
 
 
@@ -128,9 +126,10 @@ class _SegmentEncoders:
     the encoders waits instead of piling up frames (3 MB each at 1080p).
     """
 
-    def __init__(self, workers: int, gop_frames: int, make_context: Callable[[], Any], nice: int = 0) -> None:
+    def __init__(self, workers: int, gop_frames: int, make_context: Callable[[int], Any], nice: int = 0) -> None:
         self._gop = gop_frames
-        self._make_context = make_context
+        self._make_context = make_context  # (clips encoding, this one included) → a libx264 context
+        self._working = 0  # this clip's segment encoders at work
         self._pool = ThreadPoolExecutor(
             workers, thread_name_prefix="musetalk-x264", initializer=_lower_priority, initargs=(nice,)
         )
@@ -139,13 +138,36 @@ class _SegmentEncoders:
         self._futures: list[Future[list[av.Packet]]] = []
 
     def _encode(self, frames: queue.SimpleQueue[av.VideoFrame | None]) -> list[av.Packet]:
-        ctx = self._make_context()
+        # The encoder is made, and its threads sized, once the segment's second frame is here: a clip's first
+        # frame often comes long before the rest (its utterance's first batch), and the clips whose encoders
+        # are at work by then are the ones sharing the cores with it.
+        first = frames.get()
+        second = frames.get() if first is not None else None
+        waiting = [f for f in (first, second) if f is not None]
+        if not waiting:
+            return []
+        rest = iter(frames.get, None) if second is not None else iter(())  # (None: the segment has ended)
         packets: list[av.Packet] = []
-        while (frame := frames.get()) is not None:
-            packets.extend(ctx.encode(frame))
-            self._room.release()
-        packets.extend(ctx.encode(None))
+        clips_at_once = self._count(+1)
+        try:
+            ctx = self._make_context(clips_at_once)
+            for frame in itertools.chain(waiting, rest):
+                packets.extend(ctx.encode(frame))
+                self._room.release()
+            packets.extend(ctx.encode(None))
+        finally:
+            self._count(-1)
         return packets
+
+    def _count(self, delta: int) -> int:
+        """One of this clip's encoders starts (+1) or ends (-1) → the clips with an encoder at work now."""
+        global _clips_encoding
+        with _clips_lock:
+            before = self._working
+            self._working += delta
+            if (before == 0) != (self._working == 0):  # the clip's first encoder started, or its last ended
+                _clips_encoding += 1 if delta > 0 else -1
+            return _clips_encoding
 
     def add(self, frame: av.VideoFrame, index: int) -> None:
         """Route frame `index` to its segment's encoder (started with the segment's first frame); waits while
@@ -234,14 +256,11 @@ def write_clip(
     wav_tmp = _tmp_path(wav_path)
     count = 0
     frame_iter = iter(frames)
-    counted = False  # in the clips being encoded (from the first frame on)
     try:
         first = next(frame_iter, None)
         wait_s += time.perf_counter() - t0
         if first is None:
             raise InputError(f"expected {n_frames} frames, got 0")
-        _clip_started(+1)
-        counted = True
         height, width = first.shape[:2]
         if pix_fmt == "yuv420p":
             if first.ndim != 2 or height % 3:
@@ -256,14 +275,14 @@ def write_clip(
             vstream.codec_context.time_base = Fraction(1, fps)
             vstream.thread_count = 1  # this context only writes the header; the segment encoders below encode
 
-            def make_context() -> Any:
+            def make_context(clips_at_once: int) -> Any:
                 """A standalone libx264 encoder with exactly the stream's settings (same SPS/PPS, whatever the
                 thread count: tested), its threads sized to the clips being encoded when its segment starts."""
                 ctx = av.CodecContext.create("libx264", "w")
                 ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
                 ctx.time_base, ctx.framerate = Fraction(1, fps), Fraction(fps, 1)
                 ctx.options = video_options(cfg)
-                ctx.thread_count = x264_threads(cfg, _clip_started(0))
+                ctx.thread_count = x264_threads(cfg, clips_at_once)
                 ctx.flags |= vstream.codec_context.flags & av.codec.context.Flags.global_header
                 return ctx
 
@@ -317,8 +336,6 @@ def write_clip(
     except av.FFmpegError as exc:
         raise FfmpegFailed(f"encoding {path.name} failed: {exc}") from exc
     finally:
-        if counted:
-            _clip_started(-1)
         for leftover in (tmp, wav_tmp):
             leftover.unlink(missing_ok=True)
     total_ms = (time.perf_counter() - t0) * 1000

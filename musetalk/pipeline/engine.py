@@ -183,6 +183,12 @@ class FrameStream(Iterator[NDArray[np.uint8]]):
         if self.utterance is not None:
             self.engine.scheduler.plays_in(self.utterance, seconds)
 
+    def needed_whole(self) -> None:
+        """Nobody watches the frames as they come (they are only encoded): the scheduler ranks them all by the
+        clip's end, so clips that started together are finished in turn rather than all at the end."""
+        if self.utterance is not None and self.engine.cfg.engine.whole_clip_deadline:
+            self.engine.scheduler.needed_whole(self.utterance)
+
     def close(self) -> None:
         """Stop producing (if still running): the scheduler drops this clip's remaining frames."""
         self._stop.set()
@@ -341,6 +347,8 @@ class Engine:
         """
         t0 = time.perf_counter()
         with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k, timed=timed) as stream:
+            if frame_tap is None:
+                stream.needed_whole()  # only the encoder sees these frames (a tap decides for its own stream)
             frames = frame_tap(stream) if frame_tap is not None else stream
             clip = write_clip(
                 frames, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p",

@@ -10,8 +10,12 @@ need a generated face (silent frames never do) and gets its faces back, in frame
 
 Batches are formed earliest-deadline-first: frame i of an utterance that started at t0 is due at
 t0 + start_budget + i / fps, so every session plays in real time and frames of different sessions share
-batches. An utterance that has not had a face yet goes first with a small batch (its first frame is what a
-listener waits for); with several new utterances at once each gets a share of one batch. An utterance
+batches. A clip that nobody watches while it renders (`needed_whole`: it is only encoded, and only the
+finished clip is seen) is needed when its last frame is due, so all its frames rank by that one deadline:
+utterances of that kind that arrive together are then completed one after the other, in arrival order,
+instead of all finishing together at the end. An utterance that has not had a face yet goes first with a
+small batch (its first frame is what a listener waits for); with several new utterances at once each gets
+a share of one batch. An utterance
 whose consumer has `queue_frames` faces it has not taken yet is skipped until it catches up, so a slow or
 stalled consumer never holds up anyone else. Cancelling drops an utterance's remaining frames; an error in
 a batch (e.g. GPU out of memory) fails only the utterances that had frames in it.
@@ -75,7 +79,8 @@ class Utterance:
         self.cache, self.samples_16k, self.n_frames, self.phonemes = cache, samples_16k, n_frames, phonemes
         self.frame_ids = frame_ids  # (F,) clip frames that need a face, ascending
         self.source_ids = source_ids  # (F,) avatar source frame of each
-        self.due_s = due_s  # (F,) monotonic deadline of each
+        self.due_s = due_s  # (F,) monotonic time each is shown, were the clip played as it renders
+        self.need_s = due_s  # (F,) when each is needed (the batches' order): due_s, or the clip's end if whole
         self.blend_weights = blend_weights  # (F,) when the source composites: each frame's face weight
         self.cond: Any = None  # the face source's conditioning, set on the GPU thread
         self.scheduled = 0  # frames handed to batches (they are scheduled in order)
@@ -224,7 +229,15 @@ class FrameScheduler:
             shift = time.monotonic() + seconds - utt.plays_at_s
             if shift > 0:
                 utt.due_s = utt.due_s + shift
+                utt.need_s = utt.need_s + shift
                 utt.plays_at_s += shift
+
+    def needed_whole(self, utt: Utterance) -> None:
+        """Nobody watches `utt` while it renders (a clip only encoded): every frame is needed when its last
+        one is due, so it ranks behind frames that are shown sooner and ahead of clips that started later."""
+        with self._cv:
+            if len(utt.need_s):
+                utt.need_s = np.full_like(utt.need_s, utt.need_s[-1])
 
     def cancel(self, utt: Utterance) -> None:
         """Stop generating for `utt` (idempotent); its consumer gets UtteranceCancelled."""
@@ -393,7 +406,7 @@ class FrameScheduler:
         # New utterances' first frames go first — unless an utterance plays later (queued behind other speech,
         # `plays_in`): its frames then wait for their deadlines like any others.
         soon = time.monotonic() + _URGENT_S
-        new = sorted((u for u in ready if u.scheduled == 0 and u.plays_at_s <= soon), key=lambda u: u.due_s[0])
+        new = sorted((u for u in ready if u.scheduled == 0 and u.plays_at_s <= soon), key=lambda u: u.need_s[0])
         items: list[tuple[Utterance, int]] = []
         if new:
             share = max(1, min(self.source.first_batch_size, size // len(new)))
@@ -407,9 +420,11 @@ class FrameScheduler:
             candidates: list[tuple[float, int, int, Utterance]] = []
             for u in ready:
                 room = min(size, u.n_needed - u.scheduled, self.queue_frames - (u.scheduled - u.taken))
-                candidates.extend((float(u.due_s[k]), u.uid, k, u) for k in range(u.scheduled, u.scheduled + room))
+                candidates.extend((float(u.need_s[k]), u.uid, k, u) for k in range(u.scheduled, u.scheduled + room))
             candidates.sort(key=lambda c: (c[0], c[1], c[2]))
-            if urgent_only and candidates and candidates[0][0] > time.monotonic() + _URGENT_S:
+            # Urgent: a frame would be shown within _URGENT_S if its clip played as it renders (also for a clip
+            # needed whole: one that falls behind that pace gets the GPU's second batch slot too).
+            if urgent_only and min((float(u.due_s[k]) for _, _, k, u in candidates), default=soon) > soon:
                 return [], False
             items = [(u, k) for _, _, k, u in candidates[:size]]
             first = False
@@ -454,7 +469,7 @@ class FrameScheduler:
                 u.delivered += 1
                 u.t_last_face = now
                 if u.timed:
-                    self._lateness.add((mono - float(u.due_s[k])) * 1000, now)
+                    self._lateness.add((mono - float(u.need_s[k])) * 1000, now)
             self._delivered.add(len(batch.items), now)
             self._cv.notify_all()
 

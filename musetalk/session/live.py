@@ -212,6 +212,9 @@ class LiveUtterance:
             # Queued behind other speech: the scheduler serves frames needed sooner first; a margin so that this
             # one's first frames are ready a little before the speech ahead of it ends.
             plays_in(max(0.0, self.speech_ahead_s() - QUEUED_SPEECH_MARGIN_S))
+        needed_whole = getattr(stream, "needed_whole", None)
+        if not self._paced and needed_whole is not None:
+            needed_whole()  # no viewer: only the finished clip is seen
         emitted = 0
         pending: collections.deque[NDArray[np.uint8]] = collections.deque()
         try:
