@@ -331,7 +331,12 @@ def _poll_health(server: Any, out: list[dict[str, Any]], stop: threading.Event) 
 def _worst(polled: list[dict[str, Any]]) -> dict[str, float]:
     """The largest value each /health figure took during the run."""
     keys = {k for row in polled for k, v in row.items() if isinstance(v, (int, float))}
-    return {k: max(row[k] for row in polled if isinstance(row.get(k), (int, float))) for k in sorted(keys)}
+    worst = {k: max(row[k] for row in polled if isinstance(row.get(k), (int, float))) for k in sorted(keys)}
+    rows = [row for row in polled if isinstance(row.get("gc_full_pause_max_ms"), (int, float))]
+    if rows:  # what the longest full collection freed (not the most any collection freed)
+        longest = max(rows, key=lambda row: row["gc_full_pause_max_ms"])
+        worst["gc_full_pause_max_freed"] = longest.get("gc_full_pause_max_freed", 0)
+    return worst
 
 
 def _summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:

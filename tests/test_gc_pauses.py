@@ -18,12 +18,18 @@ def test_every_collection_is_timed_with_its_generation() -> None:
     try:
         assert gc.callbacks.count(gc_pauses._callback) == 1
         before = gc_pauses.stats()["collections"]
-        for _ in range(1000):
-            _Node()
-        gc.collect()
+        gc.disable()  # no automatic collection frees the cycles before the full one below
+        try:
+            for _ in range(1000):
+                _Node()
+            gc.collect()
+        finally:
+            gc.enable()
         stats = gc_pauses.stats()
         assert stats["collections"] > before
         assert stats["full_pause_max_ms"] > 0  # gc.collect() is a collection of the oldest generation
+        assert any(gen == 2 and freed >= 1000 for _, _, gen, freed in gc_pauses._pauses)  # it freed the cycles
+        assert isinstance(stats["full_pause_max_freed"], int)  # (of the longest full collection in the window)
         assert stats["pause_max_ms"] >= stats["full_pause_max_ms"] and stats["pause_p95_ms"] > 0
     finally:
         gc_pauses.uninstall()

@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 STATS_WINDOW_S = 10.0  # /health covers this much recent time
 _KEPT = 4096  # collections remembered (a busy server runs a few hundred young ones a second)
 
-# (time.perf_counter() at its end, ms, generation) of recent collections. A deque's append and list() are
-# single C calls under the GIL, so the callback (any thread) and /health (the event loop) need no lock —
-# and a lock would be wrong here: a collection can start inside code that holds it.
-_pauses: deque[tuple[float, float, int]] = deque(maxlen=_KEPT)
+# (time.perf_counter() at its end, ms, generation, objects it freed) of recent collections. A deque's append
+# and list() are single C calls under the GIL, so the callback (any thread) and /health (the event loop) need
+# no lock — and a lock would be wrong here: a collection can start inside code that holds it.
+_pauses: deque[tuple[float, float, int, int]] = deque(maxlen=_KEPT)
 _started: float | None = None
 _freezing = False  # freeze()'s own collection is logged by it, not counted among the pauses
 # Objects frozen by the last freeze(), counted then: gc.get_freeze_count() walks them all (a million objects
@@ -40,7 +40,8 @@ def _callback(phase: str, info: dict[str, Any]) -> None:
         _started = None if _freezing else time.perf_counter()
     elif _started is not None:
         now = time.perf_counter()
-        _pauses.append((now, (now - _started) * 1000, int(info.get("generation", -1))))
+        freed = int(info.get("collected", 0))
+        _pauses.append((now, (now - _started) * 1000, int(info.get("generation", -1)), freed))
         _started = None
 
 
@@ -58,15 +59,18 @@ def uninstall() -> None:
 
 def stats(window_s: float = STATS_WINDOW_S) -> dict[str, float]:
     """Collections in the last `window_s`: how many, their p95 and longest pause (ms), the longest of the
-    oldest generation, and how many objects are frozen (skipped by every collection)."""
+    oldest generation and how many objects it freed (many: the pause went on freeing garbage; few: it went
+    on walking live objects that are not frozen), and how many objects are frozen (skipped by every
+    collection)."""
     since = time.perf_counter() - window_s
-    recent = [(ms, gen) for t, ms, gen in list(_pauses) if t >= since]
-    full = [ms for ms, gen in recent if gen == 2]
+    recent = [(ms, gen, freed) for t, ms, gen, freed in list(_pauses) if t >= since]
+    full = max(((ms, freed) for ms, gen, freed in recent if gen == 2), default=(0.0, 0))
     return {
         "collections": len(recent),
-        "pause_p95_ms": round(quantile((ms for ms, _ in recent), 0.95), 2),
-        "pause_max_ms": round(max((ms for ms, _ in recent), default=0.0), 2),
-        "full_pause_max_ms": round(max(full, default=0.0), 2),
+        "pause_p95_ms": round(quantile((ms for ms, _, _ in recent), 0.95), 2),
+        "pause_max_ms": round(max((ms for ms, _, _ in recent), default=0.0), 2),
+        "full_pause_max_ms": round(full[0], 2),
+        "full_pause_max_freed": full[1],
         "frozen_objects": _frozen,
     }
 
