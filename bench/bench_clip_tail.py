@@ -2,6 +2,7 @@
 
     python -m bench.bench_clip_tail [--width 1920 --height 1080] [--clip-s 5] [--produce-fps 400] [--repeats 5]
                                     [--threads 0 4] [--gops 50 25] [--workers 0 8] [--clips 1 16]
+                                    [--audio-ahead 0 1]
 
 No model runs: a producer hands the real clip encoder (`write_clip`, I420 frames as the GPU blend makes
 them) one frame every 1/produce-fps s — the speed the GPU generates at — and the clip is then appended to
@@ -12,7 +13,9 @@ the PCM WAV), so that a slow part shows on the machine where it is slow. Each re
 (a new session's first append, as `bench_concurrency`'s N = 1 round). With `--clips K`, K clips are
 written and appended at once, each fed produce-fps / K frames per second (the GPU's frames shared by K
 sessions that started together, as a round of `bench_concurrency` at N = K): every clip's figures are a
-row, and the slowest clip's tail is reported beside the median. Prints medians, writes JSON.
+row, and the slowest clip's tail is reported beside the median. `--audio-ahead 1` (the default, as the
+server does) encodes the session audio while the clip is written; 0 leaves it to the append. Prints
+medians, writes JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from numpy.typing import NDArray
 from bench.bench_session import _photo
 from musetalk.config import PROJECT_ROOT, EncodeConfig
 from musetalk.pipeline.encode import segment_workers, write_clip
+from musetalk.session.stitcher import SessionAudio
 from musetalk.session.store import SessionStore
 from musetalk.types import Audio
 
@@ -91,19 +95,31 @@ def read_parts(clip_path: Path, wav_path: Path) -> dict[str, float]:
 
 
 def one_clip(
-    store: SessionStore, sid: str, frames: list[NDArray[np.uint8]], audio: Audio, fps: float, cfg: EncodeConfig
+    store: SessionStore,
+    sid: str,
+    frames: list[NDArray[np.uint8]],
+    audio: Audio,
+    fps: float,
+    cfg: EncodeConfig,
+    audio_ahead: bool = False,
 ) -> dict[str, float]:
-    """Write one clip from `frames` handed over at `fps`, then append it to session `sid` → its timings (ms)."""
+    """Write one clip from `frames` handed over at `fps`, then append it to session `sid` → its timings (ms).
+    With `audio_ahead` the session audio is encoded while the clip is written, as the server does."""
     n = len(frames)
     marks: dict[str, float] = {}
-    t0 = time.perf_counter()
-    clip = write_clip(paced(frames, fps, marks), audio, store.new_clip_path(sid), n, FPS, cfg, pix_fmt="yuv420p")
-    t_clip = time.perf_counter()
-    assert clip.audio_path is not None
-    parts = read_parts(clip.path, clip.audio_path)
-    t1 = time.perf_counter()
-    appended = store.append(sid, clip, 0, None)
-    t_append = time.perf_counter() - t1
+    ahead: list[Future[SessionAudio]] = []
+    with ThreadPoolExecutor(1) as pool:
+        on_audio = (lambda pcm: ahead.append(pool.submit(store.encode_audio_ahead, sid, pcm))) if audio_ahead else None
+        t0 = time.perf_counter()
+        clip = write_clip(paced(frames, fps, marks), audio, store.new_clip_path(sid), n, FPS, cfg, pix_fmt="yuv420p",
+                          on_audio=on_audio)  # fmt: skip
+        t_clip = time.perf_counter()
+        assert clip.audio_path is not None
+        parts = read_parts(clip.path, clip.audio_path)
+        t1 = time.perf_counter()
+        appended = store.append(sid, clip, 0, None, ahead[0].result() if ahead else None)
+        t_append = time.perf_counter() - t1
+    assert appended.audio_ahead is audio_ahead
     return {
         "produce_ms": (marks["last"] - t0) * 1000,
         "encode_tail_ms": (t_clip - marks["last"]) * 1000,  # last frame handed over → clip written
@@ -131,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, nargs="+", default=[0], help="encode.segment_workers values to compare (0 = auto)"
     )
     parser.add_argument("--clips", type=int, nargs="+", default=[1], help="clips written at once (sessions per round)")
+    parser.add_argument("--audio-ahead", type=int, nargs="+", default=[1], choices=[0, 1],
+                        help="1: the session audio is encoded while the clip is written (the server)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_clip_tail.json")
     args = parser.parse_args(argv)
 
@@ -143,22 +161,24 @@ def main(argv: list[str] | None = None) -> int:
             "clip_s": args.clip_s, "produce_fps": args.produce_fps, "preset": args.preset}  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-clip-tail-", dir=PROJECT_ROOT / "results") as tmp:
-        for threads, gop, workers, clips in itertools.product(args.threads, args.gops, args.workers, args.clips):
+        for threads, gop, workers, clips, ahead in itertools.product(
+            args.threads, args.gops, args.workers, args.clips, args.audio_ahead
+        ):
             cfg = EncodeConfig(preset=args.preset, threads=threads, gop_frames=gop, segment_workers=workers)
-            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}-w{workers}-c{clips}", "default", FPS, cfg)
-            label = f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)} clips={clips}"
+            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}-w{workers}-c{clips}-a{ahead}", "default", FPS, cfg)
+            label = f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)} clips={clips} ahead={ahead}"
             rows = []
             with ThreadPoolExecutor(clips) as pool:
                 for rep in range(args.repeats):
                     each_fps = args.produce_fps / clips
-                    futures = [pool.submit(one_clip, store, f"r{rep}-c{c}", frames, audio, each_fps, cfg)
+                    futures = [pool.submit(one_clip, store, f"r{rep}-c{c}", frames, audio, each_fps, cfg, bool(ahead))
                                for c in range(clips)]  # fmt: skip
                     rows += [f.result() for f in futures]
                     print(f"{label} #{rep}: {_line(rows[-1])}", flush=True)
             medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             worst_tail = max(r["encode_tail_ms"] for r in rows)
             config = {"threads": threads, "gop_frames": gop, "segment_workers": workers or segment_workers(cfg),
-                      "clips": clips}  # fmt: skip
+                      "clips": clips, "audio_ahead": bool(ahead)}  # fmt: skip
             result["configs"].append({**config, "rows": rows, "median": medians, "worst_encode_tail_ms": worst_tail})
             print(f"{label} median: {_line(medians)} worst_tail={worst_tail:.0f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from musetalk.avatar.synthetic import SyntheticVideo
 from musetalk.config import AppConfig, load_config, with_overrides
 from musetalk.server.app import create_app
 from musetalk.server.renderer import resolve_renderer
-from musetalk.utils.ffmpeg import probe
+from musetalk.utils.ffmpeg import probe, run_ffmpeg
 
 
 @contextmanager
@@ -179,3 +180,18 @@ def test_audio_context_conditions_a_sentence_on_the_one_before(
     n1 = lengths[0]
     assert all(np.array_equal(a, b) for a, b in zip(frames[0][:n1], frames[1000][:n1], strict=True))
     assert not np.array_equal(frames[0][n1], frames[1000][n1])
+
+
+def test_a_clips_session_audio_is_encoded_while_it_renders(
+    prepared_avatar: tuple[AppConfig, PrepResult], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(prepared_avatar, tmp_path, f"models.dir={tmp_path / 'no-models'}")
+    caplog.set_level(logging.INFO, logger="musetalk.server.service")
+    with _server(cfg) as client:
+        for text in ("Hello there.", "And once more."):
+            r = client.post("/speak", json={"text": text, "session_id": "ahead"})
+            assert r.status_code == 200, r.text
+        speaks = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("speak session=ahead")]
+    assert len(speaks) == 2 and all("audio_ahead=True" in line for line in speaks), speaks
+    video = tmp_path / "results" / "sessions" / "ahead" / "full_session.mp4"
+    run_ffmpeg(["-xerror", "-i", str(video), "-f", "null", "-"])

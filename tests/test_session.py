@@ -16,7 +16,7 @@ from session_child import CLICK_AT_S, FPS, make_clip
 from musetalk.config import EncodeConfig
 from musetalk.errors import FfmpegFailed, SessionConflict, SessionLocked
 from musetalk.pipeline.encode import write_clip
-from musetalk.session.stitcher import SESSION_FORMAT, read_state
+from musetalk.session.stitcher import SESSION_FORMAT, clip_pcm, read_state
 from musetalk.session.store import SessionStore
 from musetalk.types import Audio, Clip
 from musetalk.utils.ffmpeg import probe, run_ffmpeg
@@ -298,3 +298,42 @@ def test_a_second_store_on_the_same_session_is_refused(store: SessionStore) -> N
     store.close()
     assert len(other.state("default").clips) == 1
     other.close()
+
+
+def _clip_with_audio_ahead(
+    store: SessionStore, session: str, n_frames: int, seed: int, ahead: list[np.ndarray]
+) -> Clip:
+    """make_clip's clip, handing its audio to `ahead` as write_clip's on_audio does before the frames."""
+    t = np.arange(int(n_frames / FPS * 16000)) / 16000
+    audio = Audio((0.3 * np.sin(2 * np.pi * (300 + 50 * seed) * t)).astype(np.float32), 16000)
+    frames = [np.full((64, 64, 3), (seed * 37 + i) % 256, np.uint8) for i in range(n_frames)]
+    path = store.new_clip_path(session)
+    return write_clip(iter(frames), audio, path, n_frames, FPS, EncodeConfig(preset="ultrafast"), on_audio=ahead.append)
+
+
+def test_session_audio_encoded_ahead_gives_the_same_session_and_is_used_only_while_it_fits(
+    store: SessionStore,
+) -> None:
+    for target in ("ahead", "plain"):
+        for seed, n in enumerate((13, 21, 8)):
+            pcm: list[np.ndarray] = []
+            clip = _clip_with_audio_ahead(store, target, n, seed, pcm)
+            assert len(pcm) == 1 and np.array_equal(pcm[0], clip_pcm(clip, RATE))  # exactly its WAV's audio
+            audio_ahead = store.encode_audio_ahead(target, pcm[0]) if target == "ahead" else None
+            result = store.append(target, clip, seed, "demo", audio_ahead)
+            assert result.audio_ahead is (target == "ahead")
+    # The same clips, the same session, to the byte.
+    assert _committed(store, "ahead") == _committed(store, "plain")
+
+    # Encoded against a state the session has since left (another clip appended first): not used.
+    pcm = []
+    late = _clip_with_audio_ahead(store, "ahead", 10, 7, pcm)
+    stale = store.encode_audio_ahead("ahead", pcm[0])
+    store.append("ahead", _clip(store, "ahead", 6, seed=3), 3, "demo")
+    assert not store.append("ahead", late, 4, "demo", stale).audio_ahead
+    # ...nor for other audio than the clip's own (a clip cut short holds less).
+    pcm = []
+    clip = _clip_with_audio_ahead(store, "ahead", 10, 8, pcm)
+    wrong = store.encode_audio_ahead("ahead", pcm[0][: len(pcm[0]) // 2])
+    assert not store.append("ahead", clip, 5, "demo", wrong).audio_ahead
+    run_ffmpeg(["-xerror", "-i", str(store.video_path("ahead")), "-f", "null", "-"])

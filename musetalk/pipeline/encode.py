@@ -51,6 +51,16 @@ def fit_audio(audio: Audio, n_frames: int, fps: int, rate: int) -> NDArray[np.fl
     return np.clip(out, -1.0, 1.0, out=out)  # in place: a long clip's audio is tens of MB
 
 
+def pcm16(pcm: NDArray[np.float32]) -> NDArray[np.int16]:
+    """Float samples in [-1, 1] (n,) → the 16-bit PCM (n,) that a clip's WAV holds (x · 32767, rounded)."""
+    return np.rint(pcm * 32767).astype(np.int16)
+
+
+def read_back(samples: NDArray[np.int16]) -> NDArray[np.float32]:
+    """16-bit PCM (n,) → float32 (n,) exactly as soundfile reads it from a PCM_16 WAV (x / 32768)."""
+    return samples.astype(np.float32) / np.float32(32768)
+
+
 def audio_frames(parts: Sequence[NDArray[np.float32]], rate: int, chunk: int = 48_000) -> Iterator[av.AudioFrame]:
     """Mono float32 arrays, one after the other, as AudioFrames of at most `chunk` samples with running pts.
 
@@ -235,11 +245,15 @@ def write_clip(
     pix_fmt: Literal["bgr24", "yuv420p"] = "bgr24",
     *,
     allow_fewer: bool = False,
+    on_audio: Callable[[NDArray[np.float32]], None] | None = None,
 ) -> Clip:
     """Encode `n_frames` frames + audio to `path` (and `path`.wav).
 
     With `allow_fewer`, frames may end early (an utterance cut off by an interrupt): the clip then holds
     the frames that came, with the audio cut at the same instant; at least one frame is needed.
+
+    `on_audio` is called first, before any frame, with the clip's audio (n_frames · rate / fps,) float32
+    exactly as its WAV will hold it (a clip cut short holds less): the session append can encode it meanwhile.
 
     Frames are BGR (H, W, 3) uint8, or with pix_fmt="yuv420p" planar I420 (H·3/2, W) uint8 as made by
     cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420) — converting in the producer's threads takes that work
@@ -251,6 +265,8 @@ def write_clip(
     t0 = time.perf_counter()
     wait_s = 0.0  # time spent waiting for the producer (not encoding)
     pcm = fit_audio(audio, n_frames, fps, cfg.audio_rate)  # (n_frames * rate / fps,)
+    if on_audio is not None:
+        on_audio(read_back(pcm16(pcm)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, wav_path = _tmp_path(path), path.with_suffix(".wav")
     wav_tmp = _tmp_path(wav_path)
@@ -330,7 +346,7 @@ def write_clip(
             for packet in audio_packets:
                 packet.stream = astream
                 container.mux(packet)
-        sf.write(str(wav_tmp), pcm, cfg.audio_rate, subtype="PCM_16", format="WAV")
+        sf.write(str(wav_tmp), pcm16(pcm), cfg.audio_rate, subtype="PCM_16", format="WAV")
         os.replace(wav_tmp, wav_path)
         os.replace(tmp, path)
     except av.FFmpegError as exc:

@@ -338,12 +338,14 @@ class Engine:
         left_context_16k: NDArray[np.float32] | None = None,
         frame_tap: FrameTap | None = None,
         timed: bool = True,
+        on_audio: Callable[[NDArray[np.float32]], None] | None = None,
     ) -> RenderResult:
         """Audio → finished clip at `out_path` (mp4 + wav), plus the cursor for the session's next clip.
 
         frame_tap: sees the stream and passes its I420 frames on to the encoder (e.g. showing each on a live
         stream first); when it ends early the clip holds only the frames it passed, audio cut to match.
         timed=False: a warm-up clip, left out of the scheduler's lateness figures.
+        on_audio: gets the clip's audio as its WAV will hold it before the frames are encoded (write_clip).
         """
         t0 = time.perf_counter()
         with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k, timed=timed) as stream:
@@ -353,6 +355,7 @@ class Engine:
             clip = write_clip(
                 frames, stream.audio, out_path, stream.n_frames, self.cfg.fps, self.cfg.encode, "yuv420p",
                 allow_fewer=frame_tap is not None,
+                on_audio=on_audio,
             )
             timings = {**stream.timings_ms, **clip.timings_ms}
         total_ms = (time.perf_counter() - t0) * 1000

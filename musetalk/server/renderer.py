@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from numpy.typing import NDArray
 
 from musetalk.avatar import AvatarCache, load_avatar, prepare_avatar
 from musetalk.avatar.cache import FrameStore
@@ -58,8 +59,10 @@ class LiveRenderer(Protocol):
         cursor: int,
         left_context: Audio | None = None,
         frame_tap: FrameTap | None = None,
+        on_audio: Callable[[NDArray[np.float32]], None] | None = None,
     ) -> tuple[Clip, int]:
-        """As Renderer.render; `frame_tap` passes the I420 frames on to the encoder and may end the clip early."""
+        """As Renderer.render; `frame_tap` passes the I420 frames on to the encoder and may end the clip early;
+        `on_audio` gets the clip's audio (as its WAV will hold it) before its frames are encoded."""
 
 
 def resolve_renderer(cfg: AppConfig) -> str:
@@ -229,12 +232,14 @@ class EngineRenderer:
         cursor: int,
         left_context: Audio | None = None,
         frame_tap: FrameTap | None = None,
+        on_audio: Callable[[NDArray[np.float32]], None] | None = None,
     ) -> tuple[Clip, int]:
         """One clip of `avatar_id` from `cursor`; returns it and the next cursor (callable from many threads).
         `frame_tap` sees every frame before the encoder (the live stream) and may end the clip early."""
         context = resample(left_context, WHISPER_RATE_HZ) if left_context is not None else None
+        cache = self._cache(avatar_id)
         result = self.engine.render(
-            audio, self._cache(avatar_id), out_path, cursor, left_context_16k=context, frame_tap=frame_tap
+            audio, cache, out_path, cursor, left_context_16k=context, frame_tap=frame_tap, on_audio=on_audio
         )
         return result.clip, result.next_cursor
 

@@ -30,11 +30,15 @@ from musetalk.errors import Busy, InputError, Interrupted, MuseTalkError, Sessio
 from musetalk.server.renderer import LiveRenderer
 from musetalk.server.worker import RenderPool
 from musetalk.session.live import LiveUtterance
-from musetalk.session.stitcher import AppendResult
+from musetalk.session.stitcher import AppendResult, SessionAudio
 from musetalk.session.store import SessionStore
 from musetalk.tts.base import VoiceEngine
 from musetalk.types import Audio, Clip, Renderer
 from musetalk.utils.logs import kv
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 if TYPE_CHECKING:
     from musetalk.server.webrtc import LiveHub
@@ -437,6 +441,10 @@ class SpeakService:
                     utterance = LiveUtterance(request.utterance, self.cfg.fps, 1, loop)
             out_path = await asyncio.to_thread(self.store.new_clip_path, sid)
             render = functools.partial(self.renderer.render, audio, out_path, aid, cursor, context)
+            audio_ahead: _AudioAhead | None = None
+            if isinstance(self.renderer, LiveRenderer):  # (the engine's renderer: it hands over the clip's audio)
+                audio_ahead = _AudioAhead(self.store, sid, previous, loop)
+                render = functools.partial(render, on_audio=audio_ahead.start)
             if utterance is not None:
                 render = functools.partial(render, frame_tap=utterance.tap)
                 self._rendering.setdefault(sid, set()).add(utterance)
@@ -456,8 +464,9 @@ class SpeakService:
                         del self._rendering[sid]
             if previous is not None:
                 await previous
+            ahead = await audio_ahead.result() if audio_ahead is not None else None
             try:
-                appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid)
+                appended = await asyncio.to_thread(self.store.append, sid, clip, cursor, aid, ahead)
             except Exception:  # the session did not take the clip: its files are orphans
                 _remove_clip_files(clip)
                 raise
@@ -488,7 +497,8 @@ class SpeakService:
             append=appended.timings_ms["append_total"],
             total=(t_end - request.t0) * 1000,
         )
-        # Where the append's time went: read the clip, encode the session audio, write + fsync, commit.
+        # Where the append's time went: read the clip, encode the session audio (~0 when it was encoded while the
+        # clip rendered), write + fsync, commit.
         timings.update({k: v for k, v in appended.timings_ms.items() if k != "append_total"})
         if utterance is not None and utterance.t_on_air is not None:  # played on a live stream
             timings["on_air"] = (utterance.t_on_air - request.t0) * 1000
@@ -515,10 +525,46 @@ class SpeakService:
                 clip_s=round(result.clip_duration_s, 3),
                 session_s=round(result.session_duration_s, 3),
                 interrupted=result.interrupted,
+                audio_ahead=appended.audio_ahead,
                 **{f"{k}_ms": round(v, 1) for k, v in timings.items()},
             ),
         )
         return result
+
+
+class _AudioAhead:
+    """A clip's session audio, encoded while the clip renders (SessionStore.encode_audio_ahead).
+
+    `start` is the renderer's `on_audio`, called on the render thread with the clip's audio before its frames;
+    the encode waits for the session's previous append (the state it continues) and runs on a worker thread.
+    It is only a head start: if it fails, or the session or the clip's audio changed meanwhile (a cut), the
+    append encodes the audio itself, as it always did."""
+
+    def __init__(
+        self, store: SessionStore, sid: str, previous: asyncio.Future[None] | None, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._store, self._sid, self._previous, self._loop = store, sid, previous, loop
+        self._task: asyncio.Task[SessionAudio | None] | None = None
+
+    def start(self, pcm: NDArray[np.float32]) -> None:
+        """The clip's audio (n,) float32 as its WAV will hold it (any thread)."""
+        self._loop.call_soon_threadsafe(self._begin, pcm)
+
+    def _begin(self, pcm: NDArray[np.float32]) -> None:
+        self._task = asyncio.ensure_future(self._encode(pcm))
+
+    async def _encode(self, pcm: NDArray[np.float32]) -> SessionAudio | None:
+        try:
+            if self._previous is not None:
+                await asyncio.shield(self._previous)
+            return await asyncio.to_thread(self._store.encode_audio_ahead, self._sid, pcm)
+        except Exception as exc:  # the append will encode it
+            log.info("session %s: audio not encoded ahead: %s: %s", self._sid, type(exc).__name__, exc)
+            return None
+
+    async def result(self) -> SessionAudio | None:
+        """The encoded audio (waits for it if it is still being encoded), or None."""
+        return None if self._task is None else await self._task
 
 
 def _stage_timings(clip_ms: dict[str, float], render_queue_ms: float) -> dict[str, float]:

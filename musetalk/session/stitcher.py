@@ -248,6 +248,7 @@ class AppendResult:
     clip_index: int
     clip_start_s: float
     timings_ms: dict[str, float]
+    audio_ahead: bool = False  # its session audio had been encoded while the clip rendered
 
 
 def _why(exc: Exception) -> str:
@@ -503,6 +504,45 @@ def _encode_aac(
     return packets, config
 
 
+@dataclass(frozen=True, eq=False)
+class SessionAudio:
+    """A clip's share of the session's AAC stream, encoded against one state of the session.
+
+    `encode_session_audio` makes it; an append uses it only if the session is still in exactly that state and
+    the clip's audio is exactly `new_pcm` (otherwise it encodes again), so one made ahead of time, while the
+    clip was rendering, can only save time, never change the session."""
+
+    state: SessionState
+    new_pcm: NDArray[np.float32]  # (n,) the clip's audio as its WAV holds it
+    packets: list[_AacPacket]
+    config: bytes  # the encoder's AudioSpecificConfig
+
+    def fits(self, state: SessionState, new_pcm: NDArray[np.float32]) -> bool:
+        """Encoded for this state of the session and this audio."""
+        return self.state == state and np.array_equal(self.new_pcm, new_pcm)
+
+
+def encode_session_audio(
+    paths: SessionPaths, state: SessionState, new_pcm: NDArray[np.float32], cfg: EncodeConfig
+) -> SessionAudio:
+    """Encode the session's audio from WARMUP_S before its last committed AAC frame boundary through the
+    end of `new_pcm` (the next clip's audio, (n,) float32), as the append of that clip needs it."""
+    if state.is_legacy:
+        raise SessionConflict("a musetalk-session/2 file is converted by its next append first")
+    import av
+
+    rate = state.audio_rate
+    splice_at = state.layout.audio_committed if state.layout else 0
+    warmup = int(WARMUP_S * rate) // AAC_FRAME_SAMPLES * AAC_FRAME_SAMPLES
+    source_start = max(0, splice_at - warmup)  # a multiple of AAC_FRAME_SAMPLES, like splice_at
+    source = [_tail_pcm(paths, state, state.total_samples - source_start), new_pcm]  # played one after the other
+    try:
+        packets, config = _encode_aac(source, source_start, rate, cfg)
+    except av.FFmpegError as exc:
+        raise FfmpegFailed("encoding the session audio failed", str(exc)) from exc
+    return SessionAudio(state, new_pcm, packets, config)
+
+
 @dataclass(frozen=True)
 class _ClipVideo:
     samples: list[fmp4.Sample]
@@ -702,11 +742,13 @@ def append_clip(
     cursor: int,
     avatar_id: str | None,
     cfg: EncodeConfig,
+    audio_ahead: SessionAudio | None = None,
 ) -> AppendResult:
     """Append `clip` (its files inside paths.clips_dir) to the session video; returns the new state.
 
     Writes only the new clip's bytes after the committed length, fsyncs, then commits. On any error
-    the committed session is unchanged (bytes written past it are cut off again)."""
+    the committed session is unchanged (bytes written past it are cut off again). `audio_ahead`: the
+    session audio encoded while the clip rendered (`encode_session_audio`), used when it still fits."""
     t0 = time.perf_counter()
     sid = paths.session_id
     if clip.path.parent.resolve() != paths.clips_dir.resolve():
@@ -736,14 +778,12 @@ def append_clip(
         state = convert_legacy(paths, state)
     old_total = state.total_samples
     splice_at = state.layout.audio_committed if state.layout else 0
-    warmup = int(WARMUP_S * rate) // AAC_FRAME_SAMPLES * AAC_FRAME_SAMPLES
-    source_start = max(0, splice_at - warmup)  # a multiple of AAC_FRAME_SAMPLES, like splice_at
-    source = [_tail_pcm(paths, state, old_total - source_start), new_pcm]  # played one after the other
     t_read = time.perf_counter()
-    try:
-        packets, audio_config = _encode_aac(source, source_start, rate, cfg)
-    except av.FFmpegError as exc:
-        raise FfmpegFailed("encoding the session audio failed", str(exc)) from exc
+    if audio_ahead is not None and audio_ahead.fits(state, new_pcm):
+        session_audio, ahead = audio_ahead, True
+    else:
+        session_audio, ahead = encode_session_audio(paths, state, new_pcm, cfg), False
+    packets, audio_config = session_audio.packets, session_audio.config
     new_total = old_total + len(new_pcm)
     if state.layout is None:
         audio = [p for p in packets if p.pts < new_total]  # a new session keeps the priming packet
@@ -807,6 +847,7 @@ def append_clip(
         state=new_state,
         clip_index=len(state.clips),
         clip_start_s=state.duration_s,
+        audio_ahead=ahead,
         timings_ms={
             "append_read": (t_read - t0) * 1000,
             "append_encode": (t_encode - t_read) * 1000,

@@ -36,15 +36,20 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+from numpy.typing import NDArray
+
 from musetalk.config import EncodeConfig, is_valid_id
 from musetalk.errors import InputError, SessionLocked, SessionNotFound
 from musetalk.session.stitcher import (
     VIDEO_NAME,
     AppendResult,
+    SessionAudio,
     SessionPaths,
     SessionState,
     append_clip,
     committed_length,
+    encode_session_audio,
     open_session,
     write_concat_list,
 )
@@ -154,13 +159,30 @@ class SessionStore:
             paths.clips_dir.mkdir(parents=True, exist_ok=True)
             return paths.clips_dir / f"clip_{seq:06d}.mp4"
 
-    def append(self, session_id: str, clip: Clip, cursor: int, avatar_id: str | None) -> AppendResult:
-        """Append a rendered clip; on error the session (committed file and state) is unchanged."""
+    def encode_audio_ahead(self, session_id: str, pcm: NDArray[np.float32]) -> SessionAudio:
+        """The session's audio for a next clip whose audio is `pcm` (n,) float32 (as its WAV will hold it),
+        encoded now, while the clip renders, against the session as it is now; `append` uses it if the session
+        has not changed meanwhile (raises as the append would, e.g. SessionConflict on a converted session)."""
+        with self._lock(session_id):
+            state = self._load(session_id)
+        # Outside the lock: the committed clips' audio it reads never changes (a reset meanwhile makes it fail).
+        return encode_session_audio(self.paths(session_id), state, pcm, self._encode)
+
+    def append(
+        self,
+        session_id: str,
+        clip: Clip,
+        cursor: int,
+        avatar_id: str | None,
+        audio_ahead: SessionAudio | None = None,
+    ) -> AppendResult:
+        """Append a rendered clip; on error the session (committed file and state) is unchanged.
+        `audio_ahead` (from encode_audio_ahead) saves encoding the session audio now if it still fits."""
         with self._lock(session_id):
             state = self._load(session_id)
             paths = self.paths(session_id)
             paths.video.parent.mkdir(parents=True, exist_ok=True)
-            result = append_clip(paths, state, clip, cursor, avatar_id, self._encode)
+            result = append_clip(paths, state, clip, cursor, avatar_id, self._encode, audio_ahead)
             with self._publish:
                 self._states[session_id] = result.state
             return result
