@@ -569,9 +569,12 @@ class _AudioAhead:
 
 def _stage_timings(clip_ms: dict[str, float], render_queue_ms: float) -> dict[str, float]:
     """Per-utterance stage times for the response and the log: queued (for a render thread and for the GPU),
-    first_frame (audio in → first blended frame), generate, blend, encode — the keys a client can rely on."""
-    keys = {"first_frame": "first_frame_ms", "generate": "generate_ms", "blend": "blend_ms", "encode": "encode_ms"}
-    out = {"queued": render_queue_ms + clip_ms.get("queued_ms", 0.0)}
+    first_frame (audio in → first blended frame), generate, blend, encode — the keys a client can rely on —
+    and, where they exist, the parts of queued: render_wait (for a render thread) and prepare (its audio
+    features, on the GPU thread, before its first batch)."""
+    keys = {"first_frame": "first_frame_ms", "generate": "generate_ms", "blend": "blend_ms", "encode": "encode_ms",
+            "prepare": "prepare_ms"}  # fmt: skip
+    out = {"queued": render_queue_ms + clip_ms.get("queued_ms", 0.0), "render_wait": render_queue_ms}
     out.update({name: clip_ms[key] for name, key in keys.items() if key in clip_ms})
     return out
 
