@@ -152,16 +152,16 @@ class _SegmentEncoders:
         # frame often comes long before the rest (its utterance's first batch), and the clips whose encoders
         # are at work by then are the ones sharing the cores with it.
         first = frames.get()
-        second = frames.get() if first is not None else None
-        waiting = [f for f in (first, second) if f is not None]
-        if not waiting:
+        if first is None:
             return []
-        rest = iter(frames.get, None) if second is not None else iter(())  # (None: the segment has ended)
+        second = frames.get()
+        # A None second means the segment ended after one frame; otherwise the rest follow up to its None.
+        segment = [first] if second is None else itertools.chain([first, second], iter(frames.get, None))
         packets: list[av.Packet] = []
         clips_at_once = self._count(+1)
         try:
             ctx = self._make_context(clips_at_once)
-            for frame in itertools.chain(waiting, rest):
+            for frame in segment:
                 packets.extend(ctx.encode(frame))
                 self._room.release()
             packets.extend(ctx.encode(None))

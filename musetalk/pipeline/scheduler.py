@@ -15,10 +15,10 @@ finished clip is seen) is needed when its last frame is due, so all its frames r
 utterances of that kind that arrive together are then completed one after the other, in arrival order,
 instead of all finishing together at the end. An utterance that has not had a face yet goes first with a
 small batch (its first frame is what a listener waits for); with several new utterances at once each gets
-a share of one batch. An utterance
-whose consumer has `queue_frames` faces it has not taken yet is skipped until it catches up, so a slow or
-stalled consumer never holds up anyone else. Cancelling drops an utterance's remaining frames; an error in
-a batch (e.g. GPU out of memory) fails only the utterances that had frames in it.
+a share of one batch. An utterance whose consumer has `queue_frames` faces it has not taken yet is skipped
+until it catches up, so a slow or stalled consumer never holds up anyone else. Cancelling drops an
+utterance's remaining frames; an error in a batch (e.g. GPU out of memory) fails only the utterances that
+had frames in it.
 """
 
 from __future__ import annotations

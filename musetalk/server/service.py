@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-if TYPE_CHECKING:
     from musetalk.server.webrtc import LiveHub
 
 log = logging.getLogger(__name__)
