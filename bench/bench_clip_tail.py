@@ -2,7 +2,7 @@
 
     python -m bench.bench_clip_tail [--width 1920 --height 1080] [--clip-s 5] [--produce-fps 400] [--repeats 5]
                                     [--threads 0 4] [--gops 50 25] [--workers 0 8] [--clips 1 16]
-                                    [--audio-ahead 0 1]
+                                    [--audio-ahead 0 1] [--fast-analysis 0 1]
 
 No model runs: a producer hands the real clip encoder (`write_clip`, I420 frames as the GPU blend makes
 them) one frame every 1/produce-fps s — the speed the GPU generates at — and the clip is then appended to
@@ -14,8 +14,8 @@ the PCM WAV), so that a slow part shows on the machine where it is slow. Each re
 written and appended at once, each fed produce-fps / K frames per second (the GPU's frames shared by K
 sessions that started together, as a round of `bench_concurrency` at N = K): every clip's figures are a
 row, and the slowest clip's tail is reported beside the median. `--audio-ahead 1` (the default, as the
-server does) encodes the session audio while the clip is written; 0 leaves it to the append. Prints
-medians, writes JSON.
+server does) encodes the session audio while the clip is written; 0 leaves it to the append.
+`--fast-analysis` compares `encode.fast_analysis` off (0) and on (1, the default). Prints medians, writes JSON.
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, nargs="+", default=[1], help="clips written at once (sessions per round)")
     parser.add_argument("--audio-ahead", type=int, nargs="+", default=[1], choices=[0, 1],
                         help="1: the session audio is encoded while the clip is written (the server)")  # fmt: skip
+    parser.add_argument("--fast-analysis", type=int, nargs="+", default=[1], choices=[0, 1],
+                        help="encode.fast_analysis values to compare")  # fmt: skip
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "bench_clip_tail.json")
     args = parser.parse_args(argv)
 
@@ -161,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             "clip_s": args.clip_s, "produce_fps": args.produce_fps, "preset": args.preset}  # fmt: skip
     result: dict[str, Any] = {"meta": meta, "configs": []}
     with tempfile.TemporaryDirectory(prefix="bench-clip-tail-", dir=PROJECT_ROOT / "results") as tmp:
-        for threads, gop, workers, clips, ahead in itertools.product(
-            args.threads, args.gops, args.workers, args.clips, args.audio_ahead
+        for threads, gop, workers, clips, ahead, fast in itertools.product(
+            args.threads, args.gops, args.workers, args.clips, args.audio_ahead, args.fast_analysis
         ):
-            cfg = EncodeConfig(preset=args.preset, threads=threads, gop_frames=gop, segment_workers=workers)
-            store = SessionStore(Path(tmp) / f"t{threads}-g{gop}-w{workers}-c{clips}-a{ahead}", "default", FPS, cfg)
-            label = f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)} clips={clips} ahead={ahead}"
+            cfg = EncodeConfig(preset=args.preset, threads=threads, gop_frames=gop, segment_workers=workers,
+                               fast_analysis=bool(fast))  # fmt: skip
+            folder = f"t{threads}-g{gop}-w{workers}-c{clips}-a{ahead}-f{fast}"
+            store = SessionStore(Path(tmp) / folder, "default", FPS, cfg)
+            label = (f"threads={threads} gop={gop} workers={workers or segment_workers(cfg)} clips={clips} "
+                     f"ahead={ahead} fast_analysis={fast}")  # fmt: skip
             rows = []
             with ThreadPoolExecutor(clips) as pool:
                 for rep in range(args.repeats):
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             worst_tail = max(r["encode_tail_ms"] for r in rows)
             config = {"threads": threads, "gop_frames": gop, "segment_workers": workers or segment_workers(cfg),
-                      "clips": clips, "audio_ahead": bool(ahead)}  # fmt: skip
+                      "clips": clips, "audio_ahead": bool(ahead), "fast_analysis": bool(fast)}  # fmt: skip
             result["configs"].append({**config, "rows": rows, "median": medians, "worst_encode_tail_ms": worst_tail})
             print(f"{label} median: {_line(medians)} worst_tail={worst_tail:.0f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

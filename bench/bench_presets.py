@@ -5,17 +5,18 @@ clips join with -c copy); `encode.preset` trades CPU for bits. With many live se
 encoders are the host's largest CPU cost, so a faster preset buys sessions — at what cost in size and
 picture? This encodes the same 1080p talking-head-like clip with each preset through the clip encoder's
 own options (`musetalk.pipeline.encode.video_options`), one x264 thread (frames/s per core), and
-compares the decoded frames with the source (PSNR and SSIM of the luma).
+compares the decoded frames with the source (PSNR and SSIM of the luma). The veryfast..medium presets run
+twice: with their own analysis and with `encode.fast_analysis` (diamond motion search, no P 8x8 partitions).
 
 Two sources: the astronaut photo filling a 1920×1080 frame and swaying ("clean": an upscaled photo)
 and the same with fresh Gaussian grain of σ = 2 grey levels on every frame ("grain": like a camera's
 sensor noise, the hard case).
 
-    python -m bench.bench_presets                       # 100 frames, presets ultrafast..faster
+    python -m bench.bench_presets                       # 100 frames, presets ultrafast..faster, both analyses
     python -m bench.bench_presets --frames 50 --json results/bench_presets.json
     python -m bench.bench_presets --presets veryfast --parallel 1 2 4 8 16   # encoders at once: threads 1 vs auto
 
-`--parallel` runs N default-preset encoders at once, as N sessions' clips do, with one x264 thread each and
+`--parallel` runs N encoders with the default settings at once, as N sessions' clips do, with one x264 thread each and
 with x264's automatic thread count, and reports the total frames/s (the grain source, 50 frames each).
 """
 
@@ -65,11 +66,10 @@ def source_frames(n: int, grain: float, seed: int = 0) -> list[NDArray[np.uint8]
     return frames
 
 
-def encode(frames: list[NDArray[np.uint8]], preset: str, crf: int, threads: int = 1) -> tuple[list[bytes], float]:
+def encode(frames: list[NDArray[np.uint8]], cfg: EncodeConfig, threads: int = 1) -> tuple[list[bytes], float]:
     """(packets, encode seconds) of the frames with the clip encoder's options and `threads` x264 threads."""
     import av
 
-    cfg = EncodeConfig.model_validate({"preset": preset, "crf": crf})
     ctx = av.CodecContext.create("libx264", "w")
     ctx.width, ctx.height, ctx.pix_fmt = SIZE_HW[1], SIZE_HW[0], "yuv420p"
     ctx.time_base, ctx.framerate = Fraction(1, FPS), Fraction(FPS, 1)
@@ -108,7 +108,7 @@ def parallel_fps(frames: list[NDArray[np.uint8]], encoders: int, threads: int) -
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(encoders) as pool:
-        list(pool.map(lambda _: encode(frames, EncodeConfig().preset, EncodeConfig().crf, threads), range(encoders)))
+        list(pool.map(lambda _: encode(frames, EncodeConfig(), threads), range(encoders)))
     return encoders * len(frames) / (time.perf_counter() - t0)
 
 
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--crf", type=int, default=EncodeConfig().crf)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--analysis", nargs="+", choices=("preset", "fast"), default=["preset", "fast"],
+                        help="x264 analysis: the preset's own, or encode.fast_analysis (veryfast..medium only)")
+    parser.add_argument("--repeats", type=int, default=1, help="encode each this many times; the fastest counts")
     parser.add_argument("--ssim-every", type=int, default=10, help="SSIM on every k-th frame (it is slow)")
     parser.add_argument("--parallel", type=int, nargs="*", default=[],
                         help="also: total frames/s of N encoders at once, 1 thread vs auto")  # fmt: skip
@@ -134,12 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         "crf": args.crf,
         "rows": [],
     }
-    print(f"{'source':6s} {'preset':10s} {'fps/core':>8s} {'kbit/s':>8s} {'PSNR-Y dB':>9s} {'SSIM-Y':>7s}")
+    heads = ("source", "preset", "analysis", "fps/core", "kbit/s", "PSNR-Y dB", "SSIM-Y")
+    print(" ".join(f"{h:{w}s}" for h, w in zip(heads, ("6", "10", "8", ">8", ">8", ">9", ">7"), strict=True)))
     for source, grain in (("clean", 0.0), ("grain", 2.0)):
         frames = source_frames(args.frames, grain)
         lumas = [f[: SIZE_HW[0]] for f in frames]
-        for preset in args.presets:
-            packets, seconds = encode(frames, preset, args.crf)
+        for preset, analysis in [(p, a) for p in args.presets for a in args.analysis]:
+            if analysis == "fast" and preset in ("ultrafast", "superfast"):
+                continue  # these presets already search as little (fast_analysis leaves them as they are)
+            cfg = EncodeConfig.model_validate({"preset": preset, "crf": args.crf, "fast_analysis": analysis == "fast"})
+            runs = [encode(frames, cfg) for _ in range(args.repeats)]
+            packets, seconds = runs[0][0], min(r[1] for r in runs)
             decoded = decode(packets)
             if len(decoded) != len(frames):
                 raise RuntimeError(f"{preset}: decoded {len(decoded)} of {len(frames)} frames")
@@ -151,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "source": source,
                 "preset": preset,
+                "analysis": analysis,
                 "fps_per_core": len(frames) / seconds,
                 "kbps": kbps,
                 "psnr_y": float(np.mean([psnr(a, b) for a, b in zip(lumas, decoded, strict=True)])),
                 "ssim_y": float(np.mean(ssim)),
             }
             result["rows"].append(row)
-            print(f"{source:6s} {preset:10s} {row['fps_per_core']:8.1f} {kbps:8.0f} {row['psnr_y']:9.2f} "
+            print(f"{source:6s} {preset:10s} {analysis:8s} {row['fps_per_core']:8.1f} {kbps:8.0f} {row['psnr_y']:9.2f} "
                   f"{row['ssim_y']:7.4f}", flush=True)  # fmt: skip
     result["parallel"] = []
     frames = source_frames(min(args.frames, 50), 2.0)

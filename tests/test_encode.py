@@ -88,6 +88,30 @@ def test_clips_concatenate_with_stream_copy(tmp_path: Path) -> None:
     assert info.video_duration_s == pytest.approx(53 / FPS, abs=1 / FPS)
 
 
+def _x264_settings(path: Path) -> str:
+    """The settings x264 wrote into the clip's stream (its SEI: "... options: cabac=1 ref=1 ...")."""
+    data = path.read_bytes()
+    start = data.index(b"options: ") + len(b"options: ")
+    return data[start : data.index(b"\0", start)].decode("ascii")
+
+
+def test_fast_analysis_searches_less_and_clips_still_join_with_clips_made_without(tmp_path: Path) -> None:
+    fast = write_clip(iter(_frames(20)), _tone(1.0), tmp_path / "f.mp4", 20, FPS, EncodeConfig())
+    full = write_clip(iter(_frames(20)), _tone(1.0), tmp_path / "p.mp4", 20, FPS, EncodeConfig(fast_analysis=False))
+    fast_opts, full_opts = _x264_settings(fast.path).split(), _x264_settings(full.path).split()
+    assert "me=dia" in fast_opts and "me=hex" in full_opts
+    assert "analyse=0x3:0x3" in fast_opts and "analyse=0x3:0x113" in full_opts  # no P 8x8 partitions
+    superfast = write_clip(iter(_frames(5)), _tone(0.2), tmp_path / "s.mp4", 5, FPS, EncodeConfig(preset="superfast"))
+    assert "subme=1" in _x264_settings(superfast.path).split()  # a preset that searches little is left as it is
+    with av.open(str(fast.path)) as a, av.open(str(full.path)) as b:
+        assert a.streams.video[0].codec_context.extradata == b.streams.video[0].codec_context.extradata  # SPS/PPS
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"file '{fast.path}'\nfile '{full.path}'\n")
+    run_ffmpeg(["-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(tmp_path / "j.mp4")])
+    run_ffmpeg(["-xerror", "-i", str(tmp_path / "j.mp4"), "-f", "null", "-"])
+    assert probe(tmp_path / "j.mp4").n_video_frames == 40
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_parallel_gop_segments_make_one_clean_stream(tmp_path: Path, workers: int) -> None:
     import cv2
