@@ -345,7 +345,7 @@ class Engine:
         frame_tap: sees the stream and passes its I420 frames on to the encoder (e.g. showing each on a live
         stream first); when it ends early the clip holds only the frames it passed, audio cut to match.
         timed=False: a warm-up clip, left out of the scheduler's lateness figures.
-        on_audio: gets the clip's audio as its WAV will hold it before the frames are encoded (write_clip).
+        on_audio: gets the clip's audio as its WAV will hold it once the first frame is here (write_clip).
         """
         t0 = time.perf_counter()
         with self.frames(audio, cache, cursor, yuv=True, left_context_16k=left_context_16k, timed=timed) as stream:

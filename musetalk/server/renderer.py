@@ -62,7 +62,7 @@ class LiveRenderer(Protocol):
         on_audio: Callable[[NDArray[np.float32]], None] | None = None,
     ) -> tuple[Clip, int]:
         """As Renderer.render; `frame_tap` passes the I420 frames on to the encoder and may end the clip early;
-        `on_audio` gets the clip's audio (as its WAV will hold it) before its frames are encoded."""
+        `on_audio` gets the clip's audio (as its WAV will hold it) with its first frame, before any is encoded."""
 
 
 def resolve_renderer(cfg: AppConfig) -> str:

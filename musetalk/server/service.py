@@ -534,8 +534,9 @@ class SpeakService:
 class _AudioAhead:
     """A clip's session audio, encoded while the clip renders (SessionStore.encode_audio_ahead).
 
-    `start` is the renderer's `on_audio`, called on the render thread with the clip's audio before its frames;
-    the encode waits for the session's previous append (the state it continues) and runs on a worker thread.
+    `start` is the renderer's `on_audio`, called on the render thread with the clip's audio once its first frame
+    is here; the encode waits for the session's previous append (the state it continues) and runs on a worker
+    thread.
     It is only a head start: if it fails, or the session or the clip's audio changed meanwhile (a cut), the
     append encodes the audio itself, as it always did."""
 
