@@ -63,3 +63,24 @@ def test_frozen_objects_are_not_walked_until_thawed() -> None:
     assert gc.get_freeze_count() == gc_pauses.stats()["frozen_objects"] == 0
     tracked = {id(o) for o in gc.get_objects()}
     assert all(id(o) in tracked for o in kept)
+
+
+def test_census_counts_what_a_collection_walks_and_leaves_frozen_objects_out() -> None:
+    class Walked:
+        pass
+
+    class Frozen:
+        pass
+
+    frozen = [Frozen() for _ in range(3000)]
+    gc.freeze()
+    try:
+        walked = [Walked() for _ in range(5000)]
+        n, top = gc_pauses.census(top=50)
+        counts = {name.rsplit(".", 1)[-1]: count for name, count in top}
+        assert counts.get("Walked") == 5000
+        assert "Frozen" not in counts
+        assert n >= 5000
+    finally:
+        gc.unfreeze()
+    del frozen, walked

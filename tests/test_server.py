@@ -431,10 +431,14 @@ def test_admission_refuses_new_sessions_beyond_capacity(tmp_path: Path) -> None:
         assert client.post("/speak", json={"text": "room again", "session_id": "b"}).status_code == 200
 
 
-def test_health_reports_collections_and_the_heap_is_frozen_while_serving(tmp_path: Path) -> None:
-    """server.gc_freeze (default): long-lived objects are frozen after start-up and thawed at shutdown."""
+def test_health_reports_collections_and_the_heap_is_frozen_while_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """server.gc_freeze (default): long-lived objects are frozen after start-up and thawed at shutdown, when the
+    log says what a full collection would have walked."""
     import gc
 
+    caplog.set_level(logging.INFO, logger="musetalk.server.app")
     with _client(tmp_path) as client:
         client.post("/speak", json={"text": "Hello."})
         figures = client.get("/health").json()["gc"]
@@ -444,6 +448,8 @@ def test_health_reports_collections_and_the_heap_is_frozen_while_serving(tmp_pat
         gil = client.get("/health").json()["gil"]
         assert set(gil) == {"probes", "wait_p95_ms", "wait_max_ms"} and gil["probes"] > 0
     assert gc.get_freeze_count() == 0
+    census = [r.getMessage() for r in caplog.records if r.getMessage().startswith("heap at stop")]
+    assert len(census) == 1 and "walked_objects=" in census[0] and "top_types=" in census[0]
     with _client(tmp_path, "server.gc_freeze=false") as client:
         assert client.get("/health").json()["gc"]["frozen_objects"] == 0
 
