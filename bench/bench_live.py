@@ -297,11 +297,12 @@ def _speak_lines(log_text: str) -> list[dict[str, str]]:
 
 
 def _server_split(speaks: list[dict[str, str]]) -> dict[str, dict[str, float | None]]:
-    """p50 / p95 of the server's own per-utterance times for the live sessions: queued (arrival → first batch
-    launched) and its parts render_wait (for a render thread) and prepare (audio features ready), first_frame
-    (→ first blended frame) and on_air (→ first frame on the stream)."""
+    """p50 / p95 of the server's own per-utterance times for the live sessions: upload (request in → audio
+    decoded, before the others start), queued (→ first batch launched) and its parts render_wait (for a
+    render thread) and prepare (audio features ready), first_frame (→ first blended frame) and on_air (→ first
+    frame on the stream)."""
     out: dict[str, dict[str, float | None]] = {}
-    for key in ("queued_ms", "render_wait_ms", "prepare_ms", "first_frame_ms", "on_air_ms"):
+    for key in ("upload_ms", "queued_ms", "render_wait_ms", "prepare_ms", "first_frame_ms", "on_air_ms"):
         values = [float(r[key]) for r in speaks if r.get("session", "").startswith("live") and key in r]
         out[key] = {"p50": pct(values, 0.5), "p95": pct(values, 0.95)}
     return out

@@ -141,9 +141,11 @@ def test_concurrent_sessions_each_get_exactly_their_own_frames(
     # The sessions differ from each other (different audio → different mouths): a mix-up would show.
     assert not np.array_equal(_decoded(results / "together0" / "full_session.mp4")[5],
                               _decoded(results / "together1" / "full_session.mp4")[5])
-    for key in ("queued", "first_frame", "generate", "blend", "encode", "append", "total", "render_wait", "prepare"):
+    for key in ("upload", "queued", "first_frame", "generate", "blend", "encode", "append", "total", "render_wait",
+                "prepare"):  # fmt: skip
         assert key in together[0]["timings_ms"], key
     assert together[0]["timings_ms"]["prepare"] <= together[0]["timings_ms"]["queued"] + 1e-6  # a part of it
+    assert all(0 < r["timings_ms"]["upload"] < 60_000 for r in together)  # request in → audio decoded
 
 
 def test_health_reports_capacity_and_the_scheduler(

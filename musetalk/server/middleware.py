@@ -26,6 +26,9 @@ async def _send_json(send: Send, status: int, body: dict[str, str], headers: Map
     await send({"type": "http.response.body", "body": payload})
 
 
+ARRIVED_STATE_KEY = "t_arrived"  # time.perf_counter() when the request reached the app
+
+
 class AccessLog:
     """One log line per request (method, path, status, duration) and an X-Request-ID response header."""
 
@@ -39,6 +42,7 @@ class AccessLog:
             return
         request_id = uuid.uuid4().hex[:12]
         t0 = time.perf_counter()
+        scope.setdefault("state", {})[ARRIVED_STATE_KEY] = t0  # request.state.t_arrived: for per-request timings
         status = 500
 
         async def send_wrapper(message: Message) -> None:

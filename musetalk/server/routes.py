@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from musetalk.config import ID_PATTERN
 from musetalk.errors import BadOffer, PayloadTooLarge
 from musetalk.server.deps import Services, ServicesDep, SpeakServiceDep
+from musetalk.server.middleware import ARRIVED_STATE_KEY
 from musetalk.server.schemas import (
     AcceptedResponse,
     HealthResponse,
@@ -95,11 +96,13 @@ async def speak_audio(
     finally:
         if slot is not None:
             slot.release()
+    arrived: float | None = getattr(request.state, ARRIVED_STATE_KEY, None)
+    ticket = await services.speaker.admit_audio(audio, session_id, avatar_id, interrupt=interrupt, arrived=arrived)
+    work = services.speaker.finish_audio(ticket, audio)
     if not wait:
-        ticket = await services.speaker.admit_audio(audio, session_id, avatar_id, interrupt=interrupt)
-        services.speaker.in_background(services.speaker.finish_audio(ticket, audio))
+        services.speaker.in_background(work)
         return _accepted(services.speaker.accepted(ticket))
-    return _response(await services.speaker.speak_audio(audio, session_id, avatar_id, interrupt=interrupt))
+    return _response(await work)
 
 
 @router.api_route("/reset", methods=["GET", "POST"], response_model=ResetResponse)

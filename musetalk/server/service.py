@@ -257,11 +257,21 @@ class SpeakService:
         return await self.finish_audio(request, audio)
 
     async def admit_audio(
-        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
+        self,
+        audio: Audio,
+        session_id: str | None = None,
+        avatar_id: str | None = None,
+        *,
+        interrupt: bool = False,
+        arrived: float | None = None,
     ) -> SpeakTicket:
-        """Check the audio, admit the request and take its place in the session's order."""
+        """Check the audio, admit the request and take its place in the session's order. `arrived`: when the
+        HTTP request came in (time.perf_counter()), for the `upload` timing (its wait, body and decoding)."""
         self._check_audio(audio)
-        return await self._admit_request(session_id, avatar_id, interrupt)
+        request = await self._admit_request(session_id, avatar_id, interrupt)
+        if arrived is not None:
+            request.timings["upload"] = (request.t0 - arrived) * 1000
+        return request
 
     async def admit_text(
         self, text: str, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
