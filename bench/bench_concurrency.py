@@ -6,7 +6,9 @@ app, render threads, frame scheduler, blending, encoding and session appends), w
 while the background acceleration is still running, and then, for each N, has N sessions each POST one
 5-s all-speech utterance to /speak_audio at the same moment (and, with --staggered, spread over 5 s).
 Per N it reports aggregate frames/s, latency p50/p95, first blended frame p50/p95 (server-side, from the
-response's timings_ms), sessions finished within their audio's duration, GPU and CPU use.
+response's timings_ms: from the audio decoded, and from the request's arrival — `upload` plus that), the
+upload p50/p95 (request in → audio decoded), sessions finished within their audio's duration, GPU and CPU
+use. All sessions' requests go through one HTTP client (`http_client`).
 
 The avatar is a synthetic one built in memory by the renderer factory below (textured frames with a
 moving face; latents = VAE encodings of its crops): the rest of the server is exactly what `make serve`
@@ -343,6 +345,8 @@ def run_round(url: str, n: int, tag: str, staggered: bool, wavs: list[bytes]) ->
     ok = [r for r in results if r.status == 200]
     latencies = [r.t_done - r.t_send for r in ok]
     first = [r.timings.get("first_frame", 0.0) for r in ok]
+    upload = [r.timings["upload"] for r in ok if "upload" in r.timings]  # request in → its audio decoded
+    from_arrival = [r.timings["upload"] + r.timings.get("first_frame", 0.0) for r in ok if "upload" in r.timings]
     span = max(r.t_done for r in results) - min(r.t_send for r in results)
     return {
         "n": n,
@@ -354,6 +358,10 @@ def run_round(url: str, n: int, tag: str, staggered: bool, wavs: list[bytes]) ->
         "latency_p95_s": pct(latencies, 0.95),
         "first_frame_p50_ms": pct(first, 0.5),
         "first_frame_p95_ms": pct(first, 0.95),
+        "upload_p50_ms": pct(upload, 0.5),
+        "upload_p95_ms": pct(upload, 0.95),
+        "first_frame_from_request_p50_ms": pct(from_arrival, 0.5),  # request in → first frame (server clock)
+        "first_frame_from_request_p95_ms": pct(from_arrival, 0.95),
         "realtime": sum(1 for x in latencies if x <= AUDIO_S),
         "server_total_p50_ms": pct([r.timings.get("total", 0.0) for r in ok], 0.5),
         **use,
@@ -418,6 +426,8 @@ def run_config(args: argparse.Namespace, models_dir: Path, height: int, mode: st
                     f"{height}p {mode:7s} N={n:2d}{' stag' if staggered else '     '} fps={r['aggregate_fps']:6.1f} "
                     f"lat p50/p95={_f(r['latency_p50_s'])}/{_f(r['latency_p95_s'])} s "
                     f"first p50/p95={_f(r['first_frame_p50_ms'], 0)}/{_f(r['first_frame_p95_ms'], 0)} ms "
+                    f"(upload {_f(r['upload_p50_ms'], 0)}/{_f(r['upload_p95_ms'], 0)}, from request "
+                    f"{_f(r['first_frame_from_request_p50_ms'], 0)}/{_f(r['first_frame_from_request_p95_ms'], 0)}) "
                     f"rt={r['realtime']}/{n} ok={r['ok']} gpu={_f(r['gpu_util_pct'], 0)}% "
                     f"cpu={_f(r['cpu_util_pct'], 0)}% {r['errors'] or ''} gpu-thread={r['gpu_thread_s']}",
                     flush=True,
