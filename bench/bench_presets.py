@@ -14,6 +14,7 @@ sensor noise, the hard case).
 
     python -m bench.bench_presets                       # 100 frames, presets ultrafast..faster, both analyses
     python -m bench.bench_presets --frames 50 --json results/bench_presets.json
+    python -m bench.bench_presets --presets veryfast --analysis fast --gops 125 50 25 --frames 125   # GOP vs bytes
     python -m bench.bench_presets --presets veryfast --parallel 1 2 4 8 16   # encoders at once: threads 1 vs auto
 
 `--parallel` runs N encoders with the default settings at once, as N sessions' clips do, with one x264 thread each and
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--analysis", nargs="+", choices=("preset", "fast"), default=["preset", "fast"],
                         help="x264 analysis: the preset's own, or encode.fast_analysis (veryfast..medium only)")
+    parser.add_argument("--gops", type=int, nargs="+", default=[EncodeConfig().gop_frames],
+                        help="encode.gop_frames values (keyframe interval; bytes grow as it shrinks)")
     parser.add_argument("--repeats", type=int, default=1, help="encode each this many times; the fastest counts")
     parser.add_argument("--ssim-every", type=int, default=10, help="SSIM on every k-th frame (it is slow)")
     parser.add_argument("--parallel", type=int, nargs="*", default=[],
@@ -137,15 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         "crf": args.crf,
         "rows": [],
     }
-    heads = ("source", "preset", "analysis", "fps/core", "kbit/s", "PSNR-Y dB", "SSIM-Y")
-    print(" ".join(f"{h:{w}s}" for h, w in zip(heads, ("6", "10", "8", ">8", ">8", ">9", ">7"), strict=True)))
+    heads = ("source", "preset", "analysis", "GOP", "fps/core", "kbit/s", "PSNR-Y dB", "SSIM-Y")
+    widths = ("6", "10", "8", ">4", ">8", ">8", ">9", ">7")
+    print(" ".join(f"{h:{w}s}" for h, w in zip(heads, widths, strict=True)))
     for source, grain in (("clean", 0.0), ("grain", 2.0)):
         frames = source_frames(args.frames, grain)
         lumas = [f[: SIZE_HW[0]] for f in frames]
-        for preset, analysis in [(p, a) for p in args.presets for a in args.analysis]:
+        for preset, analysis, gop in [(p, a, g) for p in args.presets for a in args.analysis for g in args.gops]:
             if analysis == "fast" and preset in ("ultrafast", "superfast"):
                 continue  # these presets already search as little (fast_analysis leaves them as they are)
-            cfg = EncodeConfig.model_validate({"preset": preset, "crf": args.crf, "fast_analysis": analysis == "fast"})
+            cfg = EncodeConfig.model_validate(
+                {"preset": preset, "crf": args.crf, "fast_analysis": analysis == "fast", "gop_frames": gop}
+            )
             runs = [encode(frames, cfg) for _ in range(args.repeats)]
             packets, seconds = runs[0][0], min(r[1] for r in runs)
             decoded = decode(packets)
@@ -160,14 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                 "source": source,
                 "preset": preset,
                 "analysis": analysis,
+                "gop_frames": gop,
                 "fps_per_core": len(frames) / seconds,
                 "kbps": kbps,
                 "psnr_y": float(np.mean([psnr(a, b) for a, b in zip(lumas, decoded, strict=True)])),
                 "ssim_y": float(np.mean(ssim)),
             }
             result["rows"].append(row)
-            print(f"{source:6s} {preset:10s} {analysis:8s} {row['fps_per_core']:8.1f} {kbps:8.0f} {row['psnr_y']:9.2f} "
-                  f"{row['ssim_y']:7.4f}", flush=True)  # fmt: skip
+            print(f"{source:6s} {preset:10s} {analysis:8s} {gop:4d} {row['fps_per_core']:8.1f} {kbps:8.0f} "
+                  f"{row['psnr_y']:9.2f} {row['ssim_y']:7.4f}", flush=True)  # fmt: skip
     result["parallel"] = []
     frames = source_frames(min(args.frames, 50), 2.0)
     for n in args.parallel:
