@@ -76,11 +76,12 @@ def test_census_counts_what_a_collection_walks_and_leaves_frozen_objects_out() -
     gc.freeze()
     try:
         walked = [Walked() for _ in range(5000)]
-        n, top = gc_pauses.census(top=50)
-        counts = {name.rsplit(".", 1)[-1]: count for name, count in top}
+        heap = gc_pauses.census(top=50)
+        counts = {name.rsplit(".", 1)[-1]: count for name, count in heap.types}
         assert counts.get("Walked") == 5000
         assert "Frozen" not in counts
-        assert n >= 5000
+        assert heap.objects >= 5000
+        assert ("list", 5000) in heap.largest  # the list holding them, walked item by item
     finally:
         gc.unfreeze()
     del frozen, walked

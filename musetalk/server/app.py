@@ -172,10 +172,16 @@ def create_app(
                 # What a full garbage collection walks once the server has run (the longest pauses came from such
                 # walks, not from freeing garbage), counted at stop where its time harms nobody; with the heap
                 # frozen that is only what was made since.
-                walked, types = gc_pauses.census()
-                top = ",".join(f"{t}:{n}" for t, n in types)
-                frozen = gc_pauses.stats()["frozen_objects"]
-                log.info("heap at stop %s", kv(walked_objects=walked, frozen=frozen, top_types=top))
+                heap = gc_pauses.census()
+                log.info(
+                    "heap at stop %s",
+                    kv(
+                        walked_objects=heap.objects,
+                        frozen=gc_pauses.stats()["frozen_objects"],
+                        top_types=",".join(f"{t}:{n}" for t, n in heap.types),
+                        largest=",".join(f"{t}:{n}" for t, n in heap.largest),
+                    ),
+                )
                 gc_pauses.thaw()
             log.info("stopped")
 

@@ -13,7 +13,7 @@ import gc
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from musetalk.utils.logs import kv
 from musetalk.utils.recent import quantile
@@ -94,18 +94,29 @@ def freeze(why: str) -> int:
     return _frozen
 
 
-def census(top: int = 12) -> tuple[int, list[tuple[str, int]]]:
-    """Objects the collector tracks and walks (the frozen ones left out) → (how many, the `top` types by count).
+class Census(NamedTuple):
+    """What a full collection walks: the objects, their commonest types, and the largest containers."""
 
-    What a full collection walks: when one pauses long while freeing little, this says what it walked. It
-    visits every such object (a second or so for millions, every thread waiting), so call it once, at stop."""
+    objects: int
+    types: list[tuple[str, int]]  # (type name, count), commonest first
+    largest: list[tuple[str, int]]  # (type name, len), longest first: one huge list or dict is walked item by item
+
+
+def census(top: int = 12) -> Census:
+    """Objects the collector tracks and walks (the frozen ones left out): how many, of which types, and the
+    longest lists, dicts, sets and tuples among them.
+
+    When a full collection pauses long while freeing little, this says what it walked. It visits every such
+    object (a second or so for millions, every thread waiting), so call it once, at stop."""
     from collections import Counter
 
     objects = gc.get_objects()  # generations 0-2; the permanent (frozen) one is not included
     counts = Counter(type(o).__qualname__ for o in objects)
+    sized = [(type(o).__qualname__, len(o)) for o in objects if isinstance(o, (list, dict, set, tuple))]
     n = len(objects)
     del objects
-    return n, counts.most_common(top)
+    sized.sort(key=lambda item: item[1], reverse=True)
+    return Census(n, counts.most_common(top), sized[:5])
 
 
 def thaw() -> None:
