@@ -286,8 +286,9 @@ def write_clip(
             raise InputError(f"expected {n_frames} frames, got 0")
         # The audio is needed by the end of the clip, the first frame now: resample it once the frame is here.
         pcm = fit_audio(audio, n_frames, fps, cfg.audio_rate)  # (n_frames * rate / fps,)
+        wav_pcm = pcm16(pcm)  # (n_frames * rate / fps,) int16: the WAV's samples (its first ones if cut short)
         if on_audio is not None:
-            on_audio(read_back(pcm16(pcm)))
+            on_audio(read_back(wav_pcm))
         height, width = first.shape[:2]
         if pix_fmt == "yuv420p":
             if first.ndim != 2 or height % 3:
@@ -357,7 +358,7 @@ def write_clip(
             for packet in audio_packets:
                 packet.stream = astream
                 container.mux(packet)
-        sf.write(str(wav_tmp), pcm16(pcm), cfg.audio_rate, subtype="PCM_16", format="WAV")
+        sf.write(str(wav_tmp), wav_pcm[: len(pcm)], cfg.audio_rate, subtype="PCM_16", format="WAV")
         os.replace(wav_tmp, wav_path)
         os.replace(tmp, path)
     except av.FFmpegError as exc:
