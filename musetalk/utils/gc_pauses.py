@@ -10,9 +10,10 @@ later collections skip, so they only walk what requests created since.
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, NamedTuple
 
 from musetalk.utils.logs import kv
@@ -108,15 +109,13 @@ def census(top: int = 12) -> Census:
 
     When a full collection pauses long while freeing little, this says what it walked. It visits every such
     object (a second or so for millions, every thread waiting), so call it once, at stop."""
-    from collections import Counter
-
     objects = gc.get_objects()  # generations 0-2; the permanent (frozen) one is not included
     counts = Counter(type(o).__qualname__ for o in objects)
-    sized = [(type(o).__qualname__, len(o)) for o in objects if isinstance(o, (list, dict, set, tuple))]
+    containers = ((type(o).__qualname__, len(o)) for o in objects if isinstance(o, (list, dict, set, tuple)))
+    largest = heapq.nlargest(5, containers, key=lambda item: item[1])
     n = len(objects)
     del objects
-    sized.sort(key=lambda item: item[1], reverse=True)
-    return Census(n, counts.most_common(top), sized[:5])
+    return Census(n, counts.most_common(top), largest)
 
 
 def thaw() -> None:
