@@ -249,13 +249,6 @@ class SpeakService:
         request = await self.admit_text(text, session_id, avatar_id, interrupt=interrupt)
         return await self.finish_text(request, text, voice, rate)
 
-    async def speak_audio(
-        self, audio: Audio, session_id: str | None = None, avatar_id: str | None = None, *, interrupt: bool = False
-    ) -> SpeakResult:
-        """Append a clip speaking the caller's own audio (the /speak_audio path)."""
-        request = await self.admit_audio(audio, session_id, avatar_id, interrupt=interrupt)
-        return await self.finish_audio(request, audio)
-
     async def admit_audio(
         self,
         audio: Audio,
