@@ -49,16 +49,28 @@ def decode_audio_file(file: BinaryIO, max_duration_s: float, rate_hz: int = DEFA
     checked before any decoding, and frames are resampled to mono `rate_hz` one at a time into a buffer
     sized for `max_duration_s` (the decoded length is checked as it grows: a header can lie).
     """
-    import av
-
     head = file.read(16)
     file.seek(0)
     fmt = sniff_audio_format(head)
     if fmt is None:
         raise InputError("unsupported audio: expected a wav, mp3, ogg, flac or webm file")
-    if fmt == "wav" and (plain := _plain_wav(file, max_duration_s, rate_hz)) is not None:
-        return plain
-    file.seek(0)
+    decoded = _plain_wav(file, max_duration_s, rate_hz) if fmt == "wav" else None
+    if decoded is None:
+        file.seek(0)  # (_plain_wav may have read the header)
+        decoded = _pyav_decoded(file, fmt, max_duration_s, rate_hz)
+    samples, out_rate = decoded
+    if len(samples) == 0:
+        raise InputError("the audio holds no samples")
+    if not np.all(np.isfinite(samples)):
+        raise InputError("the audio holds non-finite samples")
+    np.clip(samples, -1.0, 1.0, out=samples)
+    return Audio(samples, out_rate)
+
+
+def _pyav_decoded(file: BinaryIO, fmt: str, max_duration_s: float, rate_hz: int) -> tuple[NDArray[np.float32], int]:
+    """The file decoded by PyAV's `fmt` demuxer and resampled to mono → ((n,) float32, its rate)."""
+    import av
+
     try:
         with av.open(file, mode="r", format=fmt) as container:
             if not container.streams.audio:
@@ -73,23 +85,18 @@ def decode_audio_file(file: BinaryIO, max_duration_s: float, rate_hz: int = DEFA
             if header_s is not None and header_s > max_duration_s:
                 raise InputError(f"audio longer than the limit of {max_duration_s:g} s (header: {header_s:.1f} s)")
             out_rate = min(source_rate, rate_hz)
-            samples = _decode_resampled(container, stream, out_rate, max_duration_s)
+            return _decode_resampled(container, stream, out_rate, max_duration_s), out_rate
     except av.FFmpegError as exc:
         raise InputError(f"cannot decode the audio ({fmt}): {exc}") from exc
-    if len(samples) == 0:
-        raise InputError("the audio holds no samples")
-    if not np.all(np.isfinite(samples)):
-        raise InputError("the audio holds non-finite samples")
-    np.clip(samples, -1.0, 1.0, out=samples)
-    return Audio(samples, out_rate)
 
 
 _PLAIN_WAV_SUBTYPES = frozenset({"PCM_16", "PCM_24", "PCM_32", "FLOAT"})
 
 
-def _plain_wav(file: BinaryIO, max_duration_s: float, rate_hz: int) -> Audio | None:
-    """A mono PCM or float WAV at most `rate_hz` read straight into float32 (what the PyAV path gives it:
-    nothing to resample or mix, samples / 2^(bits-1)); None for any other WAV, which PyAV then decodes.
+def _plain_wav(file: BinaryIO, max_duration_s: float, rate_hz: int) -> tuple[NDArray[np.float32], int] | None:
+    """A mono PCM or float WAV at most `rate_hz` read straight into float32 → ((n,) samples, its rate): what
+    the PyAV path gives it (nothing to resample or mix, samples / 2^(bits-1)); None for any other WAV, which
+    PyAV then decodes.
 
     What real-time clients send (16-48 kHz mono PCM) is read by one libsndfile call (0.5 ms for 5 s): the
     PyAV path's frame-by-frame loop took ~20 ms of a 5-s upload, mostly holding the GIL, and sixteen sessions
@@ -111,13 +118,7 @@ def _plain_wav(file: BinaryIO, max_duration_s: float, rate_hz: int) -> Audio | N
         samples = sf.read(file, dtype="float32", always_2d=False)[0]  # (n,) mono
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise InputError(f"cannot decode the audio (wav): {exc}") from exc
-    samples = np.ascontiguousarray(samples, dtype=np.float32)
-    if len(samples) == 0:
-        raise InputError("the audio holds no samples")
-    if not np.all(np.isfinite(samples)):
-        raise InputError("the audio holds non-finite samples")
-    np.clip(samples, -1.0, 1.0, out=samples)
-    return Audio(samples, int(info.samplerate))
+    return np.ascontiguousarray(samples, dtype=np.float32), int(info.samplerate)
 
 
 def _header_duration_s(container: Any, stream: Any) -> float | None:
